@@ -1,0 +1,33 @@
+// minidiff._C: the CPU core. Functions take raw addresses (uintptr_t) plus
+// sizes; the Python layer (minidiff.ops) validates dtype, device, shape and
+// contiguity before calling, so bad input never reaches this code.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "cpu_features.h"
+#include "registry.h"
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "minidiff CPU core (C++17, runtime SIMD dispatch, GIL released in long calls)";
+  m.def("simd_level", &minidiff::simd_level,
+        "Highest SIMD level in use: avx512_vnni, avx512, avx2 or scalar (capped by MINIDIFF_SIMD).");
+  m.def("cpu_features", [] {
+    const auto& f = minidiff::cpu_features();
+    py::dict d;
+    d["avx2"] = f.avx2;
+    d["fma"] = f.fma;
+    d["avx512f"] = f.avx512f;
+    d["avx512bw"] = f.avx512bw;
+    d["avx512vl"] = f.avx512vl;
+    d["avx512vnni"] = f.avx512vnni;
+    d["avx512bf16"] = f.avx512bf16;
+    d["avxvnni"] = f.avxvnni;
+    return d;
+  });
+  minidiff::register_cka(m);
+  minidiff::register_agreement(m);
+  minidiff::register_int8(m);
+  minidiff::register_sparse(m);
+}

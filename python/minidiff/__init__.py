@@ -1,0 +1,56 @@
+"""minidiff: how does a compressed neural network differ from its original?
+
+The public API is re-exported here lazily, so ``import minidiff`` stays fast and
+does not import transformers, matplotlib or Triton until they are needed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    # representation similarity engine
+    "cka": "minidiff.similarity",
+    "cka_matrix": "minidiff.similarity",
+    "CKAAccumulator": "minidiff.similarity",
+    # prediction agreement engine
+    "disagreement_matrix": "minidiff.agreement",
+    "flip_matrix": "minidiff.agreement",
+    "error_jaccard": "minidiff.agreement",
+    "divergence_matrix": "minidiff.agreement",
+    "divergence_to_reference": "minidiff.agreement",
+    "modal_labels": "minidiff.agreement",
+    "pie_mask": "minidiff.agreement",
+    "cie_scores": "minidiff.agreement",
+    # accumulators
+    "Accumulator": "minidiff.accumulate",
+    # models and variants
+    "Variant": "minidiff.compress",
+    "save_variant": "minidiff.compress",
+    "load_variant": "minidiff.compress",
+    # the study
+    "Study": "minidiff.study",
+}
+
+_SUBMODULES = {"compress", "nn", "ops", "kernels", "models", "metrics", "study", "report",
+               "adversarial", "distributed", "data"}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f"minidiff.{name}")
+    raise AttributeError(f"module 'minidiff' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS) | _SUBMODULES)

@@ -1,0 +1,3 @@
+from minidiff.cli import main
+
+raise SystemExit(main())

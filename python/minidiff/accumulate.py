@@ -1,0 +1,110 @@
+"""Accumulators: streaming metric state that adds.
+
+Every accumulator (CKA statistics, agreement counts, histograms, per-example
+outputs) is a set of named tensor states, each declaring how it reduces across
+shards. ``merge`` and distributed synchronisation (``minidiff.distributed``) are
+written once, here and there, from those declarations; a new metric declares its
+states and never writes communication code. Shape borrowed from torchmetrics.
+
+Reductions
+----------
+``"sum"``: states add (sums of products, counts).
+``"cat"``: per-example states concatenated along dim 0 in shard order; shards
+are contiguous blocks of examples, so shard order is example order.
+``"max"`` / ``"min"``: elementwise extremes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+
+Reduction = Literal["sum", "cat", "max", "min"]
+_REDUCTIONS = ("sum", "cat", "max", "min")
+
+
+class Accumulator:
+    """Base class for mergeable streaming state.
+
+    Subclasses call :meth:`add_state` in ``__init__``, update states in
+    ``update`` and read them in ``compute``. ``config()`` returns the settings
+    that two accumulators must share to be merged (e.g. layer widths).
+    """
+
+    def __init__(self) -> None:
+        self._reductions: dict[str, Reduction] = {}
+        self._defaults: dict[str, torch.Tensor] = {}
+
+    # -- declaration ---------------------------------------------------------
+    def add_state(self, name: str, default: torch.Tensor, reduce: Reduction) -> None:
+        if reduce not in _REDUCTIONS:
+            raise ValueError(f"unknown reduction {reduce!r} for state {name!r}; use one of {_REDUCTIONS}")
+        self._reductions[name] = reduce
+        self._defaults[name] = default.detach().clone()
+        setattr(self, name, default.detach().clone())
+
+    @property
+    def reductions(self) -> dict[str, Reduction]:
+        """State name -> reduction, the single source distributed sync reads."""
+        return dict(self._reductions)
+
+    def config(self) -> dict[str, Any]:
+        """Settings that must be equal for two accumulators to merge."""
+        return {}
+
+    # -- lifecycle -----------------------------------------------------------
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError
+
+    def compute(self) -> Any:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        for name, default in self._defaults.items():
+            setattr(self, name, default.clone().to(getattr(self, name).device))
+
+    def merge(self, other: "Accumulator") -> "Accumulator":
+        """Fold ``other``'s states into this one (in place) and return self.
+
+        Merging the accumulators of two disjoint streams equals one accumulator
+        that saw both streams (this one's examples first for ``"cat"`` states).
+        """
+        if type(other) is not type(self):
+            raise ValueError(f"cannot merge {type(other).__name__} into {type(self).__name__}")
+        if other.config() != self.config():
+            raise ValueError(f"cannot merge accumulators with different settings: "
+                             f"{self.config()} vs {other.config()}")
+        for name, red in self._reductions.items():
+            setattr(self, name, reduce_pair(getattr(self, name), getattr(other, name).to(getattr(self, name).device), red))
+        return self
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in self._reductions}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = set(self._reductions) - set(state)
+        extra = set(state) - set(self._reductions)
+        if missing or extra:
+            raise ValueError(f"state dict does not match {type(self).__name__}: "
+                             f"missing {sorted(missing)}, unexpected {sorted(extra)}")
+        for name in self._reductions:
+            current = getattr(self, name)
+            value = state[name]
+            if self._reductions[name] != "cat" and value.shape != current.shape:
+                raise ValueError(f"state {name!r} has shape {tuple(value.shape)}, "
+                                 f"expected {tuple(current.shape)} for this accumulator's settings")
+            setattr(self, name, value.to(device=current.device, dtype=current.dtype).clone())
+
+
+def reduce_pair(a: torch.Tensor, b: torch.Tensor, reduce: Reduction) -> torch.Tensor:
+    """Combine two states of one reduction kind."""
+    if reduce == "sum":
+        return a + b
+    if reduce == "cat":
+        return torch.cat([a, b], dim=0)
+    if reduce == "max":
+        return torch.maximum(a, b)
+    if reduce == "min":
+        return torch.minimum(a, b)
+    raise ValueError(f"unknown reduction {reduce!r}")
