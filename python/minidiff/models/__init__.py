@@ -1,0 +1,16 @@
+"""Models in: loading (Hugging Face, the embedded MiniLM, plain modules), small
+classifiers, and per-layer activation capture streamed into accumulators."""
+
+from .capture import (HIDDEN_STATES, TOKEN_MODES, LayerRecorder, StreamBatch, StreamSummary, capture,
+                      capture_stream, check_same_tokenization, eval_mode, first_tensor, module_names, pool,
+                      resolve_layers)
+from .classifier import (MLP, SmallCNN, TextClassifier, architecture_of, build_from_spec, make_cnn, make_mlp,
+                         masked_mean)
+from .loading import TASKS, LoadedModel, embedded_minilm_dir, is_offline, load_model
+
+__all__ = [
+    "HIDDEN_STATES", "TOKEN_MODES", "TASKS", "LayerRecorder", "LoadedModel", "MLP", "SmallCNN", "StreamBatch",
+    "StreamSummary", "TextClassifier", "architecture_of", "build_from_spec", "capture", "capture_stream",
+    "check_same_tokenization", "embedded_minilm_dir", "eval_mode", "first_tensor", "is_offline", "load_model",
+    "make_cnn", "make_mlp", "masked_mean", "module_names", "pool", "resolve_layers",
+]
