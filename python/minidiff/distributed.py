@@ -27,6 +27,11 @@ from minidiff.accumulate import Accumulator
 DEFAULT_TIMEOUT_S = 300.0
 
 
+class DistributedRunError(RuntimeError):
+    """A collective failed: another rank died, hung past the timeout, or the
+    network between ranks broke. Every surviving rank raises this."""
+
+
 @dataclass
 class DistContext:
     """Where this process stands in a (possibly single-process) run."""
@@ -72,8 +77,20 @@ class DistContext:
         if not self.is_distributed:
             return acc
         for name, red in acc.reductions.items():
-            setattr(acc, name, self.reduce_tensor(getattr(acc, name), red))
+            try:
+                setattr(acc, name, self.reduce_tensor(getattr(acc, name), red))
+            except DistributedRunError:
+                raise
+            except RuntimeError as exc:
+                raise self._failure(f"synchronising {type(acc).__name__}.{name}", exc) from exc
         return acc
+
+    def _failure(self, what: str, exc: BaseException) -> DistributedRunError:
+        return DistributedRunError(
+            f"rank {self.rank}/{self.world_size}: {what} failed: another rank died, hung past the "
+            f"timeout, or the connection broke ({exc.__class__.__name__}: {str(exc).splitlines()[0][:300]}). "
+            "Check the other ranks' logs; a rerun resumes from the per-shard cache."
+        )
 
     def reduce_tensor(self, t: torch.Tensor, reduce: str) -> torch.Tensor:
         """Reduce one tensor across ranks by a declared reduction."""
@@ -103,7 +120,10 @@ class DistContext:
 
     def barrier(self) -> None:
         if self.is_distributed:
-            dist.barrier()
+            try:
+                dist.barrier()
+            except RuntimeError as exc:
+                raise self._failure("barrier", exc) from exc
 
     def close(self) -> None:
         if self.initialized_here and dist.is_initialized():
