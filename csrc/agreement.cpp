@@ -1,6 +1,478 @@
-// Placeholder: filled in by the topic that owns this file.
+// Prediction agreement counts for N models x M examples (minidiff._C).
+//
+// Pairwise counts. Each block of examples is transposed into bit-planes: for
+// model i and bit b of the class index, plane[i][b] holds bit b of p_i(x) for
+// 64 examples per word. Then, per pair (i, j),
+//     disagree(i, j)   = popcount( OR_b (plane[i][b] XOR plane[j][b]) )
+//     both_right(i, j) = popcount( right[i] AND right[j] )
+// where right[i] is the bitset of examples model i gets right (pred == label).
+// One 512-bit step covers 512 examples with nbits XOR/OR, one VPOPCNTQ and one
+// add, so the pair loop costs about M * nbits / 512 vector ops per pair; the
+// transposition reads the predictions once. both_right(i, i) is model i's
+// number of correct predictions, from which flips and error-set Jaccard follow
+// (python/minidiff/agreement.py).
+//
+// Kernels: AVX-512F/BW + VPOPCNTDQ (selected at run time), a scalar path with
+// the POPCNT instruction, and a portable scalar path (MINIDIFF_SIMD=scalar).
+// All give identical integer counts; padding bits past M are zero in every
+// plane and in `right`, so they never count.
+//
+// Populations (Hooker et al. 2019/2020): per-example modal label and Taxicab
+// distance between two populations' label histograms, computed per example
+// with an O(K) scratch histogram (no M x C matrix).
+//
+// Python (minidiff.ops.agreement) validates dtype (int32/int64), contiguity,
+// shapes and the label range before any pointer reaches this file.
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define MINIDIFF_X86 1
+#endif
+
+#include "cpu_features.h"
+#include "parallel.h"
 #include "registry.h"
 
+namespace py = pybind11;
+
 namespace minidiff {
-void register_agreement(pybind11::module_& m) {}
+namespace {
+
+enum class Path { kPortable = 0, kPopcnt = 1, kAvx512 = 2 };
+
+bool has_vpopcntdq() {
+#ifdef MINIDIFF_X86
+  static const bool v = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vpopcntdq") != 0;
+  }();
+  return v;
+#else
+  return false;
+#endif
+}
+
+bool has_popcnt() {
+#ifdef MINIDIFF_X86
+  static const bool v = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("popcnt") != 0;
+  }();
+  return v;
+#else
+  return false;
+#endif
+}
+
+Path select_path() {
+  const std::string level = simd_level();  // honours the MINIDIFF_SIMD cap
+  if ((level == "avx512" || level == "avx512_vnni") && has_vpopcntdq()) return Path::kAvx512;
+  if (level != "scalar" && has_popcnt()) return Path::kPopcnt;
+  return Path::kPortable;
+}
+
+const char* path_name(Path p) {
+  switch (p) {
+    case Path::kAvx512: return "avx512_vpopcntdq";
+    case Path::kPopcnt: return "popcnt";
+    default: return "portable";
+  }
+}
+
+// ---- encoding: a block of examples -> bit-planes ---------------------------
+// planes layout for one block: [model][bit][word], words = block_words.
+// right layout: [model][word].
+
+template <typename T>
+void encode_block_scalar(const T* preds, const T* labels, int64_t n_models, int64_t m_total,
+                         int64_t m0, int64_t m_len, int nbits, int64_t block_words,
+                         uint64_t* planes, uint64_t* right) {
+  const int64_t plane_stride = block_words;
+  const int64_t model_stride = static_cast<int64_t>(nbits) * block_words;
+  std::memset(planes, 0, sizeof(uint64_t) * n_models * model_stride);
+  if (right) std::memset(right, 0, sizeof(uint64_t) * n_models * block_words);
+  for (int64_t i = 0; i < n_models; ++i) {
+    const T* row = preds + i * m_total + m0;
+    uint64_t* pl = planes + i * model_stride;
+    uint64_t* rt = right ? right + i * block_words : nullptr;
+    for (int64_t e = 0; e < m_len; ++e) {
+      const uint64_t v = static_cast<uint64_t>(row[e]);
+      const int64_t w = e >> 6;
+      const uint64_t bit = uint64_t(1) << (e & 63);
+      for (int b = 0; b < nbits; ++b)
+        if ((v >> b) & 1u) pl[b * plane_stride + w] |= bit;
+      if (rt && row[e] == labels[m0 + e]) rt[w] |= bit;
+    }
+  }
+}
+
+inline uint64_t popcount_portable(uint64_t x) {
+  // SWAR popcount: no dependence on the POPCNT instruction.
+  x = x - ((x >> 1) & 0x5555555555555555ULL);
+  x = (x & 0x3333333333333333ULL) + ((x >> 2) & 0x3333333333333333ULL);
+  x = (x + (x >> 4)) & 0x0F0F0F0F0F0F0F0FULL;
+  return (x * 0x0101010101010101ULL) >> 56;
+}
+
+// Pair loop over one encoded block, upper triangle (j >= i) only.
+template <bool kUsePopcntInsn>
+inline __attribute__((always_inline)) uint64_t pc64(uint64_t x) {
+  if constexpr (kUsePopcntInsn) return static_cast<uint64_t>(__builtin_popcountll(x));
+  else return popcount_portable(x);
+}
+
+// always_inline so that the popcnt-targeted wrapper compiles it with POPCNT.
+template <bool kUsePopcntInsn>
+inline __attribute__((always_inline)) void pairs_block_scalar(int64_t n_models, int nbits, int64_t block_words, const uint64_t* planes,
+                        const uint64_t* right, int64_t* disagree, int64_t* both_right) {
+  const int64_t model_stride = static_cast<int64_t>(nbits) * block_words;
+  for (int64_t i = 0; i < n_models; ++i) {
+    const uint64_t* pi = planes + i * model_stride;
+    for (int64_t j = i + 1; j < n_models; ++j) {
+      const uint64_t* pj = planes + j * model_stride;
+      uint64_t count = 0;
+      for (int64_t w = 0; w < block_words; ++w) {
+        uint64_t x = 0;
+        for (int b = 0; b < nbits; ++b) x |= pi[b * block_words + w] ^ pj[b * block_words + w];
+        count += pc64<kUsePopcntInsn>(x);
+      }
+      disagree[i * n_models + j] += static_cast<int64_t>(count);
+    }
+    if (right) {
+      const uint64_t* ri = right + i * block_words;
+      for (int64_t j = i; j < n_models; ++j) {
+        const uint64_t* rj = right + j * block_words;
+        uint64_t count = 0;
+        for (int64_t w = 0; w < block_words; ++w) count += pc64<kUsePopcntInsn>(ri[w] & rj[w]);
+        both_right[i * n_models + j] += static_cast<int64_t>(count);
+      }
+    }
+  }
+}
+
+__attribute__((target("popcnt"))) void pairs_block_popcnt(int64_t n_models, int nbits,
+                                                          int64_t block_words,
+                                                          const uint64_t* planes,
+                                                          const uint64_t* right, int64_t* disagree,
+                                                          int64_t* both_right) {
+  pairs_block_scalar<true>(n_models, nbits, block_words, planes, right, disagree, both_right);
+}
+
+#ifdef MINIDIFF_X86
+#define MD_AVX512 __attribute__((target("avx512f,avx512bw,avx512vpopcntdq,popcnt")))
+
+// 16 int32 (or 2 x 8 int64) predictions -> one 16-bit mask per class bit.
+template <typename T>
+MD_AVX512 inline void encode16(const T* src, const T* lab, int nbits, uint16_t* bits_out,
+                               uint16_t* right_out) {
+  if constexpr (sizeof(T) == 4) {
+    const __m512i v = _mm512_loadu_si512(reinterpret_cast<const void*>(src));
+    for (int b = 0; b < nbits; ++b)
+      bits_out[b] = _mm512_test_epi32_mask(v, _mm512_set1_epi32(1 << b));
+    if (lab) *right_out = _mm512_cmpeq_epi32_mask(v, _mm512_loadu_si512(reinterpret_cast<const void*>(lab)));
+  } else {
+    const __m512i lo = _mm512_loadu_si512(reinterpret_cast<const void*>(src));
+    const __m512i hi = _mm512_loadu_si512(reinterpret_cast<const void*>(src + 8));
+    for (int b = 0; b < nbits; ++b) {
+      const __m512i bit = _mm512_set1_epi64(int64_t(1) << b);
+      bits_out[b] = static_cast<uint16_t>(_mm512_test_epi64_mask(lo, bit) |
+                                          (static_cast<unsigned>(_mm512_test_epi64_mask(hi, bit)) << 8));
+    }
+    if (lab) {
+      const __m512i llo = _mm512_loadu_si512(reinterpret_cast<const void*>(lab));
+      const __m512i lhi = _mm512_loadu_si512(reinterpret_cast<const void*>(lab + 8));
+      *right_out = static_cast<uint16_t>(_mm512_cmpeq_epi64_mask(lo, llo) |
+                                         (static_cast<unsigned>(_mm512_cmpeq_epi64_mask(hi, lhi)) << 8));
+    }
+  }
+}
+
+template <typename T>
+MD_AVX512 void encode_block_avx512(const T* preds, const T* labels, int64_t n_models,
+                                   int64_t m_total, int64_t m0, int64_t m_len, int nbits,
+                                   int64_t block_words, uint64_t* planes, uint64_t* right) {
+  const int64_t model_stride = static_cast<int64_t>(nbits) * block_words;
+  const int64_t full16 = m_len / 16;  // full groups of 16 examples
+  uint16_t bits[64];
+  uint16_t r16 = 0;
+  for (int64_t i = 0; i < n_models; ++i) {
+    const T* row = preds + i * m_total + m0;
+    uint64_t* pl = planes + i * model_stride;
+    uint64_t* rt = right ? right + i * block_words : nullptr;
+    // Planes are written 16 bits at a time through a uint16 view (little endian):
+    // group g of 16 examples is bits [16 * (g % 4), +16) of word g / 4.
+    std::memset(pl, 0, sizeof(uint64_t) * model_stride);
+    if (rt) std::memset(rt, 0, sizeof(uint64_t) * block_words);
+    for (int64_t g = 0; g < full16; ++g) {
+      encode16<T>(row + 16 * g, labels ? labels + m0 + 16 * g : nullptr, nbits, bits, &r16);
+      for (int b = 0; b < nbits; ++b)
+        reinterpret_cast<uint16_t*>(pl + b * block_words)[g] = bits[b];
+      if (rt) reinterpret_cast<uint16_t*>(rt)[g] = r16;
+    }
+    for (int64_t e = full16 * 16; e < m_len; ++e) {  // tail, scalar
+      const uint64_t v = static_cast<uint64_t>(row[e]);
+      const uint64_t bit = uint64_t(1) << (e & 63);
+      for (int b = 0; b < nbits; ++b)
+        if ((v >> b) & 1u) pl[b * block_words + (e >> 6)] |= bit;
+      if (rt && row[e] == labels[m0 + e]) rt[e >> 6] |= bit;
+    }
+  }
+}
+
+// block_words is a multiple of 8 here (one zmm = 8 words = 512 examples).
+MD_AVX512 void pairs_block_avx512(int64_t n_models, int nbits, int64_t block_words,
+                                  const uint64_t* planes, const uint64_t* right, int64_t* disagree,
+                                  int64_t* both_right) {
+  const int64_t model_stride = static_cast<int64_t>(nbits) * block_words;
+  for (int64_t i = 0; i < n_models; ++i) {
+    const uint64_t* pi = planes + i * model_stride;
+    for (int64_t j = i + 1; j < n_models; ++j) {
+      const uint64_t* pj = planes + j * model_stride;
+      __m512i acc = _mm512_setzero_si512();
+      for (int64_t w = 0; w < block_words; w += 8) {
+        __m512i x = _mm512_setzero_si512();
+        for (int b = 0; b < nbits; ++b) {
+          const __m512i a = _mm512_loadu_si512(pi + b * block_words + w);
+          const __m512i c = _mm512_loadu_si512(pj + b * block_words + w);
+          x = _mm512_ternarylogic_epi64(x, a, c, 0xF6);  // x | (a ^ c)
+        }
+        acc = _mm512_add_epi64(acc, _mm512_popcnt_epi64(x));
+      }
+      disagree[i * n_models + j] += _mm512_reduce_add_epi64(acc);
+    }
+    if (right) {
+      const uint64_t* ri = right + i * block_words;
+      for (int64_t j = i; j < n_models; ++j) {
+        const uint64_t* rj = right + j * block_words;
+        __m512i acc = _mm512_setzero_si512();
+        for (int64_t w = 0; w < block_words; w += 8)
+          acc = _mm512_add_epi64(acc, _mm512_popcnt_epi64(_mm512_and_si512(
+                                          _mm512_loadu_si512(ri + w), _mm512_loadu_si512(rj + w))));
+        both_right[i * n_models + j] += _mm512_reduce_add_epi64(acc);
+      }
+    }
+  }
+}
+#endif  // MINIDIFF_X86
+
+// Words per block: a multiple of 8 (one zmm), sized so that one block's planes
+// for all models stay within ~512 KiB (L2), between 8 and 64 words.
+int64_t pick_block_words(int64_t n_models, int nbits, int64_t m) {
+  const int64_t per_word = n_models * (nbits + 1) * 8;
+  int64_t bw = (512 * 1024) / std::max<int64_t>(per_word, 1);
+  bw = std::max<int64_t>(8, std::min<int64_t>(64, bw)) / 8 * 8;
+  const int64_t words_needed = (m + 63) / 64;
+  const int64_t rounded = (words_needed + 7) / 8 * 8;
+  return std::min(bw, std::max<int64_t>(8, rounded));
+}
+
+template <typename T>
+void pair_counts_impl(const T* preds, const T* labels, int64_t n_models, int64_t m, int nbits,
+                      int64_t* disagree, int64_t* both_right, int threads, Path path) {
+  const int64_t bw = pick_block_words(n_models, nbits, m);
+  const int64_t block_examples = bw * 64;
+  const int64_t n_blocks = (m + block_examples - 1) / block_examples;
+  const int parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, n_blocks)));
+  const int64_t nn = n_models * n_models;
+  std::vector<int64_t> local_d(static_cast<size_t>(parts) * nn, 0);
+  std::vector<int64_t> local_r(labels ? static_cast<size_t>(parts) * nn : 0, 0);
+
+  parallel_for(parts, parts, 1, [&](int64_t p_begin, int64_t p_end) {
+    std::vector<uint64_t> planes(static_cast<size_t>(n_models) * nbits * bw);
+    std::vector<uint64_t> right(labels ? static_cast<size_t>(n_models) * bw : 0);
+    for (int64_t p = p_begin; p < p_end; ++p) {
+      int64_t* d = local_d.data() + p * nn;
+      int64_t* r = labels ? local_r.data() + p * nn : nullptr;
+      const int64_t b0 = n_blocks * p / parts, b1 = n_blocks * (p + 1) / parts;
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t m0 = blk * block_examples;
+        const int64_t len = std::min(block_examples, m - m0);
+        uint64_t* rt = labels ? right.data() : nullptr;
+#ifdef MINIDIFF_X86
+        if (path == Path::kAvx512) {
+          encode_block_avx512<T>(preds, labels, n_models, m, m0, len, nbits, bw, planes.data(), rt);
+          pairs_block_avx512(n_models, nbits, bw, planes.data(), rt, d, r);
+          continue;
+        }
+#endif
+        encode_block_scalar<T>(preds, labels, n_models, m, m0, len, nbits, bw, planes.data(), rt);
+        if (path == Path::kPopcnt)
+          pairs_block_popcnt(n_models, nbits, bw, planes.data(), rt, d, r);
+        else
+          pairs_block_scalar<false>(n_models, nbits, bw, planes.data(), rt, d, r);
+      }
+    }
+  });
+
+  // Reduce the per-part counts and mirror the upper triangle.
+  for (int64_t k = 0; k < nn; ++k) {
+    int64_t s = 0, t = 0;
+    for (int p = 0; p < parts; ++p) {
+      s += local_d[p * nn + k];
+      if (labels) t += local_r[p * nn + k];
+    }
+    disagree[k] = s;
+    if (labels) both_right[k] = t;
+  }
+  for (int64_t i = 0; i < n_models; ++i) {
+    disagree[i * n_models + i] = 0;
+    for (int64_t j = i + 1; j < n_models; ++j) {
+      disagree[j * n_models + i] = disagree[i * n_models + j];
+      if (labels) both_right[j * n_models + i] = both_right[i * n_models + j];
+    }
+  }
+}
+
+void pair_counts(uintptr_t preds, uintptr_t labels, bool is64, int64_t n_models, int64_t m,
+                 int nbits, uintptr_t disagree, uintptr_t both_right, int threads,
+                 const std::string& force_path) {
+  if (n_models <= 0 || m <= 0) throw std::invalid_argument("pair_counts: empty input");
+  if (nbits < 1 || nbits > 63) throw std::invalid_argument("pair_counts: nbits must be in [1, 63]");
+  Path path = select_path();
+  if (force_path == "portable") path = Path::kPortable;
+  else if (force_path == "popcnt") path = has_popcnt() ? Path::kPopcnt : Path::kPortable;
+  else if (!force_path.empty() && force_path != "auto")
+    throw std::invalid_argument("pair_counts: unknown path " + force_path);
+  auto* d = reinterpret_cast<int64_t*>(disagree);
+  auto* r = labels ? reinterpret_cast<int64_t*>(both_right) : nullptr;
+  if (is64)
+    pair_counts_impl<int64_t>(reinterpret_cast<const int64_t*>(preds),
+                              labels ? reinterpret_cast<const int64_t*>(labels) : nullptr, n_models,
+                              m, nbits, d, r, threads, path);
+  else
+    pair_counts_impl<int32_t>(reinterpret_cast<const int32_t*>(preds),
+                              labels ? reinterpret_cast<const int32_t*>(labels) : nullptr, n_models,
+                              m, nbits, d, r, threads, path);
+}
+
+// ---- populations -----------------------------------------------------------
+constexpr int64_t kPopBlock = 256;  // examples per transposed block
+
+// Copies preds[:, m0:m0+len] (row-major K x M) to buf (len x K) so that one
+// example's K predictions are contiguous.
+template <typename T>
+void transpose_block(const T* preds, int64_t k, int64_t m, int64_t m0, int64_t len, int64_t* buf) {
+  for (int64_t r = 0; r < k; ++r) {
+    const T* row = preds + r * m + m0;
+    for (int64_t e = 0; e < len; ++e) buf[e * k + r] = static_cast<int64_t>(row[e]);
+  }
+}
+
+template <typename T>
+void modal_impl(const T* preds, int64_t k, int64_t m, int64_t c, int64_t* out, int threads) {
+  const int64_t n_blocks = (m + kPopBlock - 1) / kPopBlock;
+  parallel_for(n_blocks, threads, 4, [&](int64_t b0, int64_t b1) {
+    std::vector<int64_t> buf(static_cast<size_t>(kPopBlock * k));
+    std::vector<int32_t> hist(static_cast<size_t>(c), 0);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t m0 = blk * kPopBlock, len = std::min(kPopBlock, m - m0);
+      transpose_block(preds, k, m, m0, len, buf.data());
+      for (int64_t e = 0; e < len; ++e) {
+        const int64_t* labs = buf.data() + e * k;
+        int32_t best_count = 0;
+        int64_t best = 0;
+        for (int64_t r = 0; r < k; ++r) {
+          const int64_t lab = labs[r];
+          const int32_t cnt = ++hist[lab];
+          if (cnt > best_count || (cnt == best_count && lab < best)) {
+            best_count = cnt;
+            best = lab;
+          }
+        }
+        for (int64_t r = 0; r < k; ++r) hist[labs[r]] = 0;
+        out[m0 + e] = best;
+      }
+    }
+  });
+}
+
+// sum_c |h_c * Kb - h_b * Kc| over classes, divided once by Kb * Kc: equal to
+// sum_c |h_c / Kc - h_b / Kb| with a single rounding.
+template <typename TB, typename TC>
+void cie_impl(const TB* base, int64_t kb, const TC* comp, int64_t kc, int64_t m, int64_t c,
+              double* out, int threads) {
+  const int64_t n_blocks = (m + kPopBlock - 1) / kPopBlock;
+  parallel_for(n_blocks, threads, 4, [&](int64_t b0, int64_t b1) {
+    std::vector<int64_t> bbuf(static_cast<size_t>(kPopBlock * kb)), cbuf(static_cast<size_t>(kPopBlock * kc));
+    std::vector<int64_t> hb(static_cast<size_t>(c), 0), hc(static_cast<size_t>(c), 0);
+    const double denom = static_cast<double>(kb) * static_cast<double>(kc);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t m0 = blk * kPopBlock, len = std::min(kPopBlock, m - m0);
+      transpose_block(base, kb, m, m0, len, bbuf.data());
+      transpose_block(comp, kc, m, m0, len, cbuf.data());
+      for (int64_t e = 0; e < len; ++e) {
+        const int64_t* lb = bbuf.data() + e * kb;
+        const int64_t* lc = cbuf.data() + e * kc;
+        for (int64_t r = 0; r < kb; ++r) ++hb[lb[r]];
+        for (int64_t r = 0; r < kc; ++r) ++hc[lc[r]];
+        int64_t total = 0;  // each class is visited once: its counts are zeroed after use
+        for (int64_t r = 0; r < kb; ++r) {
+          const int64_t lab = lb[r];
+          total += std::llabs(hc[lab] * kb - hb[lab] * kc);
+          hb[lab] = hc[lab] = 0;
+        }
+        for (int64_t r = 0; r < kc; ++r) {
+          const int64_t lab = lc[r];
+          total += std::llabs(hc[lab] * kb - hb[lab] * kc);
+          hb[lab] = hc[lab] = 0;
+        }
+        out[m0 + e] = static_cast<double>(total) / denom;
+      }
+    }
+  });
+}
+
+void modal_labels(uintptr_t preds, bool is64, int64_t k, int64_t m, int64_t c, uintptr_t out,
+                  int threads) {
+  if (k <= 0 || m <= 0 || c <= 0) throw std::invalid_argument("modal_labels: empty input");
+  auto* o = reinterpret_cast<int64_t*>(out);
+  if (is64) modal_impl(reinterpret_cast<const int64_t*>(preds), k, m, c, o, threads);
+  else modal_impl(reinterpret_cast<const int32_t*>(preds), k, m, c, o, threads);
+}
+
+void cie_scores(uintptr_t base, bool base64, int64_t kb, uintptr_t comp, bool comp64, int64_t kc,
+                int64_t m, int64_t c, uintptr_t out, int threads) {
+  if (kb <= 0 || kc <= 0 || m <= 0 || c <= 0) throw std::invalid_argument("cie_scores: empty input");
+  auto* o = reinterpret_cast<double*>(out);
+  if (base64 && comp64)
+    cie_impl(reinterpret_cast<const int64_t*>(base), kb, reinterpret_cast<const int64_t*>(comp), kc, m, c, o, threads);
+  else if (base64)
+    cie_impl(reinterpret_cast<const int64_t*>(base), kb, reinterpret_cast<const int32_t*>(comp), kc, m, c, o, threads);
+  else if (comp64)
+    cie_impl(reinterpret_cast<const int32_t*>(base), kb, reinterpret_cast<const int64_t*>(comp), kc, m, c, o, threads);
+  else
+    cie_impl(reinterpret_cast<const int32_t*>(base), kb, reinterpret_cast<const int32_t*>(comp), kc, m, c, o, threads);
+}
+
+}  // namespace
+
+void register_agreement(py::module_& m) {
+  m.def("agreement_path", [] { return std::string(path_name(select_path())); },
+        "Kernel the pairwise agreement counts use: avx512_vpopcntdq, popcnt or portable.");
+  m.def("agreement_pair_counts", &pair_counts, py::arg("preds"), py::arg("labels"), py::arg("is64"),
+        py::arg("n_models"), py::arg("m"), py::arg("nbits"), py::arg("disagree"),
+        py::arg("both_right"), py::arg("threads"), py::arg("path") = "auto",
+        py::call_guard<py::gil_scoped_release>(),
+        "Pairwise counts over contiguous (N, M) int32/int64 predictions: disagree[i, j] = "
+        "#{p_i != p_j}; with labels (address != 0), both_right[i, j] = #{p_i == y and p_j == y}. "
+        "Outputs are (N, N) int64 buffers; class indices must be in [0, 2**nbits).");
+  m.def("agreement_modal_labels", &modal_labels, py::arg("preds"), py::arg("is64"), py::arg("k"),
+        py::arg("m"), py::arg("num_classes"), py::arg("out"), py::arg("threads"),
+        py::call_guard<py::gil_scoped_release>(),
+        "Most frequent label per example over K rows (ties: smallest label) into int64 out[M].");
+  m.def("agreement_cie_scores", &cie_scores, py::arg("base"), py::arg("base64"), py::arg("kb"),
+        py::arg("comp"), py::arg("comp64"), py::arg("kc"), py::arg("m"), py::arg("num_classes"),
+        py::arg("out"), py::arg("threads"), py::call_guard<py::gil_scoped_release>(),
+        "Taxicab distance between normalized label histograms per example into float64 out[M].");
+}
+
 }  // namespace minidiff

@@ -1,0 +1,409 @@
+"""Dispatch for the prediction agreement ops, with pure-torch references.
+
+Ops (registered with ``torch.library.custom_op`` and fake implementations, so
+they trace under ``torch.compile``):
+
+``minidiff::agreement_pair_counts(preds, labels, nbits) -> (disagree, both_right)``
+    int64 ``(N, N)`` counts over ``preds (N, M)``: ``disagree[i, j] =
+    #{x : p_i(x) != p_j(x)}`` and ``both_right[i, j] = #{x : p_i(x) = p_j(x) = y(x)}``
+    (zeros without labels). ``both_right[i, i]`` is model i's number of correct
+    predictions, so flips and error-set intersections/unions follow from these
+    two matrices alone (see :func:`minidiff.agreement.flip_matrix`).
+``minidiff::agreement_modal_labels(preds, num_classes) -> (M,) int64``
+``minidiff::agreement_cie_scores(base, comp, num_classes) -> (M,) float64``
+
+Backends, per call:
+
+* CPU tensor -> ``minidiff._C`` (bit-plane popcount kernel, AVX-512 VPOPCNTDQ
+  when the CPU has it; fused O(K)-per-example population statistics).
+* CUDA tensor -> the CUDA kernel (``minidiff._cuda``) or the Triton kernel
+  (``minidiff.kernels.agreement``), whichever is faster on this device. The
+  rule is measured, not guessed: on the first call per device both kernels
+  count the same probe (64 models x 2**20 examples, int32, with labels, 3 timed
+  runs after a warm-up, CUDA events); the faster median wins and is cached for
+  the process. ``MINIDIFF_AGREEMENT_BACKEND=cuda|triton|torch`` overrides the
+  choice. When only one is available it is used; with neither, the torch
+  reference runs on the device. Population statistics on CUDA use the label
+  histogram kernel of the chosen backend, then argmax / an integer Taxicab sum
+  in torch, in chunks of examples so the ``M x C`` histogram stays under 2**26
+  entries.
+
+The ``*_reference`` functions are the float64/int64 pure-torch definitions the
+tests compare every backend with.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Callable
+
+import torch
+
+from minidiff._native import cpu_core, cuda_core, triton_available
+from minidiff.ops._validate import num_threads
+
+INDEX_DTYPES = (torch.int32, torch.int64)
+# Examples per native/kernel call: keeps every per-call count below 2**31.
+_MAX_CALL_EXAMPLES = 1 << 30
+_HIST_ENTRIES = 1 << 26
+_BACKENDS = ("auto", "native", "cuda", "triton", "torch", "reference")
+
+
+# ---- references (pure torch, exact integers / float64) ---------------------
+def pair_counts_reference(preds: torch.Tensor, labels: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64 ``disagree`` and ``both_right`` by direct comparison, one model at a time."""
+    p = preds.to(torch.int64)
+    n = p.shape[0]
+    disagree = torch.stack([(p[i][None, :] != p).sum(1) for i in range(n)])
+    if labels is None:
+        return disagree, torch.zeros_like(disagree)
+    right = (p == labels.to(torch.int64)[None, :]).to(torch.int64)
+    both_right = torch.stack([(right[i][None, :] * right).sum(1) for i in range(n)])
+    return disagree, both_right
+
+
+def label_histogram_reference(preds: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """int64 ``(M, C)``: ``H[x, c] = #{k : preds[k, x] == c}``."""
+    p = preds.to(torch.int64)
+    h = torch.zeros((p.shape[1], num_classes), dtype=torch.int64, device=p.device)
+    return h.scatter_add_(1, p.T, torch.ones_like(p.T))
+
+
+def modal_labels_reference(preds: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Most frequent label per example; ``argmax`` returns the first maximum,
+    i.e. the smallest label among ties."""
+    return label_histogram_reference(preds, num_classes).argmax(dim=1)
+
+
+def cie_scores_reference(base: torch.Tensor, comp: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """float64 ``sum_c |h_c(x) - h_b(x)|`` of the normalized label histograms."""
+    hb = label_histogram_reference(base, num_classes).to(torch.float64) / base.shape[0]
+    hc = label_histogram_reference(comp, num_classes).to(torch.float64) / comp.shape[0]
+    return (hc - hb).abs().sum(dim=1)
+
+
+# ---- divergences (torch on any device; float64) ----------------------------
+def _chunks(m: int, per_example: int, budget: int = 1 << 22):
+    step = max(1, budget // max(per_example, 1))
+    for s in range(0, m, step):
+        yield s, min(m, s + step)
+
+
+def divergence_pairs(probs: torch.Tensor, kind: str, eps: float) -> torch.Tensor:
+    """float64 ``(N, N)`` mean per-example divergence ``D(p_i || p_j)``.
+
+    KL uses one GEMM per chunk: ``KL_ij = G_ii - G_ij`` with ``G = P logQ^T`` over
+    the flattened (example, class) axis and ``logQ = log max(q, eps)``, which is
+    ``sum p (log max(p, eps) - log max(q, eps))`` with ``0 log . = 0``; the
+    diagonal is exactly zero. JS uses ``(S(p) + S(q))/2 - S((p+q)/2)`` with
+    ``S(p) = sum xlogy(p, p)``; TV is ``sum |p - q| / 2``.
+    """
+    n, m, c = probs.shape
+    out = torch.zeros((n, n), dtype=torch.float64, device=probs.device)
+    if kind == "kl":
+        for s, e in _chunks(m, n * c):
+            p = probs[:, s:e].to(torch.float64).reshape(n, -1)
+            g = p @ torch.log(p.clamp_min(eps)).T
+            out += g.diagonal()[:, None] - g
+    else:
+        for s, e in _chunks(m, n * c):
+            p = probs[:, s:e].to(torch.float64)
+            self_term = torch.xlogy(p, p).sum(dim=(1, 2)) if kind == "js" else None
+            for i in range(n - 1):
+                q = p[i + 1:]
+                if kind == "js":
+                    mix = (p[i][None] + q) / 2
+                    v = (self_term[i] + self_term[i + 1:]) / 2 - torch.xlogy(mix, mix).sum(dim=(1, 2))
+                else:
+                    v = (p[i][None] - q).abs().sum(dim=(1, 2)) / 2
+                out[i, i + 1:] += v
+        out = out + out.T
+    return out / m
+
+
+def divergence_rows(probs: torch.Tensor, ref: int, kind: str, eps: float) -> torch.Tensor:
+    """float64 ``(N, M)``: ``D(p_ref(x) || p_i(x))`` for every model i and example x."""
+    n, m, c = probs.shape
+    out = torch.empty((n, m), dtype=torch.float64, device=probs.device)
+    for s, e in _chunks(m, n * c):
+        p = probs[:, s:e].to(torch.float64)
+        r = p[ref][None]
+        if kind == "kl":
+            out[:, s:e] = (r * (torch.log(r.clamp_min(eps)) - torch.log(p.clamp_min(eps)))).sum(-1)
+        elif kind == "js":
+            mix = (r + p) / 2
+            out[:, s:e] = ((torch.xlogy(r, r) + torch.xlogy(p, p)) / 2 - torch.xlogy(mix, mix)).sum(-1)
+        else:
+            out[:, s:e] = (r - p).abs().sum(-1) / 2
+    return out
+
+
+def divergence_reference(p: torch.Tensor, q: torch.Tensor, kind: str, eps: float) -> torch.Tensor:
+    """Per-example float64 ``D(p || q)`` for ``(M, C)`` rows, written out literally."""
+    p = p.to(torch.float64)
+    q = q.to(torch.float64)
+    if kind == "kl":
+        return torch.where(p > 0, p * torch.log(p.clamp_min(eps) / q.clamp_min(eps)),
+                           torch.zeros_like(p)).sum(-1)
+    if kind == "js":
+        mix = (p + q) / 2
+        return (divergence_reference(p, mix, "kl", 0.0) + divergence_reference(q, mix, "kl", 0.0)) / 2
+    return (p - q).abs().sum(-1) / 2
+
+
+# ---- CPU backend ------------------------------------------------------------
+def _nbits(preds: torch.Tensor) -> int:
+    return max(1, int(preds.max().item()).bit_length())
+
+
+def _pair_counts_native(preds, labels, nbits):
+    n, m = preds.shape
+    disagree = torch.empty((n, n), dtype=torch.int64)
+    both_right = torch.zeros((n, n), dtype=torch.int64)
+    cpu_core().agreement_pair_counts(
+        preds.data_ptr(), labels.data_ptr() if labels is not None else 0,
+        preds.dtype == torch.int64, n, m, nbits, disagree.data_ptr(), both_right.data_ptr(),
+        num_threads())
+    return disagree, both_right
+
+
+def _modal_native(preds, num_classes):
+    k, m = preds.shape
+    out = torch.empty(m, dtype=torch.int64)
+    cpu_core().agreement_modal_labels(preds.data_ptr(), preds.dtype == torch.int64, k, m,
+                                      num_classes, out.data_ptr(), num_threads())
+    return out
+
+
+def _cie_native(base, comp, num_classes):
+    m = base.shape[1]
+    out = torch.empty(m, dtype=torch.float64)
+    cpu_core().agreement_cie_scores(base.data_ptr(), base.dtype == torch.int64, base.shape[0],
+                                    comp.data_ptr(), comp.dtype == torch.int64, comp.shape[0],
+                                    m, num_classes, out.data_ptr(), num_threads())
+    return out
+
+
+# ---- CUDA backends ----------------------------------------------------------
+def _stream_handle(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _pair_counts_cuda(preds, labels, nbits):
+    n, m = preds.shape
+    disagree = torch.zeros((n, n), dtype=torch.int64, device=preds.device)
+    both_right = torch.zeros((n, n), dtype=torch.int64, device=preds.device)
+    cuda_core().agreement_pair_counts(
+        preds.data_ptr(), labels.data_ptr() if labels is not None else 0,
+        preds.dtype == torch.int64, n, m, disagree.data_ptr(), both_right.data_ptr(),
+        _stream_handle(preds.device))
+    return disagree, both_right
+
+
+def _pair_counts_triton(preds, labels, nbits):
+    from minidiff.kernels import agreement as ka
+    return ka.pair_counts(preds, labels)
+
+
+def _histogram_cuda(preds, num_classes):
+    k, m = preds.shape
+    h = torch.zeros((m, num_classes), dtype=torch.int32, device=preds.device)
+    cuda_core().agreement_label_histogram(preds.data_ptr(), preds.dtype == torch.int64, k, m,
+                                          num_classes, h.data_ptr(), _stream_handle(preds.device))
+    return h
+
+
+def _histogram_triton(preds, num_classes):
+    from minidiff.kernels import agreement as ka
+    return ka.label_histogram(preds, num_classes)
+
+
+def _histogram_torch(preds, num_classes):
+    return label_histogram_reference(preds, num_classes)
+
+
+_PAIR_IMPLS: dict[str, Callable] = {
+    "cuda": _pair_counts_cuda, "triton": _pair_counts_triton,
+    "torch": lambda p, l, nb: pair_counts_reference(p, l),
+}
+_HIST_IMPLS: dict[str, Callable] = {
+    "cuda": _histogram_cuda, "triton": _histogram_triton, "torch": _histogram_torch,
+}
+
+
+def _cuda_available_backends() -> list[str]:
+    out = []
+    core = cuda_core()
+    if core is not None and hasattr(core, "agreement_pair_counts") and core.device_count() > 0:
+        out.append("cuda")
+    if triton_available():
+        out.append("triton")
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _measured_cuda_backend(device_index: int) -> str:
+    """The faster of the CUDA and Triton kernels on this device (see module doc)."""
+    forced = os.environ.get("MINIDIFF_AGREEMENT_BACKEND", "").strip().lower()
+    if forced:
+        if forced not in _PAIR_IMPLS:
+            raise ValueError(f"MINIDIFF_AGREEMENT_BACKEND={forced!r}: use one of {sorted(_PAIR_IMPLS)}")
+        return forced
+    candidates = _cuda_available_backends()
+    if not candidates:
+        return "torch"
+    if len(candidates) == 1:
+        return candidates[0]
+    device = torch.device("cuda", device_index)
+    g = torch.Generator(device=device).manual_seed(0)
+    probe = torch.randint(0, 10, (64, 1 << 20), dtype=torch.int32, device=device, generator=g)
+    probe_labels = torch.randint(0, 10, (1 << 20,), dtype=torch.int32, device=device, generator=g)
+    medians = {}
+    for name in candidates:
+        fn = _PAIR_IMPLS[name]
+        fn(probe, probe_labels, 4)  # warm-up (Triton compiles here)
+        times = []
+        for _ in range(3):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(probe, probe_labels, 4)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        medians[name] = sorted(times)[1]
+    return min(medians, key=medians.get)
+
+
+def cuda_backend(device: torch.device) -> str:
+    """Name of the backend the CUDA dispatch uses on ``device`` ("cuda", "triton" or "torch")."""
+    return _measured_cuda_backend(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _resolve(backend: str, t: torch.Tensor) -> str:
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend={backend!r}: use one of {_BACKENDS}")
+    if backend == "reference":
+        return "torch"
+    if backend == "auto":
+        return cuda_backend(t.device) if t.is_cuda else "native"
+    if backend == "native" and t.device.type != "cpu":
+        raise ValueError("backend='native' (minidiff._C) needs CPU tensors; use 'auto' for CUDA tensors")
+    if backend == "cuda" and not t.is_cuda:
+        raise ValueError("backend='cuda' needs CUDA tensors")
+    return backend
+
+
+# ---- the ops ----------------------------------------------------------------
+def _pair_counts_impl(preds: torch.Tensor, labels: torch.Tensor | None, nbits: int,
+                      backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    name = _resolve(backend, preds)
+    fn = _pair_counts_native if name == "native" else _PAIR_IMPLS[name]
+    m = preds.shape[1]
+    if m <= _MAX_CALL_EXAMPLES:
+        return fn(preds, labels, nbits)
+    total_d = total_r = None
+    for s in range(0, m, _MAX_CALL_EXAMPLES):
+        e = min(m, s + _MAX_CALL_EXAMPLES)
+        d, r = fn(preds[:, s:e].contiguous(), None if labels is None else labels[s:e].contiguous(), nbits)
+        total_d = d if total_d is None else total_d + d
+        total_r = r if total_r is None else total_r + r
+    return total_d, total_r
+
+
+def _histogram_chunks(preds: torch.Tensor, num_classes: int, name: str):
+    m = preds.shape[1]
+    step = max(1, _HIST_ENTRIES // num_classes)
+    for s in range(0, m, step):
+        e = min(m, s + step)
+        yield s, e, _HIST_IMPLS[name](preds[:, s:e].contiguous(), num_classes)
+
+
+def _modal_impl(preds: torch.Tensor, num_classes: int, backend: str = "auto") -> torch.Tensor:
+    name = _resolve(backend, preds)
+    if name == "native":
+        return _modal_native(preds, num_classes)
+    out = torch.empty(preds.shape[1], dtype=torch.int64, device=preds.device)
+    for s, e, h in _histogram_chunks(preds, num_classes, name):
+        out[s:e] = h.argmax(dim=1)  # first maximum = smallest label among ties
+    return out
+
+
+def _cie_impl(base: torch.Tensor, comp: torch.Tensor, num_classes: int,
+              backend: str = "auto") -> torch.Tensor:
+    name = _resolve(backend, base)
+    if name == "native":
+        return _cie_native(base, comp, num_classes)
+    kb, kc = base.shape[0], comp.shape[0]
+    out = torch.empty(base.shape[1], dtype=torch.float64, device=base.device)
+    for (s, e, hb), (_, _, hc) in zip(_histogram_chunks(base, num_classes, name),
+                                      _histogram_chunks(comp, num_classes, name)):
+        # sum_c |hc/Kc - hb/Kb| = sum_c |hc Kb - hb Kc| / (Kb Kc): integers, one rounding.
+        diff = (hc.to(torch.int64) * kb - hb.to(torch.int64) * kc).abs().sum(dim=1)
+        out[s:e] = diff.to(torch.float64) / (kb * kc)
+    return out
+
+
+@torch.library.custom_op("minidiff::agreement_pair_counts", mutates_args=())
+def _pair_counts_op(preds: torch.Tensor, labels: torch.Tensor | None, nbits: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _pair_counts_impl(preds, labels, nbits)
+
+
+@_pair_counts_op.register_fake
+def _(preds, labels, nbits):
+    n = preds.shape[0]
+    return preds.new_empty((n, n), dtype=torch.int64), preds.new_empty((n, n), dtype=torch.int64)
+
+
+@torch.library.custom_op("minidiff::agreement_modal_labels", mutates_args=())
+def _modal_op(preds: torch.Tensor, num_classes: int) -> torch.Tensor:
+    return _modal_impl(preds, num_classes)
+
+
+@_modal_op.register_fake
+def _(preds, num_classes):
+    return preds.new_empty((preds.shape[1],), dtype=torch.int64)
+
+
+@torch.library.custom_op("minidiff::agreement_cie_scores", mutates_args=())
+def _cie_op(base: torch.Tensor, comp: torch.Tensor, num_classes: int) -> torch.Tensor:
+    return _cie_impl(base, comp, num_classes)
+
+
+@_cie_op.register_fake
+def _(base, comp, num_classes):
+    return base.new_empty((base.shape[1],), dtype=torch.float64)
+
+
+# ---- entry points used by minidiff.agreement (inputs already validated) ------
+def pair_counts(preds: torch.Tensor, labels: torch.Tensor | None = None, *, nbits: int | None = None,
+                backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Validated contiguous int32/int64 ``preds (N, M)`` (values >= 0) and optional
+    ``labels (M,)`` of the same dtype -> int64 ``(disagree, both_right)``."""
+    if nbits is None:
+        nbits = _nbits(preds)
+    if backend == "auto":
+        return _pair_counts_op(preds, labels, nbits)
+    return _pair_counts_impl(preds, labels, nbits, backend)
+
+
+def modal_labels(preds: torch.Tensor, num_classes: int, *, backend: str = "auto") -> torch.Tensor:
+    if backend == "auto":
+        return _modal_op(preds, num_classes)
+    return _modal_impl(preds, num_classes, backend)
+
+
+def cie_scores(base: torch.Tensor, comp: torch.Tensor, num_classes: int, *,
+               backend: str = "auto") -> torch.Tensor:
+    if backend == "auto":
+        return _cie_op(base, comp, num_classes)
+    return _cie_impl(base, comp, num_classes, backend)
+
+
+def label_histogram(preds: torch.Tensor, num_classes: int, *, backend: str = "triton") -> torch.Tensor:
+    """``(M, C)`` label counts with the named kernel ("triton", "cuda" or "torch")."""
+    if backend not in _HIST_IMPLS:
+        raise ValueError(f"backend={backend!r}: use one of {sorted(_HIST_IMPLS)}")
+    return _HIST_IMPLS[backend](preds, num_classes)
