@@ -1,0 +1,133 @@
+"""``Int8Linear``: int8 replacement for ``torch.nn.Linear`` (W8A8 or weight-only).
+
+W8A8 computes ``Y = (Q(X) W_q^T) s_x s_w^T + b`` with per-token activation scales
+``s_x`` (computed on the fly, fused into the native call) and per-output-channel
+weight scales ``s_w``; the int8 product accumulates exactly in int32 (see
+``minidiff.ops.int8``). Weight-only computes ``Y = X (W_q s_w)^T + b``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from minidiff.ops import int8 as int8_ops
+
+__all__ = ["Int8Linear"]
+
+_MODES = ("w8a8", "weight_only")
+
+
+class Int8Linear(nn.Module):
+    """Linear layer with int8 weights (per-output-channel symmetric scales).
+
+    Parameters
+    ----------
+    in_features, out_features : int
+        As ``nn.Linear``.
+    bias : bool
+        Whether the layer has a bias (kept in the float layer's dtype).
+    mode : {"w8a8", "weight_only"}
+        ``"w8a8"`` quantizes activations per token at run time (int8 x int8 -> int32);
+        ``"weight_only"`` keeps activations in floating point.
+    dtype : torch.dtype
+        Output dtype (the float layer's dtype).
+
+    Buffers (the state dict): ``weight_int8`` (N, K) int8, ``weight_scale`` (N,) float32,
+    ``bias`` (N,) when present. The CPU kernel's packed weight is derived from
+    ``weight_int8`` (non-persistent) and rebuilt on ``load_state_dict`` and device moves.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, mode: str = "w8a8",
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        if mode not in _MODES:
+            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+        if in_features <= 0 or out_features <= 0:
+            raise ValueError(f"in_features and out_features must be positive, got {in_features}, {out_features}")
+        if in_features > int8_ops.MAX_K:
+            raise ValueError(f"in_features={in_features} exceeds the int32-exact limit {int8_ops.MAX_K}")
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.mode = mode
+        self.out_dtype = dtype
+        self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.zeros(out_features, dtype=torch.float32, device=device))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device))
+        else:
+            self.bias = None
+        self.register_buffer("_w_packed", torch.empty(0, dtype=torch.int8, device=device), persistent=False)
+        self.register_buffer("_w_colsum", torch.empty(0, dtype=torch.int32, device=device), persistent=False)
+        self._repack()
+        self.register_load_state_dict_post_hook(lambda module, keys: module._repack())
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, mode: str = "w8a8", name: str | None = None) -> "Int8Linear":
+        """Quantize a float ``nn.Linear``.
+
+        Raises
+        ------
+        ValueError
+            If ``linear`` is not an ``nn.Linear``, ``mode`` is unknown, or the weight holds
+            NaN/Inf (the message names the layer when ``name`` is given).
+        """
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"from_linear expects a torch.nn.Linear, got {type(linear).__name__}")
+        w_int8, scale = int8_ops.quantize_weight(linear.weight, name=name)
+        dtype = linear.weight.dtype if linear.weight.dtype in (torch.bfloat16, torch.float16) else torch.float32
+        m = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, mode=mode, dtype=dtype,
+                device=linear.weight.device)
+        with torch.no_grad():
+            m.weight_int8.copy_(w_int8)
+            m.weight_scale.copy_(scale)
+            if linear.bias is not None:
+                m.bias.copy_(linear.bias.detach())
+        m._repack()
+        return m
+
+    def _repack(self) -> None:
+        """Rebuild the CPU kernel's packed weight from ``weight_int8`` (CPU only)."""
+        if self.weight_int8.device.type == "cpu" and self.mode == "w8a8":
+            packed, colsum = int8_ops.pack_weight(self.weight_int8)
+        else:
+            packed = torch.empty(0, dtype=torch.int8, device=self.weight_int8.device)
+            colsum = torch.empty(0, dtype=torch.int32, device=self.weight_int8.device)
+        self._w_packed = packed
+        self._w_colsum = colsum
+
+    def _apply(self, fn, recurse=True):
+        probe = fn(torch.empty(0, dtype=self.out_dtype))
+        super()._apply(fn, recurse)
+        # scales stay float32 and the weight int8 whatever .half()/.to(dtype) did
+        self.weight_scale = self.weight_scale.float()
+        if probe.dtype in (torch.float32, torch.bfloat16, torch.float16):
+            self.out_dtype = probe.dtype
+        self._repack()
+        return self
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """``W_q * s_w`` as float32 (N, K)."""
+        return self.weight_int8.float() * self.weight_scale[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input has {x.shape[-1]} features in its last dimension; "
+                             f"this Int8Linear expects {self.in_features}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self.mode == "w8a8":
+            cpu = x2.device.type == "cpu"
+            y = int8_ops.int8_linear(x2, self.weight_int8, self.weight_scale, self.bias,
+                                     self._w_packed if cpu else None, self._w_colsum if cpu else None,
+                                     out_dtype=self.out_dtype)
+        else:
+            y = int8_ops.int8_weight_only_linear(x2, self.weight_int8, self.weight_scale, self.bias,
+                                                 out_dtype=self.out_dtype)
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, mode={self.mode}, out_dtype={self.out_dtype}")
