@@ -1,5 +1,7 @@
 // Prediction agreement counts for N models x M examples (minidiff._C).
 //
+// With nbits = 0 only both_right is counted (flips / error sets need no planes).
+//
 // Pairwise counts. Each block of examples is transposed into bit-planes: for
 // model i and bit b of the class index, plane[i][b] holds bit b of p_i(x) for
 // 64 examples per word. Then, per pair (i, j),
@@ -137,7 +139,7 @@ inline __attribute__((always_inline)) void pairs_block_scalar(int64_t n_models, 
   const int64_t model_stride = static_cast<int64_t>(nbits) * block_words;
   for (int64_t i = 0; i < n_models; ++i) {
     const uint64_t* pi = planes + i * model_stride;
-    for (int64_t j = i + 1; j < n_models; ++j) {
+    for (int64_t j = i + 1; j < n_models && nbits > 0; ++j) {
       const uint64_t* pj = planes + j * model_stride;
       uint64_t count = 0;
       for (int64_t w = 0; w < block_words; ++w) {
@@ -235,7 +237,7 @@ MD_AVX512 void pairs_block_avx512(int64_t n_models, int nbits, int64_t block_wor
   const int64_t model_stride = static_cast<int64_t>(nbits) * block_words;
   for (int64_t i = 0; i < n_models; ++i) {
     const uint64_t* pi = planes + i * model_stride;
-    for (int64_t j = i + 1; j < n_models; ++j) {
+    for (int64_t j = i + 1; j < n_models && nbits > 0; ++j) {
       const uint64_t* pj = planes + j * model_stride;
       __m512i acc = _mm512_setzero_si512();
       for (int64_t w = 0; w < block_words; w += 8) {
@@ -336,7 +338,8 @@ void pair_counts(uintptr_t preds, uintptr_t labels, bool is64, int64_t n_models,
                  int nbits, uintptr_t disagree, uintptr_t both_right, int threads,
                  const std::string& force_path) {
   if (n_models <= 0 || m <= 0) throw std::invalid_argument("pair_counts: empty input");
-  if (nbits < 1 || nbits > 63) throw std::invalid_argument("pair_counts: nbits must be in [1, 63]");
+  if (nbits < 0 || nbits > 63) throw std::invalid_argument("pair_counts: nbits must be in [0, 63]");
+  if (nbits == 0 && !labels) throw std::invalid_argument("pair_counts: nbits = 0 needs labels");
   Path path = select_path();
   if (force_path == "portable") path = Path::kPortable;
   else if (force_path == "popcnt") path = has_popcnt() ? Path::kPopcnt : Path::kPortable;
@@ -464,7 +467,8 @@ void register_agreement(py::module_& m) {
         py::call_guard<py::gil_scoped_release>(),
         "Pairwise counts over contiguous (N, M) int32/int64 predictions: disagree[i, j] = "
         "#{p_i != p_j}; with labels (address != 0), both_right[i, j] = #{p_i == y and p_j == y}. "
-        "Outputs are (N, N) int64 buffers; class indices must be in [0, 2**nbits).");
+        "Outputs are (N, N) int64 buffers; class indices must be in [0, 2**nbits); nbits = 0 "
+        "skips the disagreement counts (left 0).");
   m.def("agreement_modal_labels", &modal_labels, py::arg("preds"), py::arg("is64"), py::arg("k"),
         py::arg("m"), py::arg("num_classes"), py::arg("out"), py::arg("threads"),
         py::call_guard<py::gil_scoped_release>(),

@@ -200,7 +200,7 @@ def flip_matrix(preds: Any, labels: Any, *, num_classes: int | None = None) -> t
     if labels is None:
         raise ValueError("flip_matrix needs labels (M,): flips are defined against the true classes")
     p, y, nbits = _prepare(preds, labels, num_classes)
-    _, both_right = _ops.pair_counts(p, y, nbits=nbits)
+    _, both_right = _ops.pair_counts(p, y, nbits=0)  # no disagreement needed
     return _flips(both_right, p.shape[1])
 
 
@@ -218,7 +218,7 @@ def error_jaccard(preds: Any, labels: Any, *, num_classes: int | None = None) ->
     if labels is None:
         raise ValueError("error_jaccard needs labels (M,): error sets are defined against the true classes")
     p, y, nbits = _prepare(preds, labels, num_classes)
-    _, both_right = _ops.pair_counts(p, y, nbits=nbits)
+    _, both_right = _ops.pair_counts(p, y, nbits=0)  # no disagreement needed
     return _jaccard(*_error_sets(both_right, p.shape[1]))
 
 

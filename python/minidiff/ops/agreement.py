@@ -195,28 +195,36 @@ def _pair_counts_cuda(preds, labels, nbits):
     n, m = preds.shape
     disagree = torch.zeros((n, n), dtype=torch.int64, device=preds.device)
     both_right = torch.zeros((n, n), dtype=torch.int64, device=preds.device)
-    cuda_core().agreement_pair_counts(
-        preds.data_ptr(), labels.data_ptr() if labels is not None else 0,
-        preds.dtype == torch.int64, n, m, disagree.data_ptr(), both_right.data_ptr(),
-        _stream_handle(preds.device))
+    with torch.cuda.device(preds.device):  # the kernel launches on the current device
+        cuda_core().agreement_pair_counts(
+            preds.data_ptr(), labels.data_ptr() if labels is not None else 0,
+            preds.dtype == torch.int64, n, m, disagree.data_ptr(), both_right.data_ptr(),
+            _stream_handle(preds.device))
     return disagree, both_right
 
 
 def _pair_counts_triton(preds, labels, nbits):
     from minidiff.kernels import agreement as ka
-    return ka.pair_counts(preds, labels)
+    if preds.is_cuda:
+        with torch.cuda.device(preds.device):
+            return ka.pair_counts(preds, labels)
+    return ka.pair_counts(preds, labels)  # CPU tensors: only under TRITON_INTERPRET=1
 
 
 def _histogram_cuda(preds, num_classes):
     k, m = preds.shape
     h = torch.zeros((m, num_classes), dtype=torch.int32, device=preds.device)
-    cuda_core().agreement_label_histogram(preds.data_ptr(), preds.dtype == torch.int64, k, m,
-                                          num_classes, h.data_ptr(), _stream_handle(preds.device))
+    with torch.cuda.device(preds.device):
+        cuda_core().agreement_label_histogram(preds.data_ptr(), preds.dtype == torch.int64, k, m,
+                                              num_classes, h.data_ptr(), _stream_handle(preds.device))
     return h
 
 
 def _histogram_triton(preds, num_classes):
     from minidiff.kernels import agreement as ka
+    if preds.is_cuda:
+        with torch.cuda.device(preds.device):
+            return ka.label_histogram(preds, num_classes)
     return ka.label_histogram(preds, num_classes)
 
 
@@ -233,12 +241,17 @@ _HIST_IMPLS: dict[str, Callable] = {
 }
 
 
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def _cuda_available_backends() -> list[str]:
     out = []
     core = cuda_core()
     if core is not None and hasattr(core, "agreement_pair_counts") and core.device_count() > 0:
         out.append("cuda")
-    if triton_available():
+    # Under TRITON_INTERPRET=1 Triton runs on the host: never the faster one.
+    if triton_available() and not (_interpreting() and out):
         out.append("triton")
     return out
 
@@ -292,6 +305,8 @@ def _resolve(backend: str, t: torch.Tensor) -> str:
         raise ValueError("backend='native' (minidiff._C) needs CPU tensors; use 'auto' for CUDA tensors")
     if backend == "cuda" and not t.is_cuda:
         raise ValueError("backend='cuda' needs CUDA tensors")
+    if backend == "triton" and not t.is_cuda and not _interpreting():
+        raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
     return backend
 
 
@@ -299,7 +314,15 @@ def _resolve(backend: str, t: torch.Tensor) -> str:
 def _pair_counts_impl(preds: torch.Tensor, labels: torch.Tensor | None, nbits: int,
                       backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     name = _resolve(backend, preds)
+    if nbits == 0 and labels is None:
+        raise ValueError("nbits=0 (skip the disagreement counts) needs labels")
     fn = _pair_counts_native if name == "native" else _PAIR_IMPLS[name]
+    if nbits == 0 and name != "native":  # same contract on every backend: disagree left 0
+        inner = fn
+
+        def fn(p, l, nb):
+            _, r = inner(p, l, nb)
+            return torch.zeros_like(r), r
     m = preds.shape[1]
     if m <= _MAX_CALL_EXAMPLES:
         return fn(preds, labels, nbits)
@@ -381,7 +404,11 @@ def _(base, comp, num_classes):
 def pair_counts(preds: torch.Tensor, labels: torch.Tensor | None = None, *, nbits: int | None = None,
                 backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Validated contiguous int32/int64 ``preds (N, M)`` (values >= 0) and optional
-    ``labels (M,)`` of the same dtype -> int64 ``(disagree, both_right)``."""
+    ``labels (M,)`` of the same dtype -> int64 ``(disagree, both_right)``.
+
+    ``nbits``: class indices are below ``2**nbits`` (default: from the max);
+    ``nbits=0`` with labels skips the disagreement counts (returned as zeros).
+    """
     if nbits is None:
         nbits = _nbits(preds)
     if backend == "auto":
