@@ -349,3 +349,66 @@ def test_bad_input_messages():
         M.CalibrationAccumulator(0)
     with pytest.raises(ValueError, match="different settings"):
         M.CalibrationAccumulator(10).merge(M.CalibrationAccumulator(15))
+
+
+# -- population bootstrap and real data ---------------------------------------------------------------
+def test_population_bootstrap_matches_index_resampling():
+    g = torch.Generator().manual_seed(11)
+    y = torch.randint(0, 3, (300,), generator=g)
+    pop = torch.stack([torch.where(torch.rand(300, generator=g) < 0.7, y, (y + 1) % 3) for _ in range(3)])
+    ci = M.accuracy_ci(pop, y, n_boot=4000, seed=1)
+    r = (pop == y[None]).double().mean(0).numpy()
+    assert ci.n_models == 3 and ci.accuracy == pytest.approx(float(r.mean()), abs=1e-15)
+    rng = np.random.default_rng(5)
+    boots = r[rng.integers(0, 300, size=(4000, 300))].mean(1)
+    lo, hi = np.quantile(boots, [0.025, 0.975])
+    assert abs(ci.low - lo) < 0.008 and abs(ci.high - hi) < 0.008
+    # single-model population == single model
+    assert M.accuracy_ci(pop[0], y, seed=2) == M.accuracy_ci(pop[:1], y, seed=2)
+    d = M.accuracy_difference_ci(pop[:2], pop[2:], y, n_boot=1000)
+    ref = float((pop[2] == y).double().mean() - (pop[:2] == y).double().mean())
+    assert d.accuracy == pytest.approx(ref, abs=1e-12) and d.low <= ref <= d.high
+    with pytest.raises(ValueError, match="NaN"):
+        M.bootstrap_mean_ci(torch.tensor([1.0, float("nan")]))
+
+
+def test_knn_overlap_on_real_digits():
+    from sklearn.decomposition import PCA
+
+    from minidiff.data import load_builtin
+
+    x = load_builtin("digits").features()[:500].double()
+    pca = torch.from_numpy(PCA(n_components=12, random_state=0).fit_transform(x.numpy()))
+    k = 10
+    r = M.knn_overlap(x.float(), pca.float(), k=k, chunk_size=128)
+
+    def brute(e):
+        z = e / e.norm(dim=1, keepdim=True)
+        sim = z @ z.T
+        sim.fill_diagonal_(-math.inf)
+        top = sim.topk(k + 1, dim=1)
+        clear = (top.values[:, k - 1] - top.values[:, k]) > 1e-5  # no tie at the k-th place
+        return [set(row[:k]) for row in top.indices.tolist()], clear
+
+    na, ca = brute(x)
+    nb, cb = brute(pca)
+    ok = (ca & cb).numpy()
+    assert ok.mean() > 0.9
+    ref = np.array([len(a & b) / len(a | b) for a, b in zip(na, nb)])
+    np.testing.assert_allclose(r.per_example.numpy()[ok], ref[ok], rtol=0, atol=1e-12)
+    assert 0.2 < r.mean < 0.9  # PCA keeps part of the neighbourhood structure
+
+
+def test_ood_on_real_digits():
+    from minidiff.data import load_builtin
+
+    d = load_builtin("digits")
+    x = d.features()
+    id_mask = d.labels < 5
+    idx = torch.nonzero(id_mask).reshape(-1)
+    train, held = x[idx[::2]], x[idx[1::2]]
+    ood = x[~id_mask]
+    r = M.ood_detect(train, held, ood, k=10)
+    assert r.id_acceptance == pytest.approx(0.95, abs=0.01)
+    assert 0.2 < r.detection_rate < 1.0  # unseen digit classes are partly flagged on raw pixels
+    assert torch.equal(r.flags, r.ood_scores > r.threshold)

@@ -15,7 +15,7 @@ Result dataclasses have ``to_dict()`` for JSON. Formulas and citations:
 ``python/minidiff/metrics/README.md`` and each docstring.
 """
 
-from ._checks import MetricSkipped, Result
+from ._checks import MetricSkipped, Result, to_jsonable
 from .calibration import (DEFAULT_BINS, Calibration, CalibrationAccumulator, CalibrationChange, ReliabilityBins,
                           brier, calibration, calibration_change, ece, reliability_bins)
 from .distribution import (ClassHistogramAccumulator, ClassShift, KSResult, OutputShift, confidence, entropy,
@@ -25,12 +25,12 @@ from .ood import OODAgreement, OODResult, knn_ood_scores, ood_agreement, ood_det
 from .population import (ClassImpact, PIEAccuracy, PIESummary, accuracy_on_pie, class_impact, per_class_recall,
                          pie_summary)
 from .prediction import (AccuracyCI, DivergenceSummary, FlipSummary, McNemarResult, accuracy, accuracy_ci,
-                         accuracy_difference_ci, churn, divergence_summary, flips, mcnemar, per_example_divergence)
+                         accuracy_difference_ci, bootstrap_mean_ci, churn, divergence_summary, flips, mcnemar, per_example_divergence)
 
 __all__ = [
-    "MetricSkipped", "Result",
+    "MetricSkipped", "Result", "to_jsonable",
     # 1. prediction errors
-    "accuracy", "accuracy_ci", "accuracy_difference_ci", "AccuracyCI", "churn", "flips", "FlipSummary",
+    "accuracy", "bootstrap_mean_ci", "accuracy_ci", "accuracy_difference_ci", "AccuracyCI", "churn", "flips", "FlipSummary",
     "mcnemar", "McNemarResult", "per_example_divergence", "divergence_summary", "DivergenceSummary",
     "DEFAULT_BINS", "calibration", "ece", "brier", "reliability_bins", "calibration_change", "Calibration",
     "CalibrationChange", "ReliabilityBins", "CalibrationAccumulator",

@@ -61,6 +61,12 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
+def to_jsonable(value: Any) -> Any:
+    """Plain JSON types from tensors, arrays, numpy scalars, results and containers;
+    NaN and Inf become None (JSON has neither)."""
+    return _jsonable(value)
+
+
 class Result:
     """Mixin for metric result dataclasses: ``to_dict()`` gives JSON-ready values
     (tensors -> lists, NaN/Inf -> None, nested results -> dicts)."""

@@ -18,13 +18,14 @@ from .. import agreement as _agree
 from ._checks import (MetricSkipped, Result, check_preds, check_probs, check_same_length, percentiles,
                       require_labels)
 
-__all__ = ["AccuracyCI", "accuracy", "accuracy_ci", "accuracy_difference_ci", "FlipSummary", "churn", "flips",
+__all__ = ["AccuracyCI", "accuracy", "bootstrap_mean_ci", "accuracy_ci", "accuracy_difference_ci", "FlipSummary", "churn", "flips",
            "McNemarResult", "mcnemar", "DivergenceSummary", "per_example_divergence", "divergence_summary"]
 
 
 @dataclass
 class AccuracyCI(Result):
-    """Accuracy and its percentile-bootstrap interval ``[low, high]`` at ``confidence``."""
+    """An accuracy (or accuracy difference) and its percentile-bootstrap interval
+    ``[low, high]`` at ``confidence``; ``n`` examples, ``n_models`` per population."""
 
     accuracy: float
     low: float
@@ -33,53 +34,81 @@ class AccuracyCI(Result):
     n_boot: int
     confidence: float
     seed: int
+    n_models: int = 1
 
 
 def accuracy(preds, labels) -> float:
-    """Top-1 accuracy ``mean_i [preds_i == labels_i]``; needs labels (else MetricSkipped)."""
-    p = check_preds(preds, "preds")
-    y = require_labels(labels, "accuracy", p.shape[0])
-    if p.shape[0] == 0:
+    """Top-1 accuracy ``mean_i [preds_i == labels_i]``; for a population ``(N, M)`` the mean
+    over its models. Needs labels (else MetricSkipped)."""
+    p = check_preds(preds, "preds", 2)
+    y = require_labels(labels, "accuracy", p.shape[1])
+    if p.shape[1] == 0:
         raise ValueError("accuracy of zero examples is undefined")
-    return float((p == y).double().mean())
+    return float((p == y[None]).double().mean())
+
+
+def bootstrap_mean_ci(values, n_boot: int = 2000, confidence: float = 0.95, seed: int = 0
+                      ) -> tuple[float, float, float]:
+    """Mean of ``values (M,)`` and its percentile bootstrap interval (Efron & Tibshirani 1993).
+
+    A resample of the M examples with replacement is summarized by how often each
+    distinct value ``u_j`` is drawn, which is ``Multinomial(M, f_j)`` with ``f_j`` the
+    value's share; the resampled mean is ``sum_j count_j u_j / M``. Sampling those
+    counts (numpy ``default_rng(seed)``) gives exactly the distribution of the classic
+    index-resampling bootstrap at O(n_boot x #distinct) cost. Per-example
+    correctness takes 2 values (``P + 1`` for a population of P models), so this is
+    cheap for any M. The interval is the ``(1 -+ confidence)/2`` quantiles (linear
+    interpolation) of the ``n_boot`` resampled means.
+    """
+    _check_boot(n_boot, confidence)
+    v = torch.as_tensor(values).detach().double().cpu().numpy().reshape(-1)
+    if v.size == 0:
+        raise ValueError("bootstrap of zero examples is undefined")
+    if not np.isfinite(v).all():
+        raise ValueError("bootstrap values contain NaN/Inf")
+    uniq, counts = np.unique(v, return_counts=True)
+    m = v.size
+    rng = np.random.default_rng(seed)
+    block = max(1, (1 << 22) // uniq.size)  # keep each draw block at ~4M counts
+    means = np.concatenate([rng.multinomial(m, counts / m, size=min(block, n_boot - s)) @ uniq / m
+                            for s in range(0, n_boot, block)])
+    lo, hi = np.quantile(means, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return float(v.mean()), float(lo), float(hi)
 
 
 def accuracy_ci(preds, labels, n_boot: int = 2000, confidence: float = 0.95, seed: int = 0) -> AccuracyCI:
-    """Accuracy with a percentile bootstrap confidence interval (Efron & Tibshirani 1993).
+    """Accuracy with a percentile bootstrap confidence interval over examples.
 
-    Resampling M examples with replacement and counting the correct ones is exactly
-    a draw from ``Binomial(M, acc)``, so the bootstrap distribution is sampled as
-    ``Binomial(M, acc) / M`` (numpy ``default_rng(seed)``): the same distribution as
-    the index-resampling bootstrap, in O(n_boot) time and memory instead of
-    O(n_boot x M). The interval is the ``(1 - confidence)/2`` and
-    ``(1 + confidence)/2`` quantiles of those ``n_boot`` draws.
+    ``preds`` is one model ``(M,)`` or a population ``(N, M)``; with ``r_i`` the share
+    of the population right on example i, accuracy ``= mean_i r_i`` and the interval
+    comes from :func:`bootstrap_mean_ci` on ``r`` (for one model, ``r_i in {0, 1}`` and
+    the bootstrap distribution is ``Binomial(M, acc) / M``).
     """
-    _check_boot(n_boot, confidence)
-    acc = accuracy(preds, labels)
-    m = int(check_preds(preds).shape[0])
-    draws = np.random.default_rng(seed).binomial(m, acc, size=n_boot) / m
-    lo, hi = np.quantile(draws, [(1 - confidence) / 2, (1 + confidence) / 2])
-    return AccuracyCI(acc, float(lo), float(hi), m, n_boot, confidence, seed)
+    p = check_preds(preds, "preds", 2)
+    y = require_labels(labels, "accuracy_ci", p.shape[1])
+    r = (p == y[None]).double().mean(0)
+    acc, lo, hi = bootstrap_mean_ci(r, n_boot, confidence, seed)
+    return AccuracyCI(acc, lo, hi, int(p.shape[1]), int(n_boot), confidence, seed, int(p.shape[0]))
 
 
 def accuracy_difference_ci(base_preds, variant_preds, labels, n_boot: int = 2000, confidence: float = 0.95,
                            seed: int = 0) -> AccuracyCI:
     """Paired bootstrap interval of ``acc(variant) - acc(base)`` on the same examples.
 
-    Each example falls in one of four cells (both right, base only, variant only,
-    both wrong); a bootstrap resample of examples is a ``Multinomial(M, cell
-    shares)`` draw, and the difference is ``(n_variant_only - n_base_only) / M``.
-    Pairing makes this interval much narrower than two independent ones.
+    Per example ``d_i = r^v_i - r^b_i`` (shares of each population right on i; for
+    single models ``d_i in {-1, 0, 1}``: variant-only right, both or neither, base-only
+    right); the interval is :func:`bootstrap_mean_ci` on ``d``. Resampling examples
+    jointly (paired) makes it much narrower than two independent intervals.
     """
-    _check_boot(n_boot, confidence)
-    b, v, y = _pair(base_preds, variant_preds, labels, "accuracy_difference_ci")
-    rb, rv = b == y, v == y
-    m = y.shape[0]
-    counts = np.array([int((rb & rv).sum()), int((rb & ~rv).sum()), int((~rb & rv).sum()), int((~rb & ~rv).sum())])
-    draws = np.random.default_rng(seed).multinomial(m, counts / m, size=n_boot)
-    diffs = (draws[:, 2] - draws[:, 1]) / m
-    lo, hi = np.quantile(diffs, [(1 - confidence) / 2, (1 + confidence) / 2])
-    return AccuracyCI(float((counts[2] - counts[1]) / m), float(lo), float(hi), m, n_boot, confidence, seed)
+    b = check_preds(base_preds, "base_preds", 2)
+    v = check_preds(variant_preds, "variant_preds", 2)
+    if b.shape[1] != v.shape[1]:
+        raise ValueError(f"base_preds and variant_preds cover different numbers of examples "
+                         f"({b.shape[1]} vs {v.shape[1]}); run both models on the same data")
+    y = require_labels(labels, "accuracy_difference_ci", b.shape[1])
+    d = (v == y[None]).double().mean(0) - (b == y[None]).double().mean(0)
+    diff, lo, hi = bootstrap_mean_ci(d, n_boot, confidence, seed)
+    return AccuracyCI(diff, lo, hi, int(b.shape[1]), int(n_boot), confidence, seed, int(v.shape[0]))
 
 
 def _check_boot(n_boot: int, confidence: float) -> None:
