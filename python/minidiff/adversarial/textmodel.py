@@ -1,0 +1,121 @@
+"""A thin, uniform view of a text classifier for the attacks.
+
+Works with ``minidiff.models.TextClassifier`` (``forward(input_ids=None, attention_mask=None,
+inputs_embeds=None) -> logits``, ``.tokenize(texts, max_length)``, ``.input_embeddings()``)
+and with any module that has the same forward signature plus a Hugging Face tokenizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .continuous import model_device
+
+
+class TextModel:
+    """Tokenize, query and embed for one text classifier.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The classifier (put in eval mode by the caller).
+    tokenizer : optional
+        A Hugging Face tokenizer; used when the model has no ``tokenize`` method, and for
+        the vocabulary (``model.tokenizer`` is used when this is None).
+    max_length : int
+        Token limit (longer texts are truncated).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any = None, max_length: int = 128):
+        self.model = model
+        self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+        self.max_length = max_length
+        self.device = model_device(model)
+        if not hasattr(model, "tokenize") and self.tokenizer is None:
+            raise ValueError(
+                "a text model needs a .tokenize(texts, max_length) method or a tokenizer; pass "
+                "tokenizer=... to run_adversarial")
+
+    # ------------------------------------------------------------------ tokens
+    def encode(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """``(input_ids, attention_mask)``, padded to the longest text, on the model's device."""
+        texts = list(texts)
+        if hasattr(self.model, "tokenize"):
+            enc = self.model.tokenize(texts, self.max_length)
+        else:
+            enc = self.tokenizer(texts, padding=True, truncation=True,
+                                 max_length=self.max_length, return_tensors="pt")
+        if isinstance(enc, Mapping) or hasattr(enc, "keys"):
+            ids, mask = enc["input_ids"], enc.get("attention_mask")
+        else:
+            ids, mask = enc[0], enc[1] if len(enc) > 1 else None
+        ids = torch.as_tensor(ids)
+        mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask)
+        return ids.to(self.device), mask.to(self.device)
+
+    # ------------------------------------------------------------------ queries
+    @torch.no_grad()
+    def logits(self, texts: Sequence[str], batch_size: int) -> Tensor:
+        """Logits (N, C), float32 on CPU; the texts are sent in batches of ``batch_size``."""
+        out = []
+        texts = list(texts)
+        for s in range(0, len(texts), batch_size):
+            ids, mask = self.encode(texts[s:s + batch_size])
+            out.append(self.model(input_ids=ids, attention_mask=mask).float().cpu())
+        if not out:
+            return torch.zeros((0, 0))
+        return torch.cat(out)
+
+    def logits_from_embeds(self, embeds: Tensor, mask: Tensor) -> Tensor:
+        return self.model(inputs_embeds=embeds.to(self.device), attention_mask=mask.to(self.device))
+
+    # ------------------------------------------------------------------ embeddings
+    def embedding_module(self) -> nn.Module:
+        if hasattr(self.model, "input_embeddings"):
+            return self.model.input_embeddings()
+        if hasattr(self.model, "get_input_embeddings"):
+            return self.model.get_input_embeddings()
+        raise ValueError("the text model has no input_embeddings() (or get_input_embeddings())")
+
+    def embed(self, ids: Tensor) -> Tensor:
+        """Word embeddings of ``ids`` (no gradient)."""
+        with torch.no_grad():
+            return self.embedding_module()(ids.to(self.device)).detach()
+
+    def embedding_matrix(self) -> Tensor:
+        """The input-embedding table (vocab, hidden) as float32, dequantized if needed."""
+        mod = self.embedding_module()
+        w = getattr(mod, "weight", None)
+        if isinstance(w, Tensor) and w.is_floating_point():
+            return w.detach().float()
+        # e.g. a quantized table: embed every id instead
+        n = self.vocab_size()
+        return self.embed(torch.arange(n, device=self.device)).float()
+
+    def vocab_size(self) -> int:
+        if self.tokenizer is not None:
+            return len(self.tokenizer)
+        return self.embedding_module().num_embeddings
+
+    def special_ids(self) -> set[int]:
+        tok = self.tokenizer
+        return set(getattr(tok, "all_special_ids", []) or []) if tok is not None else set()
+
+
+def eval_mode(models: Mapping[str, nn.Module]) -> dict[str, bool]:
+    """Put every model in eval mode; returns the previous ``training`` flags to restore."""
+    flags = {name: m.training for name, m in models.items()}
+    for m in models.values():
+        m.eval()
+    return flags
+
+
+def restore_mode(models: Mapping[str, nn.Module], flags: Mapping[str, bool],
+                 only: Optional[set] = None) -> None:
+    for name, m in models.items():
+        if only is None or name in only:
+            m.train(flags[name])
