@@ -1,0 +1,465 @@
+"""From the models' outputs to the numbers of results.json and the verdicts.
+
+Input: per-model logits and embeddings (evaluation set, OOD set), CKA
+accumulators per (base, variant) pair, the labels. Output: the ``models``,
+``prediction_errors``, ``representation`` and ``distribution`` sections and a
+verdict per variant and characteristic (thresholds in :data:`THRESHOLDS`).
+
+Populations: a group is a list of models built from seeds ``s_1..s_P``; variant
+``v#s_i`` is compared with ``base#s_i`` (its own parent). Pairwise numbers are
+averaged over the P pairs; population numbers (PIE, Welch t-test) use all of
+them. With P >= 2 base seeds, the same numbers between two base seeds
+(``base#s_1`` vs ``base#s_2``) are reported as the *reference*: how much two
+equally good originals already differ, which is what a verdict compares with.
+A metric that cannot be computed (no labels, a population of one) is listed
+under ``skipped`` with the reason, never silently left out.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import stats
+
+from minidiff.metrics._checks import MetricSkipped, _jsonable
+
+#: Verdict thresholds; also written into results.json and the report legend.
+THRESHOLDS = {
+    "accuracy": "same: the 95% paired-bootstrap CI of the accuracy change contains 0; minor: it excludes 0 but "
+                "|change| < 1 point; differs: it excludes 0 and |change| >= 1 point",
+    "prediction_errors": "churn = share of examples whose prediction changed. With >= 2 base seeds, reference r = "
+                         "churn between two base seeds: same if churn <= 1.5 r, differs if churn > 3 r, minor between. "
+                         "Without seeds: same <= 2%, differs > 10%. A significant McNemar test (p < 0.05) is at least minor",
+    "representation": "final-embedding linear CKA c: same if c >= 0.95 (or >= the two-base-seed CKA), "
+                      "differs if c < 0.80 (and below that reference), minor between",
+    "distribution": "same if OOD-flag Jaccard >= 0.7 (when an OOD set is given) and the KS statistic of the "
+                    "confidence distributions <= 0.1; differs if Jaccard < 0.5 or KS > 0.25; minor between",
+    "adversarial": "from the adversarial section: robust accuracy change vs base under the same attack budget",
+}
+
+
+def softmax64(logits: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(logits.double(), dim=1)
+
+
+def _entropy(p: torch.Tensor) -> torch.Tensor:
+    return -(torch.where(p > 0, p * p.clamp_min(1e-300).log(), torch.zeros_like(p))).sum(1)
+
+
+def _hist(values: torch.Tensor, lo: float, hi: float, bins: int = 30) -> dict[str, list[float]]:
+    v = values.double().numpy()
+    counts, edges = np.histogram(v, bins=bins, range=(lo, hi))
+    return {"edges": edges.tolist(), "counts": counts.tolist()}
+
+
+def _mean_dicts(ds: list[dict[str, Any]], keys: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k in keys:
+        vals = [d[k] for d in ds if d.get(k) is not None and not (isinstance(d[k], float) and math.isnan(d[k]))]
+        out[k] = float(np.mean(vals)) if vals else None
+    return out
+
+
+def _population_accuracy(preds: torch.Tensor, labels: torch.Tensor, n_boot: int, level: float, seed: int
+                         ) -> dict[str, Any]:
+    """Mean accuracy of a population (P, M) with an example-resampling bootstrap CI.
+
+    ``r_i`` = share of the P models right on example i; accuracy = mean_i r_i; the CI
+    is the percentile interval of mean r over ``n_boot`` resamples of the examples
+    (for P = 1 this is the ordinary accuracy bootstrap).
+    """
+    from minidiff.metrics.prediction import accuracy_ci
+    if preds.shape[0] == 1:
+        r = accuracy_ci(preds[0], labels, n_boot=max(n_boot, 1), confidence=level, seed=seed)
+        return {"mean": r.accuracy, "ci_low": r.low, "ci_high": r.high, "per_member": [r.accuracy],
+                "n": r.n, "n_boot": n_boot}
+    right = (preds == labels[None]).double().mean(0).numpy()
+    rng = np.random.default_rng(seed)
+    m = right.shape[0]
+    boots = np.array([right[rng.integers(0, m, m)].mean() for _ in range(max(n_boot, 1))])
+    lo, hi = np.quantile(boots, [(1 - level) / 2, (1 + level) / 2])
+    per = (preds == labels[None]).double().mean(1).tolist()
+    return {"mean": float(right.mean()), "ci_low": float(lo), "ci_high": float(hi), "per_member": per,
+            "n": m, "n_boot": n_boot}
+
+
+def _accuracy_change(bp: torch.Tensor, vp: torch.Tensor, labels: torch.Tensor, n_boot: int, level: float,
+                     seed: int) -> dict[str, Any]:
+    """Paired bootstrap CI of acc(variant population) - acc(base population) over examples."""
+    from minidiff.metrics.prediction import accuracy_difference_ci
+    if bp.shape[0] == 1 and vp.shape[0] == 1:
+        r = accuracy_difference_ci(bp[0], vp[0], labels, n_boot=max(n_boot, 1), confidence=level, seed=seed)
+        return {"mean": r.accuracy, "ci_low": r.low, "ci_high": r.high}
+    d = ((vp == labels[None]).double().mean(0) - (bp == labels[None]).double().mean(0)).numpy()
+    rng = np.random.default_rng(seed)
+    m = d.shape[0]
+    boots = np.array([d[rng.integers(0, m, m)].mean() for _ in range(max(n_boot, 1))])
+    lo, hi = np.quantile(boots, [(1 - level) / 2, (1 + level) / 2])
+    return {"mean": float(d.mean()), "ci_low": float(lo), "ci_high": float(hi)}
+
+
+def _cka_matrix(acc: Any) -> np.ndarray:
+    out = acc.compute()
+    if hasattr(out, "matrix"):
+        out = out.matrix
+    return np.asarray(torch.as_tensor(out).double().cpu().numpy(), dtype=float)
+
+
+class Analysis:
+    """Computes every section from a finished run (see the module docstring).
+
+    Parameters
+    ----------
+    groups : dict
+        ``{"base": [member names], variant: [member names]}``, seed-aligned lists.
+    logits, embeddings : dict member -> tensor over the evaluation set.
+    labels : int64 tensor or None.
+    class_names : list of str.
+    cka : dict ``"a~b"`` -> CKA accumulator (or precomputed matrix via ``cka_matrices``).
+    layer_names : dict member -> captured layer names.
+    ood_embeddings : dict member -> OOD-set embeddings, or None when no OOD set.
+    metrics : MetricsConfig.
+    seed : int (bootstrap and OOD bank split).
+    """
+
+    def __init__(self, *, groups: dict[str, list[str]], logits: dict[str, torch.Tensor],
+                 embeddings: dict[str, torch.Tensor], labels: torch.Tensor | None, class_names: list[str],
+                 cka_matrices: dict[str, np.ndarray], layer_names: dict[str, list[str]],
+                 ood_embeddings: dict[str, torch.Tensor] | None, ood_reason: str, metrics: Any, seed: int,
+                 display: Any = None, data_kind: str = "text", ids: list[str] | None = None,
+                 ood_name: str = "") -> None:
+        self.groups = groups
+        self.logits = logits
+        self.emb = embeddings
+        self.labels = labels
+        self.class_names = class_names
+        self.cka = cka_matrices
+        self.layer_names = layer_names
+        self.ood = ood_embeddings
+        self.ood_reason = ood_reason
+        self.ood_name = ood_name
+        self.cfg = metrics
+        self.seed = seed
+        self.display = display
+        self.kind = data_kind
+        self.ids = ids or []
+        self.num_classes = len(class_names) if class_names else int(next(iter(logits.values())).shape[1])
+        self.probs = {k: softmax64(v) for k, v in logits.items()}
+        self.preds = {k: v.argmax(1) for k, v in logits.items()}
+        self.base = groups["base"]
+        self.variants = [g for g in groups if g != "base"]
+
+    # -- helpers --------------------------------------------------------------------
+    def _pop(self, group: str) -> torch.Tensor:
+        return torch.stack([self.preds[m] for m in self.groups[group]])
+
+    def _pairs(self, var: str) -> list[tuple[str, str]]:
+        b = self.base
+        return [(b[i % len(b)], v) for i, v in enumerate(self.groups[var])]
+
+    def _ref_pair(self) -> tuple[str, str] | None:
+        return (self.base[0], self.base[1]) if len(self.base) >= 2 else None
+
+    @staticmethod
+    def _try(skipped: dict[str, str], name: str, fn: Any) -> Any:
+        try:
+            return fn()
+        except MetricSkipped as e:
+            skipped[name] = e.reason
+        except ValueError as e:
+            skipped[name] = str(e)
+        return None
+
+    # -- sections -------------------------------------------------------------------
+    def models(self, info: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        out = {}
+        for g, members in self.groups.items():
+            entry: dict[str, Any] = {"members": members, **info.get(g, {})}
+            skipped: dict[str, str] = {}
+            if self.labels is not None:
+                entry["accuracy"] = _population_accuracy(self._pop(g), self.labels, self.cfg.bootstrap,
+                                                         self.cfg.ci_level, self.seed)
+                from minidiff.metrics.calibration import calibration
+                cals = [self._try(skipped, "calibration", lambda m=m: calibration(self.probs[m], self.labels,
+                                                                                   self.cfg.ece_bins)) for m in members]
+                cals = [c for c in cals if c is not None]
+                if cals:
+                    entry["calibration"] = {"ece": float(np.mean([c.ece for c in cals])),
+                                            "brier": float(np.mean([c.brier for c in cals]))}
+            else:
+                entry["accuracy"] = None
+                skipped["accuracy"] = "needs labels; the evaluation data has none"
+            entry["skipped"] = skipped
+            out[g] = entry
+        return out
+
+    def prediction_errors(self, var: str) -> dict[str, Any]:
+        import importlib
+        cal = importlib.import_module("minidiff.metrics.calibration")
+        pop = importlib.import_module("minidiff.metrics.population")
+        pr = importlib.import_module("minidiff.metrics.prediction")
+        sk: dict[str, str] = {}
+        y = self.labels
+        pairs = self._pairs(var)
+        out: dict[str, Any] = {"pairs": [f"{a}~{b}" for a, b in pairs]}
+        out["churn"] = float(np.mean([pr.churn(self.preds[a], self.preds[b]) for a, b in pairs]))
+        ref = self._ref_pair()
+        if ref is not None:
+            rc = [pr.churn(self.preds[self.base[i]], self.preds[self.base[j]])
+                  for i in range(len(self.base)) for j in range(i + 1, len(self.base))]
+            out["reference_churn"] = float(np.mean(rc))
+        else:
+            out["reference_churn"] = None
+            sk["reference_churn"] = "one base model only: no seed-to-seed reference (give the base several seeds)"
+        div: dict[str, Any] = {}
+        for kind, hi in (("kl", None), ("js", math.log(2))):
+            per = torch.stack([pr.per_example_divergence(self.probs[a], self.probs[b], kind)
+                               for a, b in pairs]).mean(0)
+            q = torch.quantile(per, torch.tensor([0.5, 0.9, 0.99], dtype=torch.float64))
+            top = float(per.max()) if hi is None else hi
+            div[kind] = {"mean": float(per.mean()), "p50": float(q[0]), "p90": float(q[1]), "p99": float(q[2]),
+                         "max": float(per.max()), "histogram": _hist(per, 0.0, max(top, 1e-12))}
+        out["divergence"] = div
+        from minidiff.metrics._agree import EPS
+        out["epsilon"] = EPS
+        if y is None:
+            for k in ("accuracy_change", "flips", "error_jaccard", "mcnemar", "calibration", "per_class",
+                      "pie_accuracy"):
+                sk[k] = "needs labels; the evaluation data has none"
+        else:
+            out["accuracy_change"] = _accuracy_change(self._pop("base"), self._pop(var), y, self.cfg.bootstrap,
+                                                      self.cfg.ci_level, self.seed)
+            fl = [pr.flips(self.preds[a], self.preds[b], y).to_dict() for a, b in pairs]
+            out["flips"] = _mean_dicts(fl, ["right_to_wrong", "wrong_to_right", "churn", "error_jaccard"])
+            out["error_jaccard"] = out["flips"]["error_jaccard"]
+            mc = [pr.mcnemar(self.preds[a], self.preds[b], y).to_dict() for a, b in pairs]
+            out["mcnemar"] = {**mc[0], "per_pair_p": [m["p_value"] for m in mc],
+                              "significant_pairs": sum(1 for m in mc if m["p_value"] < 0.05), "pairs": len(mc)}
+            cc = [cal.calibration_change(self.probs[a], self.probs[b], y, self.cfg.ece_bins) for a, b in pairs]
+
+            def bins(c: Any) -> dict[str, Any]:
+                d = c.bins.to_dict()
+                return {"confidence": d["mean_confidence"], "accuracy": d["accuracy"], "count": d["count"]}
+            out["calibration"] = {"ece_base": float(np.mean([c.base.ece for c in cc])),
+                                  "ece_variant": float(np.mean([c.variant.ece for c in cc])),
+                                  "brier_base": float(np.mean([c.base.brier for c in cc])),
+                                  "brier_variant": float(np.mean([c.variant.brier for c in cc])),
+                                  "delta_ece": float(np.mean([c.delta_ece for c in cc])),
+                                  "delta_brier": float(np.mean([c.delta_brier for c in cc])),
+                                  "bins_base": bins(cc[0].base), "bins_variant": bins(cc[0].variant)}
+            ci = self._try(sk, "per_class", lambda: pop.class_impact(self._pop("base"), self._pop(var), y,
+                                                                     self.num_classes, self.class_names))
+            if ci is not None:
+                d = ci.to_dict()
+                out["per_class"] = {k: d[k] for k in ("class_names", "support", "recall_base", "recall_variant",
+                                                      "recall_change", "normalized_change", "p_value", "significant",
+                                                      "test_note", "n_base", "n_variant")}
+                if ci.test_note:
+                    sk["per_class_welch_t_test"] = ci.test_note
+        out["pie"] = self._pie(var, sk)
+        out["skipped"] = sk
+        return out
+
+    def _pie(self, var: str, sk: dict[str, str]) -> dict[str, Any]:
+        import importlib
+        pop = importlib.import_module("minidiff.metrics.population")
+        bp, vp = self._pop("base"), self._pop(var)
+        ps = pop.pie_summary(bp, vp, self.num_classes, top=self.cfg.pie_examples)
+        population = bp.shape[0] >= 2 and vp.shape[0] >= 2
+        out: dict[str, Any] = {"count": ps.n_pie, "fraction": ps.pie_fraction, "population": population,
+                               "base_size": int(bp.shape[0]), "variant_size": int(vp.shape[0]),
+                               "mean_cie": float(ps.cie.mean()), "kind": self.kind}
+        if not population:
+            sk["pie_population"] = ("PIE needs populations (several seeds); with one model each a PIE is an example "
+                                    "whose prediction changed")
+        if self.labels is not None:
+            pa = pop.accuracy_on_pie(torch.cat([bp, vp]), self.labels, ps.pie)
+            nb = bp.shape[0]
+            pacc, nacc = pa.pie_accuracy, pa.non_pie_accuracy
+            out.update({"acc_base_pie": _jsonable(pacc[:nb].mean()), "acc_variant_pie": _jsonable(pacc[nb:].mean()),
+                        "acc_base_non_pie": _jsonable(nacc[:nb].mean()),
+                        "acc_variant_non_pie": _jsonable(nacc[nb:].mean()),
+                        "per_model_pie_accuracy": _jsonable(pacc), "per_model_non_pie_accuracy": _jsonable(nacc)})
+        ex = []
+        for i in ps.top.tolist():
+            if float(ps.cie[i]) <= 0 and not bool(ps.pie[i]):
+                break
+            e: dict[str, Any] = {"index": i, "id": self.ids[i] if i < len(self.ids) else str(i),
+                                 "pie": bool(ps.pie[i]), "score": float(ps.cie[i]),
+                                 "base_pred": self._cname(int(ps.modal_base[i])),
+                                 "variant_pred": self._cname(int(ps.modal_variant[i]))}
+            if self.labels is not None:
+                e["label"] = self._cname(int(self.labels[i]))
+            if self.display is not None:
+                d = self.display(i)
+                if isinstance(d, str):
+                    e["text"] = d
+                else:
+                    e["image"] = np.round(np.asarray(d, dtype=float), 3).tolist()
+            ex.append(e)
+        out["examples"] = ex
+        return out
+
+    def _cname(self, c: int) -> str:
+        return self.class_names[c] if self.class_names and c < len(self.class_names) else str(c)
+
+    def representation(self, var: str) -> dict[str, Any]:
+        from minidiff.metrics.neighbors import knn_overlap, layer_correspondence
+        sk: dict[str, str] = {}
+        out: dict[str, Any] = {}
+        pairs = self._pairs(var)
+        mats = [self.cka[f"{a}~{b}"] for a, b in pairs if f"{a}~{b}" in self.cka]
+        if mats and all(m.shape == mats[0].shape for m in mats):
+            m = np.mean(mats, axis=0)
+            la, lb = self.layer_names[pairs[0][0]], self.layer_names[pairs[0][1]]
+            corr = layer_correspondence(torch.from_numpy(m), la, lb)
+            out["cka"] = {"kernel": self.cfg.cka_kernel, "estimator": self.cfg.cka_estimator,
+                          "matrix": _jsonable(m), "layers_base": la, "layers_variant": lb,
+                          "final": float(m[-1, -1]), "pairs": len(mats),
+                          "correspondence": [{"layer": a, "match": b, "cka": s} for a, b, s in corr.pairs()]}
+            ref = self._ref_pair()
+            if ref is not None and f"{ref[0]}~{ref[1]}" in self.cka:
+                out["cka"]["reference_final"] = float(self.cka[f"{ref[0]}~{ref[1]}"][-1, -1])
+        else:
+            sk["cka"] = "no layer representations were captured for this variant"
+        k = self.cfg.knn_k
+        n = next(iter(self.emb.values())).shape[0]
+        if n > k + 1:
+            ov = [knn_overlap(self.emb[a], self.emb[b], k=k) for a, b in pairs]
+            per = torch.stack([o.per_example for o in ov]).mean(0)
+            out["knn_overlap"] = {"k": k, "mean": float(per.mean()), "median": float(per.median()),
+                                  "histogram": _hist(per, 0.0, 1.0, bins=20)}
+            ref = self._ref_pair()
+            if ref is not None:
+                out["knn_overlap"]["reference_mean"] = knn_overlap(self.emb[ref[0]], self.emb[ref[1]], k=k).mean
+        else:
+            sk["knn_overlap"] = f"needs more than k + 1 = {k + 1} examples, got {n}"
+        out["skipped"] = sk
+        return out
+
+    def _ood_flags(self, member: str) -> Any:
+        from minidiff.metrics.ood import ood_detect
+        e = self.emb[member]
+        g = torch.Generator().manual_seed(self.seed)
+        perm = torch.randperm(e.shape[0], generator=g)
+        half = e.shape[0] // 2
+        bank, held = e[perm[:half]], e[perm[half:]]
+        k = min(self.cfg.ood_k, bank.shape[0])
+        return ood_detect(bank, held, self.ood[member], k=k, tpr=self.cfg.ood_tpr)
+
+    def distribution(self, var: str) -> dict[str, Any]:
+        from minidiff.metrics.ood import ood_agreement
+        sk: dict[str, str] = {}
+        out: dict[str, Any] = {}
+        pairs = self._pairs(var)
+        if self.ood is None:
+            out["ood"] = {"not_measured": self.ood_reason}
+            sk["ood_agreement"] = self.ood_reason
+        else:
+            flags = {m: self._ood_flags(m) for pair in pairs for m in pair}
+            ag = [ood_agreement(flags[a].flags, flags[b].flags) for a, b in pairs]
+            out["ood"] = {"ood_name": self.ood_name, "k": flags[pairs[0][0]].k, "tpr": self.cfg.ood_tpr,
+                          "jaccard": float(np.mean([a.jaccard for a in ag])),
+                          "detection_base": float(np.mean([a.detection_rate_base for a in ag])),
+                          "detection_variant": float(np.mean([a.detection_rate_variant for a in ag])),
+                          "n": ag[0].n, "bank": "half of the evaluation set (seeded split); the other half sets the threshold"}
+            ref = self._ref_pair()
+            if ref is not None:
+                out["ood"]["reference_jaccard"] = ood_agreement(self._ood_flags(ref[0]).flags,
+                                                                self._ood_flags(ref[1]).flags).jaccard
+        a, b = pairs[0]
+        pa, pb = self.probs[a], self.probs[b]
+        for key, fa, fb in (("confidence_shift", pa.max(1).values, pb.max(1).values),
+                            ("entropy_shift", _entropy(pa), _entropy(pb))):
+            r = stats.ks_2samp(fa.numpy(), fb.numpy())
+            out[key] = {"statistic": float(r.statistic), "p_value": float(r.pvalue), "mean_base": float(fa.mean()),
+                        "mean_variant": float(fb.mean()), "pair": f"{a}~{b}",
+                        "quantiles_base": np.quantile(fa.numpy(), np.linspace(0, 1, 41)).tolist(),
+                        "quantiles_variant": np.quantile(fb.numpy(), np.linspace(0, 1, 41)).tolist()}
+        hb = torch.bincount(self.preds[a], minlength=self.num_classes).double()
+        hv = torch.bincount(self.preds[b], minlength=self.num_classes).double()
+        tv = float((hb / hb.sum() - hv / hv.sum()).abs().sum() / 2)
+        table = torch.stack([hb, hv]).numpy()
+        table = table[:, table.sum(0) > 0]
+        if table.shape[1] >= 2:
+            chi = stats.chi2_contingency(table)
+            p = float(chi.pvalue)
+        else:
+            p = 1.0
+        out["predicted_class_shift"] = {"tv": tv, "p_value": p, "counts_base": hb.long().tolist(),
+                                        "counts_variant": hv.long().tolist(), "pair": f"{a}~{b}"}
+        out["skipped"] = sk
+        return out
+
+    # -- verdicts ---------------------------------------------------------------------
+    @staticmethod
+    def verdicts(var: str, models: dict, pe: dict, rep: dict, dist: dict, adv: dict | None) -> dict[str, Any]:
+        v: dict[str, Any] = {}
+        ac = pe.get("accuracy_change")
+        if ac:
+            lo, hi, mean = ac["ci_low"], ac["ci_high"], ac["mean"]
+            if lo <= 0 <= hi:
+                verdict = "same"
+            else:
+                verdict = "differs" if abs(mean) >= 0.01 else "minor"
+            v["accuracy"] = {"verdict": verdict, "summary": f"Δ {100 * mean:+.2f} pts [{100 * lo:+.2f}, {100 * hi:+.2f}]"}
+        else:
+            v["accuracy"] = {"verdict": "not_measured", "summary": "no labels"}
+        churn, ref = pe["churn"], pe.get("reference_churn")
+        if ref is not None:
+            verdict = "same" if churn <= 1.5 * ref else ("differs" if churn > 3 * ref else "minor")
+            summ = f"churn {100 * churn:.1f}% vs {100 * ref:.1f}% between base seeds"
+        else:
+            verdict = "same" if churn <= 0.02 else ("differs" if churn > 0.10 else "minor")
+            summ = f"churn {100 * churn:.1f}%"
+        mc = pe.get("mcnemar")
+        if mc and mc.get("p_value") is not None and mc["p_value"] < 0.05 and verdict == "same":
+            verdict = "minor"
+        if mc:
+            summ += f"; McNemar p={mc['p_value']:.2g}"
+        pie = pe.get("pie") or {}
+        if pie.get("population") and pie.get("count") is not None:
+            summ += f"; {pie['count']} PIEs"
+        v["prediction_errors"] = {"verdict": verdict, "summary": summ}
+        cka = rep.get("cka")
+        if cka:
+            c, r = cka["final"], cka.get("reference_final")
+            same_bar = min(0.95, r) if r is not None else 0.95
+            diff_bar = min(0.80, r - 0.1) if r is not None else 0.80
+            verdict = "same" if c >= same_bar else ("differs" if c < diff_bar else "minor")
+            summ = f"final CKA {c:.3f}" + (f" (seeds {r:.3f})" if r is not None else "")
+            if rep.get("knn_overlap"):
+                summ += f"; kNN overlap {rep['knn_overlap']['mean']:.2f}"
+            v["representation"] = {"verdict": verdict, "summary": summ}
+        else:
+            v["representation"] = {"verdict": "not_measured", "summary": "no layers captured"}
+        ks = dist["confidence_shift"]["statistic"]
+        ood = dist.get("ood") or {}
+        jac = ood.get("jaccard")
+        if jac is None:
+            verdict = "same" if ks <= 0.1 else ("differs" if ks > 0.25 else "minor")
+            summ = f"confidence KS {ks:.2f}; OOD not measured"
+        else:
+            verdict = "same" if (ks <= 0.1 and jac >= 0.7) else ("differs" if (ks > 0.25 or jac < 0.5) else "minor")
+            summ = f"OOD-flag Jaccard {jac:.2f}; confidence KS {ks:.2f}"
+        v["distribution"] = {"verdict": verdict, "summary": summ}
+        v["adversarial"] = adversarial_verdict(var, adv)
+        return v
+
+
+def adversarial_verdict(var: str, adv: dict | None) -> dict[str, Any]:
+    """Verdict cell for the adversarial column from the adversarial results dict."""
+    if not adv or adv.get("not_measured"):
+        return {"verdict": "not_measured", "summary": (adv or {}).get("not_measured", "no [adversarial] table")}
+    entry = adv.get(var) or adv.get("models", {}).get(var)
+    if isinstance(entry, dict):
+        if entry.get("verdict") in ("same", "minor", "differs", "not_measured"):
+            return {"verdict": entry["verdict"], "summary": str(entry.get("summary", ""))}
+        delta = entry.get("robust_accuracy_change")
+        if isinstance(delta, (int, float)):
+            verdict = "same" if abs(delta) < 0.02 else ("differs" if abs(delta) >= 0.05 else "minor")
+            return {"verdict": verdict, "summary": f"robust accuracy Δ {100 * delta:+.1f} pts"}
+    return {"verdict": "not_measured", "summary": "see the adversarial section"}

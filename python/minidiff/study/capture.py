@@ -1,0 +1,187 @@
+"""Per-batch forward with layer capture for the study runner.
+
+For one batch a :class:`Member` returns its logits, the representations of its
+captured layers (one ``(b, d)`` matrix per layer, reduced by the token mode) and
+its final embedding (the input of its last parametrised module, i.e. the features
+its classifier head sees: the pooled sentence vector of a text classifier, the
+last hidden activation of an MLP). Forward hooks are registered for the batch and
+removed after it, so a model is never left modified.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+_ACTIVATIONS = (nn.ReLU, nn.GELU, nn.Tanh, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Sigmoid, nn.Mish, nn.Hardtanh)
+_BLOCK_RE = re.compile(r"(^|\.)(layer|layers|h|block|blocks)\.\d+$")
+
+
+def auto_layers(module: nn.Module) -> list[str]:
+    """Default layers to capture.
+
+    Transformer-like models: every block of the ``ModuleList`` that holds the
+    encoder/decoder layers (``encoder.layer.0`` ...). Otherwise every activation
+    module (``ReLU`` ...), i.e. each hidden representation of an MLP or CNN.
+    """
+    mods = dict(module.named_modules())
+    blocks = []
+    for name in mods:
+        if _BLOCK_RE.search(name):
+            parent = name.rsplit(".", 1)[0]
+            if isinstance(mods.get(parent), nn.ModuleList):
+                blocks.append(name)
+    if blocks:
+        return blocks
+    return [name for name, m in module.named_modules() if isinstance(m, _ACTIVATIONS)]
+
+
+def last_parametrised_leaf(module: nn.Module) -> str:
+    """Name of the last leaf module (registration order) holding parameters or buffers."""
+    last = ""
+    for name, m in module.named_modules():
+        if name and not list(m.children()) and (list(m.parameters(recurse=False)) or list(m.buffers(recurse=False))):
+            last = name
+    if not last:
+        raise ValueError(f"{type(module).__name__} has no parametrised module to take the embedding from")
+    return last
+
+
+def reduce_tokens(t: torch.Tensor, mode: str, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """A ``(b, d)`` view of one layer output.
+
+    ``(b, t, d)`` sequences: first token (``"cls"``) or attention-mask-aware mean
+    (``"mean"``; ``"flatten"`` flattens all tokens, only sensible for fixed length).
+    ``(b, c, h, w)`` maps: spatial mean, or flattened with ``"flatten"``.
+    """
+    if t.ndim == 2:
+        return t
+    if t.ndim == 3:
+        if mode == "cls":
+            return t[:, 0]
+        if mode == "mean":
+            if attention_mask is None or attention_mask.shape != t.shape[:2]:
+                return t.mean(dim=1)
+            m = attention_mask.to(t.dtype).unsqueeze(-1)
+            return torch.where(m > 0, t, torch.zeros((), dtype=t.dtype, device=t.device)).sum(1) / m.sum(1).clamp_min(1.0)
+        return t.reshape(t.shape[0], -1)
+    if t.ndim == 4 and mode != "flatten":
+        return t.mean(dim=(2, 3))
+    return t.reshape(t.shape[0], -1)
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "logits") and isinstance(out.logits, torch.Tensor):
+        return out.logits
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    if hasattr(out, "last_hidden_state"):
+        return out.last_hidden_state
+    raise ValueError(f"cannot find a tensor in a module output of type {type(out).__name__}")
+
+
+@dataclass
+class Member:
+    """One model of the study.
+
+    Attributes
+    ----------
+    name : str
+        Unique display name: ``"base"``, ``"prune-50"``, or ``"prune-50#s3"`` in populations.
+    group : str
+        ``"base"`` or the variant name.
+    seed : int
+        The population seed it was built from.
+    module : nn.Module
+    prepare : callable
+        ``prepare(inputs) -> (kwargs_or_tensor, attention_mask)``: a batch of
+        raw inputs (list of str, or a tensor) to what the module takes.
+    layers : list of str
+        Module names whose outputs feed CKA.
+    key : str
+        Hash of the weights (filled by the study).
+    """
+
+    name: str
+    group: str
+    seed: int
+    module: nn.Module
+    prepare: Callable[[Any], tuple[Any, torch.Tensor | None]]
+    layers: list[str] = field(default_factory=list)
+    key: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            self.layers = auto_layers(self.module)
+        names = dict(self.module.named_modules())
+        missing = [n for n in self.layers if n not in names]
+        if missing:
+            raise ValueError(f"model {self.name!r} has no module(s) {missing}; "
+                             f"available names include {list(names)[1:12]}")
+        self.embedding_module = last_parametrised_leaf(self.module)
+
+    @torch.no_grad()
+    def forward(self, inputs: Any, token_mode: str, device: torch.device | str = "cpu",
+                capture: bool = True) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """Logits ``(b, C)``, captured layers ``[(b, d_l)]`` and embedding ``(b, d)``, float32."""
+        args, mask = self.prepare(inputs)
+        args = {k: v.to(device) for k, v in args.items()} if isinstance(args, dict) else args.to(device)
+        mask = None if mask is None else mask.to(device)
+        names = dict(self.module.named_modules())
+        raw: dict[str, torch.Tensor] = {}
+        emb: list[torch.Tensor] = []
+        handles = []
+        try:
+            if capture:
+                for n in self.layers:
+                    handles.append(names[n].register_forward_hook(
+                        lambda m, i, o, n=n: raw.__setitem__(n, _first_tensor(o))))
+            handles.append(names[self.embedding_module].register_forward_pre_hook(
+                lambda m, i: emb.append(i[0])))
+            out = self.module(**args) if isinstance(args, dict) else self.module(args)
+        finally:
+            for h in handles:
+                h.remove()
+        logits = _first_tensor(out).float()
+        if not emb:
+            raise ValueError(f"model {self.name!r}: module {self.embedding_module!r} was not called in forward")
+        embedding = emb[-1]
+        layers = []
+        if capture:
+            for n in self.layers:
+                if n not in raw:
+                    raise ValueError(f"model {self.name!r}: layer {n!r} was not called in forward")
+                layers.append(reduce_tokens(raw[n], token_mode, mask).float())
+            # the embedding is a layer too, unless it is the last captured output itself
+            if not self.layers or raw[self.layers[-1]] is not embedding:
+                layers.append(reduce_tokens(embedding, token_mode, mask).float())
+        embedding = reduce_tokens(embedding, token_mode, mask).float()
+        return logits, layers, embedding
+
+    def layer_names(self) -> list[str]:
+        """Captured layer names as reported (the embedding appended when distinct)."""
+        return list(self.info.get("layer_names", self.layers))
+
+
+def tensor_prepare(inputs: torch.Tensor) -> tuple[torch.Tensor, None]:
+    """Image / tabular batches go in as they are."""
+    return inputs, None
+
+
+def text_prepare(tokenizer: Any, max_length: int, with_token_type_ids: bool = False
+                 ) -> Callable[[Sequence[str]], tuple[dict[str, torch.Tensor], torch.Tensor]]:
+    """Tokenize a batch of texts (padding to the batch's longest)."""
+    def prepare(texts: Sequence[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        enc = tokenizer(list(texts), padding=True, truncation=True, max_length=int(max_length), return_tensors="pt")
+        args = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        if with_token_type_ids and "token_type_ids" in enc:
+            args["token_type_ids"] = enc["token_type_ids"]
+        return args, enc["attention_mask"]
+    return prepare

@@ -1,0 +1,352 @@
+"""The study file: what to compare, on what data, measuring what.
+
+A study file is TOML (``minidiff run study.toml``); :class:`StudyConfig` is the
+same thing in Python. Every table forbids unknown keys, and every validation
+error is turned into one readable line naming the key and the expected type
+(:func:`format_validation_error`), so a typo never silently falls back to a
+default.
+
+Format (every key except ``[data]`` and ``[base]`` is optional)::
+
+    [study]
+    name = "digits population"
+    seed = 0                 # all training, splits and bootstraps derive from it
+    batch_size = 256
+    device = "cpu"           # or "cuda", "cuda:1"
+    chunk_batches = 4        # checkpoint granularity for resume (batches per chunk)
+
+    [data]                   # the examples every model is compared on
+    source = "builtin"       # builtin | csv | jsonl | hf_disk
+    name = "digits"          # builtin: digits | mnist-sample | chatterbot-en
+    path = "..."             # csv / jsonl / hf_disk
+    text_column = "text"     # csv / jsonl / hf_disk (text data)
+    label_column = "label"   # "" when the data has no labels
+    eval_fraction = 0.5      # share held out for evaluation when minidiff trains models
+    limit = 0                # keep at most this many evaluation examples (0: all)
+
+    [ood]                    # optional out-of-distribution set (same keys as [data])
+    source = "builtin"
+    name = "chatterbot-ood"
+
+    [base]                   # the original model (a population when seeds has > 1 entry)
+    kind = "mlp"             # mlp | cnn | minilm | hub | path
+    seeds = [0, 1, 2, 3, 4]
+    hidden = [64]
+    epochs = 30
+
+    [[variants]]             # compressed versions, each made from every base seed
+    name = "prune-50"
+    recipe = "prune"         # prune | prune-2:4 | int8 | distill | model
+    sparsity = 0.5
+
+    [layers]
+    capture = "auto"         # or a list of module names
+    token_mode = "cls"       # cls | mean | flatten (sequences: first token or masked mean;
+                             # image maps: flatten, else spatial mean)
+
+    [metrics]
+    cka_kernel = "linear"    # linear | rbf
+    knn_k = 10
+
+    [adversarial]            # optional; see minidiff.adversarial (its own keys)
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(_Strict):
+    """``[study]``: run settings."""
+
+    name: str = "study"
+    seed: int = 0
+    batch_size: int = Field(128, ge=1)
+    device: str = "cpu"
+    chunk_batches: int = Field(4, ge=1, description="batches per resumable chunk")
+    progress: bool = True
+
+
+class DataConfig(_Strict):
+    """``[data]`` / ``[ood]``: where examples come from."""
+
+    source: Literal["builtin", "csv", "jsonl", "hf_disk"] = "builtin"
+    name: str = ""
+    path: str = ""
+    text_column: str = "text"
+    label_column: str = "label"
+    split: str = ""
+    options: dict[str, Any] = Field(default_factory=dict,
+                                    description="keyword options of the built-in loader, e.g. {language='german'}")
+    eval_fraction: float = Field(0.5, gt=0.0, le=1.0)
+    limit: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _check_source(self) -> "DataConfig":
+        if self.source == "builtin" and not self.name:
+            raise ValueError("source 'builtin' needs 'name' (digits, mnist-sample, chatterbot-en, chatterbot-ood)")
+        if self.source != "builtin" and not self.path:
+            raise ValueError(f"source {self.source!r} needs 'path' (a file or a saved dataset directory)")
+        return self
+
+
+class TrainConfig(_Strict):
+    """How minidiff trains a model (or a classification head) it builds itself."""
+
+    epochs: int = Field(30, ge=0)
+    lr: float = Field(1e-2, gt=0.0)
+    batch_size: int = Field(64, ge=1)
+    weight_decay: float = Field(0.0, ge=0.0)
+
+
+class MLPModel(_Strict):
+    """A small multilayer perceptron trained on the study's training split."""
+
+    kind: Literal["mlp"]
+    hidden: list[int] = Field(default_factory=lambda: [64, 32])
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @field_validator("hidden")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if not v or any(h < 1 for h in v):
+            raise ValueError("hidden must be a non-empty list of positive layer widths")
+        return v
+
+
+class CNNModel(_Strict):
+    """A small convolutional network (image data) trained on the training split."""
+
+    kind: Literal["cnn"]
+    channels: list[int] = Field(default_factory=lambda: [16, 32])
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+class MiniLMModel(_Strict):
+    """The embedded all-MiniLM-L6-v2 encoder with a classification head trained here."""
+
+    kind: Literal["minilm"]
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    max_length: int = Field(64, ge=8)
+    pooling: Literal["cls", "mean"] = "mean"
+    head: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=60, lr=5e-3))
+
+
+class HubModel(_Strict):
+    """A Hugging Face model: a hub id (needs network) or a local directory."""
+
+    kind: Literal["hub"]
+    id: str
+    revision: str = ""
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    max_length: int = Field(128, ge=8)
+    pooling: Literal["cls", "mean"] = "cls"
+    head: Literal["pretrained", "train"] = "pretrained"
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=60, lr=5e-3))
+
+
+class PathModel(_Strict):
+    """A model saved by ``minidiff.save_variant`` or ``torch.save`` (whole module)."""
+
+    kind: Literal["path"]
+    path: str
+    seeds: list[int] = Field(default_factory=lambda: [0])
+
+
+ModelSpec = Annotated[Union[MLPModel, CNNModel, MiniLMModel, HubModel, PathModel], Field(discriminator="kind")]
+
+
+class VariantConfig(_Strict):
+    """``[[variants]]``: one compressed version (made from every base seed), or a separate model."""
+
+    name: str
+    recipe: Literal["prune", "prune-2:4", "int8", "distill", "model"]
+    sparsity: float = Field(0.5, ge=0.0, lt=1.0)
+    scope: Literal["global", "layer"] = "global"
+    finetune_epochs: int = Field(0, ge=0)
+    int8_mode: Literal["dynamic", "weight-only"] = "dynamic"
+    student: dict[str, Any] = Field(default_factory=dict,
+                                    description="student architecture, e.g. {hidden=[32]} or {layers=3}")
+    temperature: float = Field(2.0, gt=0.0)
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=40, lr=1e-2))
+    model: ModelSpec | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        if not v or v == "base" or any(c in v for c in "/\\\0"):
+            raise ValueError("variant names must be non-empty, not 'base', and contain no slashes")
+        return v
+
+    @model_validator(mode="after")
+    def _model_needed(self) -> "VariantConfig":
+        if self.recipe == "model" and self.model is None:
+            raise ValueError("recipe 'model' needs a [variants.model] table (kind = hub | path | mlp | ...)")
+        if self.recipe != "model" and self.model is not None:
+            raise ValueError(f"recipe {self.recipe!r} derives the variant from the base; remove the 'model' table")
+        return self
+
+
+class LayerConfig(_Strict):
+    """``[layers]``: which hidden representations feed CKA."""
+
+    capture: Literal["auto"] | list[str] = "auto"
+    token_mode: Literal["cls", "mean", "flatten"] = "cls"
+
+
+class MetricsConfig(_Strict):
+    """``[metrics]``: metric settings and which characteristics to measure."""
+
+    characteristics: list[Literal["prediction_errors", "representation", "distribution"]] = Field(
+        default_factory=lambda: ["prediction_errors", "representation", "distribution"])
+    cka_kernel: Literal["linear", "rbf"] = "linear"
+    cka_estimator: Literal["unbiased", "biased"] = "unbiased"
+    rbf_threshold: float = Field(0.5, gt=0.0)
+    rbf_max_examples: int = Field(1000, ge=8, description="RBF CKA is not streaming: first N examples only")
+    knn_k: int = Field(10, ge=1)
+    ood_k: int = Field(10, ge=1)
+    ood_tpr: float = Field(0.95, gt=0.0, lt=1.0)
+    bootstrap: int = Field(1000, ge=0)
+    ci_level: float = Field(0.95, gt=0.0, lt=1.0)
+    ece_bins: int = Field(15, ge=2)
+    pie_examples: int = Field(12, ge=0)
+
+
+class StudyConfig(_Strict):
+    """A whole study file."""
+
+    study: RunConfig = Field(default_factory=RunConfig)
+    data: DataConfig
+    ood: DataConfig | None = None
+    base: ModelSpec
+    variants: list[VariantConfig] = Field(min_length=1)
+    layers: LayerConfig = Field(default_factory=LayerConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    adversarial: Any = None
+
+    @field_validator("adversarial", mode="before")
+    @classmethod
+    def _adversarial(cls, v: Any) -> Any:
+        if v is None:
+            return None
+        try:
+            from minidiff.adversarial.config import AdversarialConfig
+        except ImportError as e:  # pragma: no cover - depends on the adversarial module landing
+            raise ValueError(f"the [adversarial] table needs minidiff.adversarial, which failed to import: {e}")
+        if isinstance(v, AdversarialConfig):
+            return v
+        if not isinstance(v, dict):
+            raise ValueError("[adversarial] must be a table")
+        return AdversarialConfig.model_validate(v)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "StudyConfig":
+        names = [v.name for v in self.variants]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"variant names must be unique; repeated: {dup}")
+        return self
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able dict (for cache keys and results.json)."""
+        d = self.model_dump(mode="json", exclude={"adversarial"})
+        d["adversarial"] = None if self.adversarial is None else self.adversarial.model_dump(mode="json")
+        return d
+
+
+class StudyFileError(ValueError):
+    """A study file that cannot be used; the message says which key and why."""
+
+
+_TYPE_WORDS = {
+    "int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
+    "float_type": "a number", "float_parsing": "a number", "string_type": "a string",
+    "bool_type": "true or false", "bool_parsing": "true or false", "list_type": "a list",
+    "dict_type": "a table", "model_type": "a table", "model_attributes_type": "a table",
+}
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("mlp", "cnn", "minilm", "hub", "path", "function-after[_name_ok(), str]") and out:
+            continue  # discriminated-union tag, not a key the user wrote
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def format_validation_error(err: ValidationError, source: str = "study file") -> str:
+    """One line per problem: ``source: key 'a.b': expected an integer, got 'x'``."""
+    lines = []
+    for e in err.errors():
+        where = _loc(tuple(e.get("loc", ())))
+        typ = e.get("type", "")
+        got = e.get("input")
+        if typ == "extra_forbidden":
+            lines.append(f"unknown key '{where}' (remove it or check its spelling)")
+        elif typ == "missing":
+            lines.append(f"missing required key '{where}'")
+        elif typ in _TYPE_WORDS:
+            lines.append(f"key '{where}': expected {_TYPE_WORDS[typ]}, got {got!r}")
+        elif typ in ("literal_error", "union_tag_invalid"):
+            exp = e.get("ctx", {}).get("expected", e.get("ctx", {}).get("expected_tags", ""))
+            lines.append(f"key '{where}': expected one of {exp}, got {got!r}")
+        elif typ == "union_tag_not_found":
+            lines.append(f"key '{where}': needs a 'kind' (mlp, cnn, minilm, hub or path)")
+        else:
+            msg = e.get("msg", "").removeprefix("Value error, ")
+            lines.append(f"key '{where}': {msg}" + (f" (got {got!r})" if typ.startswith(("greater", "less", "too_")) else ""))
+    return f"{source}: " + "; ".join(lines)
+
+
+def parse_config(data: dict[str, Any], source: str = "study file") -> StudyConfig:
+    """Validate a study dict; raise :class:`StudyFileError` naming the bad key."""
+    try:
+        return StudyConfig.model_validate(data)
+    except ValidationError as e:
+        raise StudyFileError(format_validation_error(e, source)) from None
+
+
+def load_config(path: str | Path) -> StudyConfig:
+    """Read and validate a TOML study file.
+
+    Relative data/model paths in the file are resolved against the file's folder.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise StudyFileError(f"study file {str(p)!r} does not exist")
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise StudyFileError(f"{p}: not valid TOML: {e}") from None
+    except UnicodeDecodeError:
+        raise StudyFileError(f"{p}: not a UTF-8 text file") from None
+    cfg = parse_config(raw, source=str(p))
+    base_dir = p.resolve().parent
+    for dc in (cfg.data, cfg.ood):
+        if dc is not None and dc.path and not Path(dc.path).is_absolute():
+            dc.path = str(base_dir / dc.path)
+    for spec in [cfg.base] + [v.model for v in cfg.variants if v.model is not None]:
+        if isinstance(spec, PathModel) and not Path(spec.path).is_absolute():
+            spec.path = str(base_dir / spec.path)
+        if isinstance(spec, HubModel) and spec.id.startswith((".", "/")) and not Path(spec.id).is_absolute():
+            spec.id = str(base_dir / spec.id)
+    return cfg

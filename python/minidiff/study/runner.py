@@ -1,0 +1,194 @@
+"""One streaming pass of every model over the data, resumable chunk by chunk.
+
+The examples of this process's shard (``DistContext.shard_range``) are cut into
+chunks of ``batch_size * chunk_batches`` examples. For every batch of a chunk
+each model that still needs the chunk runs once; its logits and final embedding
+are kept for the chunk (the per-example outputs every prediction and distribution
+metric is computed from) and its captured layers go straight into the CKA
+accumulator of every (base, variant) pair it belongs to, then are dropped. Memory
+is therefore O(batch x layers + pairs x layer-width^2) plus the per-example
+outputs, never O(examples x layers).
+
+After each chunk the models' chunk outputs and the pairs' cumulative accumulator
+states are written to the cache (atomically, checksummed). A rerun skips every
+chunk whose outputs and pair states are already there; an interrupted run thus
+loses at most the chunk it was in. Finally the per-example outputs are gathered
+across ranks in example order and the accumulators all-reduced
+(:class:`~minidiff.distributed.DistContext`); single-process both are no-ops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from minidiff.distributed import DistContext
+from minidiff.study.cache import StudyCache, hash_json
+from minidiff.study.capture import Member
+
+
+@dataclass
+class Pair:
+    """Two models whose layers are compared by CKA (``a`` the reference)."""
+
+    a: Member
+    b: Member
+
+    @property
+    def name(self) -> str:
+        return f"{self.a.name}~{self.b.name}"
+
+
+@dataclass
+class PassResult:
+    """What one pass over a data set produced (complete, all ranks gathered)."""
+
+    logits: dict[str, torch.Tensor] = field(default_factory=dict)      # member -> (N, C) float32
+    embeddings: dict[str, torch.Tensor] = field(default_factory=dict)  # member -> (N, d) float32
+    cka: dict[str, Any] = field(default_factory=dict)                  # pair -> CKAAccumulator
+    rbf_layers: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # member -> first rows per layer
+    layer_names: dict[str, list[str]] = field(default_factory=dict)
+    forward_chunks: dict[str, int] = field(default_factory=dict)      # member -> chunks computed (not cached)
+
+
+def _batch_inputs(data: Any, start: int, stop: int) -> Any:
+    return data.inputs[start:stop]
+
+
+def probe_layers(member: Member, data: Any, token_mode: str, device: str) -> tuple[list[int], list[str]]:
+    """Widths and names of a member's captured representations (one 2-example forward)."""
+    n = min(2, len(data))
+    _, layers, _ = member.forward(_batch_inputs(data, 0, n), token_mode, device)
+    names = list(member.layers)
+    if len(layers) == len(names) + 1:
+        names.append("embedding")
+    member.info["layer_names"] = names
+    return [int(t.shape[1]) for t in layers], names
+
+
+def run_pass(members: list[Member], pairs: list[Pair], data: Any, *, cache: StudyCache, tag: str,
+             batch_size: int, chunk_batches: int, token_mode: str, device: str = "cpu",
+             ctx: DistContext | None = None, cka_estimator: str = "unbiased", rbf_rows: int = 0,
+             progress: bool = True, on_chunk: Callable[[int], None] | None = None) -> PassResult:
+    """Run ``members`` over ``data`` once (resuming from the cache) and return the outputs.
+
+    Parameters
+    ----------
+    members : models to run; ``pairs`` : which of them feed CKA accumulators.
+    data : ExampleSet
+    cache : StudyCache
+    tag : str
+        Names the data set in cache keys and progress bars (``"eval"``, ``"ood"``).
+    rbf_rows : int
+        Keep the first ``rbf_rows`` examples' layer representations (for the
+        non-streaming RBF CKA); 0 keeps none.
+    on_chunk : callable, optional
+        Called with the chunk index after each chunk is stored (tests use it to
+        simulate an interruption).
+    """
+    ctx = ctx or DistContext()
+    n_total = len(data)
+    start, stop = ctx.shard_range(n_total)
+    chunk = batch_size * chunk_batches
+    chunks = [(s, min(s + chunk, stop)) for s in range(start, stop, chunk)]
+    capture = bool(pairs) or rbf_rows > 0
+    fp = data.fingerprint()
+    settings = {"data": fp, "token_mode": token_mode, "batch_size": batch_size, "chunk_batches": chunk_batches,
+                "shard": [ctx.rank, ctx.world_size, start, stop], "capture": capture, "rbf_rows": rbf_rows}
+    result = PassResult()
+
+    widths: dict[str, list[int]] = {}
+    for m in members:
+        m.module.eval()
+        if capture:
+            widths[m.name], result.layer_names[m.name] = probe_layers(m, data, token_mode, device)
+    mkey = {m.name: hash_json({"model": m.key, "layers": m.layers, "emb": m.embedding_module, **settings})[:32]
+            for m in members}
+
+    accs: dict[str, Any] = {}
+    done: dict[str, int] = {}
+    if pairs:
+        from minidiff.similarity import CKAAccumulator
+        for p in pairs:
+            acc = CKAAccumulator(widths[p.a.name], widths[p.b.name], estimator=cka_estimator)
+            pkey = hash_json({"a": mkey[p.a.name], "b": mkey[p.b.name], "estimator": cka_estimator})[:32]
+            got = cache.load_tensors(f"pairs/{pkey}/state.safetensors")
+            done[p.name] = 0
+            if got is not None:
+                try:
+                    acc.load_state_dict(got[0])
+                    done[p.name] = int(got[1]["chunks_done"])
+                except (ValueError, KeyError):
+                    acc.reset()
+            accs[p.name] = (acc, pkey)
+
+    outs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {m.name: [] for m in members}
+    rbf: dict[str, list[list[torch.Tensor]]] = {m.name: [] for m in members}
+    computed = {m.name: 0 for m in members}
+    bar = tqdm(total=len(chunks) * len(members), desc=f"{tag}: models x chunks", unit="chunk",
+               disable=not progress or not ctx.is_main, leave=False)
+    for k, (c0, c1) in enumerate(chunks):
+        cached: dict[str, dict[str, torch.Tensor]] = {}
+        for m in members:
+            got = cache.load_tensors(f"models/{mkey[m.name]}/chunk_{k:05d}.safetensors")
+            if got is not None and int(got[1].get("rows", -1)) == c1 - c0:
+                cached[m.name] = got[0]
+        pending_pairs = [p for p in pairs if done[p.name] <= k]
+        need = [m for m in members if m.name not in cached
+                or any(p.a is m or p.b is m for p in pending_pairs)]
+        fresh: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {m.name: [] for m in need}
+        fresh_rbf: dict[str, list[list[torch.Tensor]]] = {m.name: [] for m in need}
+        for b0 in range(c0, c1, batch_size):
+            b1 = min(b0 + batch_size, c1)
+            x = _batch_inputs(data, b0, b1)
+            reps: dict[str, list[torch.Tensor]] = {}
+            for m in need:
+                logits, layers, emb = m.forward(x, token_mode, device, capture=capture)
+                fresh[m.name].append((logits.cpu(), emb.cpu()))
+                reps[m.name] = layers
+                if rbf_rows > b0:
+                    fresh_rbf[m.name].append([t[: rbf_rows - b0].cpu() for t in layers])
+            for p in pending_pairs:
+                accs[p.name][0].update(reps[p.a.name], reps[p.b.name])
+        for m in members:
+            if m.name in cached:
+                t = cached[m.name]
+                outs[m.name].append((t["logits"], t["embedding"]))
+                if rbf_rows > c0:
+                    nl = len(widths[m.name])
+                    rbf[m.name].append([t[f"layer_{i}"] for i in range(nl)])
+            else:
+                lg = torch.cat([o[0] for o in fresh[m.name]])
+                em = torch.cat([o[1] for o in fresh[m.name]])
+                tensors = {"logits": lg, "embedding": em}
+                if fresh_rbf[m.name]:
+                    per_layer = [torch.cat(parts) for parts in zip(*fresh_rbf[m.name])]
+                    tensors.update({f"layer_{i}": t for i, t in enumerate(per_layer)})
+                    rbf[m.name].append(per_layer)
+                cache.save_tensors(f"models/{mkey[m.name]}/chunk_{k:05d}.safetensors", tensors,
+                                   {"rows": c1 - c0, "model": m.name, "first": c0})
+                outs[m.name].append((lg, em))
+                computed[m.name] += 1
+            bar.update(1)
+        for p in pending_pairs:
+            acc, pkey = accs[p.name]
+            cache.save_tensors(f"pairs/{pkey}/state.safetensors", acc.state_dict(), {"chunks_done": k + 1})
+            done[p.name] = k + 1
+        if on_chunk is not None:
+            on_chunk(k)
+    bar.close()
+
+    for m in members:
+        lg = torch.cat([o[0] for o in outs[m.name]]) if outs[m.name] else torch.empty(0)
+        em = torch.cat([o[1] for o in outs[m.name]]) if outs[m.name] else torch.empty(0)
+        result.logits[m.name] = ctx.gather_in_order(lg)
+        result.embeddings[m.name] = ctx.gather_in_order(em)
+        if rbf[m.name]:
+            result.rbf_layers[m.name] = [torch.cat(parts) for parts in zip(*rbf[m.name])]
+    for p in pairs:
+        result.cka[p.name] = ctx.sync(accs[p.name][0])
+    result.forward_chunks = computed
+    return result
