@@ -5,6 +5,15 @@ import torch
 
 from minidiff import models as M
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny models: intra-op threads only add synchronisation cost (and stall on a busy machine)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 
 @pytest.fixture(scope="module")
 def minilm():

@@ -220,6 +220,8 @@ def _module_entry(mod: nn.Module) -> dict[str, Any] | None:
                       "bias": getattr(mod, "bias", None) is not None})
         if hasattr(mod, "mode"):
             entry.setdefault("mode", str(mod.mode))
+        if isinstance(getattr(mod, "out_dtype", None), torch.dtype):
+            entry.setdefault("dtype", str(mod.out_dtype).replace("torch.", ""))
         return entry
     heads = getattr(mod, "num_attention_heads", None)
     if isinstance(heads, int) and hasattr(mod, "attention_head_size"):
@@ -255,11 +257,14 @@ def _replacement_builders() -> dict[str, Callable[[dict[str, Any]], nn.Module]]:
             continue
         if hasattr(cls, "from_spec"):
             builders[cls_name] = cls.from_spec
-        else:
+        else:  # the minidiff.nn constructors: (in_features, out_features, bias, [mode], dtype)
             def build(e: dict[str, Any], _cls: Any = cls) -> nn.Module:
-                lin = nn.Linear(e["in_features"], e["out_features"], bias=e["bias"])
-                kw = {"mode": e["mode"]} if "mode" in e else {}
-                return _cls.from_linear(lin, **kw)
+                kw: dict[str, Any] = {"bias": e["bias"]}
+                if "mode" in e:
+                    kw["mode"] = e["mode"]
+                if "dtype" in e:
+                    kw["dtype"] = getattr(torch, e["dtype"])
+                return _cls(e["in_features"], e["out_features"], **kw)
             builders[cls_name] = build
     return builders
 
@@ -411,11 +416,17 @@ def load_variant(path: str | os.PathLike, *, base: nn.Module | None = None,
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    bad_shape = [k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape)]
+    owners = dict(model.named_modules())
+    fixed = {k for k in expected if type(owners[k.rpartition(".")[0]])._load_from_state_dict
+             is nn.Module._load_from_state_dict}  # modules with data-dependent buffer sizes resize themselves
+    bad_shape = [k for k in set(expected) & set(state) & fixed if tuple(expected[k].shape) != tuple(state[k].shape)]
     if missing or unexpected or bad_shape:
         raise ValueError(f"{wfile} does not match the rebuilt model: missing {missing[:5]}, unexpected "
                          f"{unexpected[:5]}, shape mismatch {sorted(bad_shape)[:5]}")
-    model.load_state_dict(state, strict=True, assign=True)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"{wfile} does not match the rebuilt model: {exc}") from exc
     tokenizer = None
     if storage.get("tokenizer") and (path / TOKENIZER_DIR).is_dir():
         from transformers import AutoTokenizer

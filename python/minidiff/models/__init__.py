@@ -2,7 +2,7 @@
 classifiers, and per-layer activation capture streamed into accumulators."""
 
 from .capture import (HIDDEN_STATES, TOKEN_MODES, LayerRecorder, StreamBatch, StreamSummary, capture,
-                      capture_stream, check_same_tokenization, eval_mode, first_tensor, module_names, pool,
+                      capture_stream, check_same_tokenization, eval_mode, first_tensor, module_names, pool, probe_widths,
                       resolve_layers)
 from .classifier import (MLP, SmallCNN, TextClassifier, architecture_of, build_from_spec, make_cnn, make_mlp,
                          masked_mean)
@@ -12,5 +12,5 @@ __all__ = [
     "HIDDEN_STATES", "TOKEN_MODES", "TASKS", "LayerRecorder", "LoadedModel", "MLP", "SmallCNN", "StreamBatch",
     "StreamSummary", "TextClassifier", "architecture_of", "build_from_spec", "capture", "capture_stream",
     "check_same_tokenization", "embedded_minilm_dir", "eval_mode", "first_tensor", "is_offline", "load_model",
-    "make_cnn", "make_mlp", "masked_mean", "module_names", "pool", "resolve_layers",
+    "make_cnn", "make_mlp", "masked_mean", "module_names", "pool", "probe_widths", "resolve_layers",
 ]

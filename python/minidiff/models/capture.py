@@ -265,6 +265,26 @@ def _hidden_states(model: nn.Module, batch: Any, token_mode: str, forward: Forwa
     return feats, out
 
 
+def probe_widths(models: Any, batch: Any, *, layers: Any = HIDDEN_STATES, token_mode: str = "mean",
+                 forward: Any = None) -> dict[str, list[int]]:
+    """Feature width of every captured layer, per model, from one batch.
+
+    Use it to size accumulators before streaming, e.g.
+    ``w = probe_widths({"base": a, "variant": b}, first_batch, layers=...)``;
+    ``CKAAccumulator(w["base"], w["variant"])``.
+    """
+    named = _as_named(models)
+    single = {n: [batch] for n in named} if not isinstance(batch, Mapping) or set(batch) != set(named) else \
+        {n: [batch[n]] for n in named}
+    widths: dict[str, list[int]] = {}
+    for n, m in named.items():
+        lay = layers[n] if isinstance(layers, Mapping) else layers
+        fw = forward.get(n) if isinstance(forward, Mapping) else forward
+        feats = capture(m, single[n][0], layers=lay, token_mode=token_mode, forward=fw)
+        widths[n] = [int(t.shape[1]) for t in feats.values()]
+    return widths
+
+
 def capture(model: nn.Module, batch: Any, *, layers: str | Sequence[str] = HIDDEN_STATES,
             token_mode: str = "mean", forward: Forward | None = None) -> dict[str, torch.Tensor]:
     """Per-layer ``(samples, features)`` representations of one batch.
@@ -424,10 +444,12 @@ def capture_stream(
     token_mode
         ``"cls"``, ``"mean"``, ``"tokens"`` or ``"flatten"``.
     consumers
-        Each is called once per batch with one ``dict[layer, (samples, d)]`` per
-        model, in model order: ``consumer.update(f_a, f_b, ...)`` if it has an
-        ``update`` method (an :class:`~minidiff.accumulate.Accumulator`),
-        else ``consumer(f_a, f_b, ...)``. A consumer with attribute
+        Each is called once per batch, with one argument per model in model order.
+        An object with an ``update`` method (an :class:`~minidiff.accumulate.Accumulator`
+        such as ``minidiff.CKAAccumulator``) gets ``update(list_a, list_b, ...)``,
+        each a list of ``(samples, d_l)`` tensors in ``summary.layers[name]`` order;
+        a plain callable gets ``consumer(dict_a, dict_b, ...)``, each a
+        ``dict[layer, (samples, d_l)]``. A consumer with attribute
         ``wants_batch = True`` instead receives one :class:`StreamBatch`
         (features, raw model outputs such as logits, and the batches).
     forward
@@ -504,8 +526,7 @@ def capture_stream(
                                          f"{names[0]} gives {first}; models must see the same examples "
                                          "(with token_mode='tokens' also the same tokenization)")
             if step == 0:
-                summary.widths = {n: {layer: int(t[0].numel()) if t.shape[0] else int(t.shape[-1])
-                                      for layer, t in f.items()} for n, f in feats.items()}
+                summary.widths = {n: {layer: int(t.shape[1]) for layer, t in f.items()} for n, f in feats.items()}
             summary.n_batches += 1
             summary.n_samples += first
             args = [feats[n] for n in names]
@@ -513,7 +534,7 @@ def capture_stream(
                 if getattr(c, "wants_batch", False):
                     c(StreamBatch(index=step, features=feats, outputs=outs, batches=moved))
                 elif hasattr(c, "update") and callable(c.update):
-                    c.update(*args)
+                    c.update(*[list(f.values()) for f in args])
                 elif callable(c):
                     c(*args)
                 else:
