@@ -210,3 +210,15 @@ def test_from_torch_dataset():
     assert txt.kind == "text" and txt.class_names == ["greet", "leave"]
     with pytest.raises(ValueError, match="only 1 of 2 items carry a label"):
         from_torch_dataset([(torch.ones(3), 1), (torch.zeros(3),)])
+
+
+def test_from_torch_dataset_pil_images():
+    from PIL import Image
+
+    rgb = np.arange(5 * 6 * 3, dtype=np.uint8).reshape(5, 6, 3)
+    d = from_torch_dataset([(Image.fromarray(rgb), 0), (Image.fromarray(rgb[::-1].copy()), 1)])
+    assert tuple(d.inputs.shape) == (2, 3, 5, 6)
+    torch.testing.assert_close(d.inputs[0], torch.from_numpy(rgb).permute(2, 0, 1).float() / 255)
+    assert d.display(0).shape == (5, 6, 3)
+    gray = from_torch_dataset([(Image.fromarray(rgb[..., 0]), 0)])
+    assert tuple(gray.inputs.shape) == (1, 1, 5, 6)

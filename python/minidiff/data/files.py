@@ -166,7 +166,8 @@ def from_torch_dataset(ds: Any, name: str = "torch-dataset", class_names: Sequen
     alone, or a dict with ``"input"``/``"text"`` and ``"label"`` keys.
 
     Inputs that are strings give a text set; tensors/arrays of shape ``(C, H, W)`` or
-    ``(H, W)`` an image set (unless ``kind="tabular"``), ``(F,)`` a tabular set.
+    ``(H, W)`` (or PIL images) an image set (unless ``kind="tabular"``), ``(F,)`` a
+    tabular set. uint8 pixels are scaled to [0, 1]; other values are kept as they are.
     Class names come from ``class_names``, else ``ds.classes``, else ``range(max + 1)``.
     """
     try:
@@ -206,11 +207,18 @@ def from_torch_dataset(ds: Any, name: str = "torch-dataset", class_names: Sequen
     if all(isinstance(x, str) for x in xs):
         return ExampleSet(name=name, kind="text", inputs=xs, labels=labels, class_names=names)
     try:
-        x = torch.stack([torch.as_tensor(np.asarray(v)) for v in xs]).float()
+        arrays = [np.array(v) for v in xs]  # tensors, numpy arrays and PIL images alike (copied: writable)
+        x = torch.stack([torch.as_tensor(a) for a in arrays])
     except Exception as exc:
         raise ValueError(f"{name}: inputs must all be strings or equally shaped arrays ({exc})") from exc
+    is_pil = type(xs[0]).__module__.startswith("PIL")
+    if x.dtype == torch.uint8:
+        x = x.float() / 255.0  # 8-bit pixels -> [0, 1]
+    x = x.float()
     if kind is None:
         kind = "tabular" if x.ndim == 2 else "image"
+    if kind == "image" and is_pil and x.ndim == 4:
+        x = x.permute(0, 3, 1, 2).contiguous()  # colour PIL images are (H, W, C)
     if kind == "image" and x.ndim == 3:
         x = x.unsqueeze(1)
     if kind == "tabular" and x.ndim != 2:
