@@ -28,6 +28,7 @@
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
+#include <utility>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -456,9 +457,90 @@ void cie_scores(uintptr_t base, bool base64, int64_t kb, uintptr_t comp, bool co
     cie_impl(reinterpret_cast<const int32_t*>(base), kb, reinterpret_cast<const int32_t*>(comp), kc, m, c, o, threads);
 }
 
+// ---- range check ------------------------------------------------------------
+// min and max of a contiguous int32/int64 buffer, so Python can validate class
+// indices at memory speed before the counting kernels run (torch.aminmax is
+// several times slower on CPU).
+template <typename T>
+std::pair<int64_t, int64_t> minmax_scalar(const T* p, int64_t n) {
+  T lo = p[0], hi = p[0];
+  for (int64_t k = 1; k < n; ++k) {
+    lo = std::min(lo, p[k]);
+    hi = std::max(hi, p[k]);
+  }
+  return {static_cast<int64_t>(lo), static_cast<int64_t>(hi)};
+}
+
+#ifdef MINIDIFF_X86
+__attribute__((target("avx512f"))) std::pair<int64_t, int64_t> minmax_avx512_i32(const int32_t* p,
+                                                                                 int64_t n) {
+  __m512i lo = _mm512_set1_epi32(p[0]), hi = lo;
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16) {
+    const __m512i v = _mm512_loadu_si512(reinterpret_cast<const void*>(p + k));
+    lo = _mm512_min_epi32(lo, v);
+    hi = _mm512_max_epi32(hi, v);
+  }
+  int64_t l = _mm512_reduce_min_epi32(lo), h = _mm512_reduce_max_epi32(hi);
+  for (; k < n; ++k) {
+    l = std::min<int64_t>(l, p[k]);
+    h = std::max<int64_t>(h, p[k]);
+  }
+  return {l, h};
+}
+
+__attribute__((target("avx512f"))) std::pair<int64_t, int64_t> minmax_avx512_i64(const int64_t* p,
+                                                                                 int64_t n) {
+  __m512i lo = _mm512_set1_epi64(p[0]), hi = lo;
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    const __m512i v = _mm512_loadu_si512(reinterpret_cast<const void*>(p + k));
+    lo = _mm512_min_epi64(lo, v);
+    hi = _mm512_max_epi64(hi, v);
+  }
+  int64_t l = _mm512_reduce_min_epi64(lo), h = _mm512_reduce_max_epi64(hi);
+  for (; k < n; ++k) {
+    l = std::min<int64_t>(l, p[k]);
+    h = std::max<int64_t>(h, p[k]);
+  }
+  return {l, h};
+}
+#endif
+
+std::pair<int64_t, int64_t> minmax(uintptr_t ptr, bool is64, int64_t n, int threads) {
+  if (n <= 0) throw std::invalid_argument("minmax: empty input");
+  const bool avx512 = select_path() == Path::kAvx512;
+  const int64_t grain = int64_t(1) << 20;
+  const int parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, (n + grain - 1) / grain)));
+  std::vector<std::pair<int64_t, int64_t>> res(parts);
+  parallel_for(parts, parts, 1, [&](int64_t b, int64_t e) {
+    for (int64_t part = b; part < e; ++part) {
+      const int64_t s = n * part / parts, t = n * (part + 1) / parts;
+#ifdef MINIDIFF_X86
+      if (avx512) {
+        res[part] = is64 ? minmax_avx512_i64(reinterpret_cast<const int64_t*>(ptr) + s, t - s)
+                         : minmax_avx512_i32(reinterpret_cast<const int32_t*>(ptr) + s, t - s);
+        continue;
+      }
+#endif
+      res[part] = is64 ? minmax_scalar(reinterpret_cast<const int64_t*>(ptr) + s, t - s)
+                       : minmax_scalar(reinterpret_cast<const int32_t*>(ptr) + s, t - s);
+    }
+  });
+  std::pair<int64_t, int64_t> out = res[0];
+  for (const auto& r : res) {
+    out.first = std::min(out.first, r.first);
+    out.second = std::max(out.second, r.second);
+  }
+  return out;
+}
+
 }  // namespace
 
 void register_agreement(py::module_& m) {
+  m.def("agreement_minmax", &minmax, py::arg("ptr"), py::arg("is64"), py::arg("numel"),
+        py::arg("threads"), py::call_guard<py::gil_scoped_release>(),
+        "(min, max) of a contiguous int32/int64 buffer of numel > 0 elements.");
   m.def("agreement_path", [] { return std::string(path_name(select_path())); },
         "Kernel the pairwise agreement counts use: avx512_vpopcntdq, popcnt or portable.");
   m.def("agreement_pair_counts", &pair_counts, py::arg("preds"), py::arg("labels"), py::arg("is64"),

@@ -123,6 +123,16 @@ def test_native_pair_counts_exact(dtype, n, m, c):
     assert torch.equal(d, ref_d) and torch.equal(r, torch.zeros_like(r))
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("numel", [1, 7, 17, 3_000_001])
+def test_native_minmax(dtype, numel):
+    t = torch.randint(-1000, 1000, (numel,), dtype=dtype)
+    t[numel // 2] = torch.iinfo(dtype).max
+    t[numel - 1] = torch.iinfo(dtype).min if numel > 1 else t[0]
+    lo, hi = torch.aminmax(t)
+    assert ops.minmax(t) == (int(lo), int(hi))
+
+
 def test_simd_cap_selects_portable_kernel():
     code = "from minidiff import _C; print(_C.agreement_path())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -67,8 +67,7 @@ def _index_tensor(x: Any, name: str, ndim: int, shape_hint: str) -> torch.Tensor
 
 def _check_range(t: torch.Tensor, name: str, num_classes: int | None) -> int:
     """Raise if any value is outside [0, num_classes) (or negative); return the max."""
-    lo, hi = torch.aminmax(t)
-    lo, hi = int(lo), int(hi)
+    lo, hi = _ops.minmax(t)
     if lo >= 0 and (num_classes is None or hi < num_classes):
         return hi
     bad = t < 0 if num_classes is None else (t < 0) | (t >= num_classes)
