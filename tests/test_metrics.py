@@ -412,3 +412,14 @@ def test_ood_on_real_digits():
     assert r.id_acceptance == pytest.approx(0.95, abs=0.01)
     assert 0.2 < r.detection_rate < 1.0  # unseen digit classes are partly flagged on raw pixels
     assert torch.equal(r.flags, r.ood_scores > r.threshold)
+
+
+def test_class_impact_undefined_classes_are_nan():
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    base = torch.tensor([[0, 0, 1, 1, 0, 0], [0, 0, 1, 0, 0, 2]])  # class 2: recall 0 in model 0 only
+    comp = torch.tensor([[0, 1, 1, 1, 2, 0], [0, 0, 0, 1, 2, 2]])
+    r = M.class_impact(base, comp, y, 4)  # class 3 has no examples
+    assert torch.isnan(r.normalized_change[3]) and not torch.isnan(r.normalized_change[2])
+    assert r.to_dict()["normalized_change"][3] is None
+    r0 = M.class_impact(base[:1], comp, y, 3)
+    assert torch.isnan(r0.normalized_change[2])  # base never right on class 2

@@ -207,8 +207,8 @@ def from_torch_dataset(ds: Any, name: str = "torch-dataset", class_names: Sequen
     if all(isinstance(x, str) for x in xs):
         return ExampleSet(name=name, kind="text", inputs=xs, labels=labels, class_names=names)
     try:
-        arrays = [np.array(v) for v in xs]  # tensors, numpy arrays and PIL images alike (copied: writable)
-        x = torch.stack([torch.as_tensor(a) for a in arrays])
+        x = torch.stack([v.detach().cpu() if isinstance(v, torch.Tensor)
+                         else torch.from_numpy(np.array(v)) for v in xs])  # np.array copies: PIL, lists, arrays
     except Exception as exc:
         raise ValueError(f"{name}: inputs must all be strings or equally shaped arrays ({exc})") from exc
     is_pil = type(xs[0]).__module__.startswith("PIL")

@@ -48,7 +48,8 @@ class ClassImpact(Result):
     For each model ``m`` the normalized recall is ``r~_c(m) = recall_c(m) / acc(m)``.
     ``normalized_change[c] = mean_v r~_c / mean_b r~_c - 1``: zero when class ``c``
     gains or loses recall exactly in proportion to overall accuracy, negative when
-    it is hurt more (Hooker et al. 2019, 2020). ``t_statistic``/``p_value``: Welch's
+    it is hurt more (Hooker et al. 2019, 2020); NaN for a class with no examples or
+    with base recall 0. ``t_statistic``/``p_value``: Welch's
     t-test of the two populations' ``r~_c`` samples (NaN with ``test_note`` when a
     population has fewer than two models or both have zero variance).
     ``significant`` = ``p_value < alpha`` (no multiple-comparison correction).
@@ -102,7 +103,10 @@ def class_impact(base_preds, variant_preds, labels, num_classes: int, class_name
     if bool((acc_b == 0).any()) or bool((acc_v == 0).any()):
         raise ValueError("a model has accuracy 0; recall normalized by accuracy is undefined")
     nb, nv = rb / acc_b[:, None], rv / acc_v[:, None]
-    normalized = nv.mean(0) / nb.mean(0) - 1
+    base_mean = nb.mean(0)
+    # undefined (NaN) for a class without examples or one the base population never gets right
+    normalized = torch.where(base_mean > 0, nv.mean(0) / base_mean.where(base_mean > 0, torch.ones_like(base_mean)) - 1,
+                             torch.full_like(base_mean, float("nan")))
     t = torch.full((num_classes,), float("nan"), dtype=torch.float64)
     pv = torch.full((num_classes,), float("nan"), dtype=torch.float64)
     note = ""
