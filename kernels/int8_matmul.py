@@ -5,7 +5,7 @@ W8A8 on GPU is two launches: :func:`quantize_per_token` (one row per program:
 absmax, then round-half-to-even to int8) and :func:`int8_matmul` (int8 x int8
 with int32 accumulation through ``tl.dot``, then the epilogue in float32)::
 
-    scale[m] = max_k |x[m, k]| / 127                     (0 for an all-zero row)
+    scale[m] = max_k |x[m, k]| / 127     (0 for an all-zero row, NaN if the row has NaN/Inf)
     q[m, k]  = clamp(rint(x[m, k] / scale[m]), -127, 127)   (0 where scale is 0)
     acc[m, n] = sum_k q[m, k] * w[n, k]                  (int32, exact)
     out[m, n] = acc[m, n] * scale[m] * w_scale[n] (+ bias[n])   (float32, then out dtype)
@@ -154,22 +154,28 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, K, stride_xm, stride_xk, stri
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_K)
     amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    bad = tl.zeros((BLOCK_K,), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + offs
         x = tl.load(x_ptr + row * stride_xm + k * stride_xk, mask=k < K, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(x))
+        ax = tl.abs(x)
+        bad = tl.maximum(bad, tl.where(ax < float("inf"), 0, 1))  # NaN and Inf fail `< inf`
+        amax = tl.maximum(amax, tl.where(ax < float("inf"), ax, 0.0))
     absmax = tl.max(amax, axis=0)
+    nonfinite = tl.max(bad, axis=0) > 0
     # IEEE division (not the approximate GPU divide) so GPU, interpreter and the
     # torch reference round identically.
     scale = tl.math.div_rn(absmax, 127.0)
-    safe = tl.where(scale > 0.0, scale, 1.0)
-    tl.store(scale_ptr + row, scale)
+    ok = (scale > 0.0) & (~nonfinite)
+    safe = tl.where(ok, scale, 1.0)
+    tl.store(scale_ptr + row, tl.where(nonfinite, float("nan"), scale))
     for k0 in range(0, K, BLOCK_K):
         k = k0 + offs
         x = tl.load(x_ptr + row * stride_xm + k * stride_xk, mask=k < K, other=0.0).to(tl.float32)
+        x = tl.where(ok, x, 0.0)  # keep NaN/Inf out of the rounding arithmetic
         y = _rint_half_even(tl.math.div_rn(x, safe))
         y = tl.minimum(tl.maximum(y, -127.0), 127.0)
-        y = tl.where(scale > 0.0, y, 0.0)
+        y = tl.where(ok, y, 0.0)
         tl.store(q_ptr + row * stride_qm + k, y.to(tl.int8), mask=k < K)
 
 
@@ -280,7 +286,8 @@ def int8_matmul(
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row symmetric int8 quantization: returns ``(q (M, K) int8, scale (M,) float32)``
     with ``scale = absmax / 127`` and ``q = clamp(rint(x / scale), -127, 127)``
-    (round half to even; an all-zero row gets scale 0 and q 0). Arithmetic in float32."""
+    (round half to even; an all-zero row gets scale 0 and q 0; a row holding NaN/Inf
+    gets scale NaN and q 0, so its outputs are NaN). Arithmetic in float32."""
     _check_2d(x, "x")
     if not x.is_floating_point():
         raise ValueError(f"quantize_per_token needs a floating tensor, got {x.dtype}")

@@ -30,8 +30,12 @@ from __future__ import annotations
 import os
 
 import torch
-import triton
-import triton.language as tl
+
+try:  # the 2:4 format helpers below are pure torch and work without Triton
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - Triton is an optional dependency
+    triton = None
 
 __all__ = ["compress_24", "decompress_24", "count_24_violations", "sparse24_matmul", "INTERPRET"]
 
@@ -100,80 +104,82 @@ def decompress_24(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
     return dense
 
 
-def _configs() -> list[triton.Config]:
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4},
-                              num_warps=4, num_stages=1)]
-    cfgs = []
-    for bm, bn, bk, warps, stages in [
-        (128, 256, 64, 8, 3),
-        (128, 128, 64, 8, 4),
-        (128, 128, 32, 4, 4),
-        (64, 128, 64, 4, 4),
-        (64, 64, 64, 4, 4),
-        (32, 64, 128, 4, 4),
-        (16, 64, 128, 4, 4),
-    ]:
-        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                                  num_warps=warps, num_stages=stages))
-    return cfgs
+if triton is not None:
+
+    def _configs() -> list[triton.Config]:
+        if INTERPRET:
+            return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4},
+                                  num_warps=4, num_stages=1)]
+        cfgs = []
+        for bm, bn, bk, warps, stages in [
+            (128, 256, 64, 8, 3),
+            (128, 128, 64, 8, 4),
+            (128, 128, 32, 4, 4),
+            (64, 128, 64, 4, 4),
+            (64, 64, 64, 4, 4),
+            (32, 64, 128, 4, 4),
+            (16, 64, 128, 4, 4),
+        ]:
+            cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                                      num_warps=warps, num_stages=stages))
+        return cfgs
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K", "HAS_BIAS", "IEEE"])
-@triton.jit
-def _sparse24_kernel(
-    x_ptr, v_ptr, meta_ptr, out_ptr, bias_ptr,
-    M, N, K,
-    stride_xm, stride_xk, stride_vn, stride_mn, stride_om, stride_on,
-    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    in_group = GROUP_M * num_n
-    first_m = (pid // in_group) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + ((pid % in_group) % size_m)
-    pid_n = (pid % in_group) // size_m
+    @triton.autotune(configs=_configs(), key=["M", "N", "K", "HAS_BIAS", "IEEE"])
+    @triton.jit
+    def _sparse24_kernel(
+        x_ptr, v_ptr, meta_ptr, out_ptr, bias_ptr,
+        M, N, K,
+        stride_xm, stride_xk, stride_vn, stride_mn, stride_om, stride_on,
+        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        in_group = GROUP_M * num_n
+        first_m = (pid // in_group) * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + ((pid % in_group) % size_m)
+        pid_n = (pid % in_group) // size_m
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)  # dense K positions inside the tile
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    # For dense column k: group g = k // 4, its two compressed columns 2g, 2g+1,
-    # whose 2-bit codes sit at bits 2*((2g) % 8) and 2*((2g+1) % 8) of meta[(2g) // 8].
-    c0 = (offs_k // 4) * 2
-    p = offs_k % 4
-    sh0 = 2 * (c0 % 8)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, tl.cdiv(K, BLOCK_K)):
-        kd = k0 * BLOCK_K + offs_k
-        kmask = kd < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kd[None, :] * stride_xk,
-                    mask=mask_m[:, None] & kmask[None, :], other=0.0)
-        cc = k0 * (BLOCK_K // 2) + c0  # compressed column of the group's first value
-        wmask = kmask[:, None] & mask_n[None, :]
-        v0 = tl.load(v_ptr + offs_n[None, :] * stride_vn + cc[:, None], mask=wmask, other=0.0)
-        v1 = tl.load(v_ptr + offs_n[None, :] * stride_vn + cc[:, None] + 1, mask=wmask, other=0.0)
-        m = tl.load(meta_ptr + offs_n[None, :] * stride_mn + (cc // 8)[:, None], mask=wmask, other=0)
-        m = m.to(tl.int32) & 0xFFFF
-        i0 = (m >> sh0[:, None]) & 3
-        i1 = (m >> (sh0[:, None] + 2)) & 3
-        # Dense (BLOCK_K, BLOCK_N) tile of W^T; codes are strictly increasing, so
-        # at most one of the two matches a position.
-        w = tl.where(i0 == p[:, None], v0, tl.where(i1 == p[:, None], v1, tl.zeros_like(v0)))
-        if IEEE:
-            acc = tl.dot(x, w, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x, w, acc)
-    res = acc
-    if HAS_BIAS:
-        b = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        res = res + b[None, :]
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    tl.store(out_ptrs, res.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)  # dense K positions inside the tile
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        # For dense column k: group g = k // 4, its two compressed columns 2g, 2g+1,
+        # whose 2-bit codes sit at bits 2*((2g) % 8) and 2*((2g+1) % 8) of meta[(2g) // 8].
+        c0 = (offs_k // 4) * 2
+        p = offs_k % 4
+        sh0 = 2 * (c0 % 8)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, tl.cdiv(K, BLOCK_K)):
+            kd = k0 * BLOCK_K + offs_k
+            kmask = kd < K
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kd[None, :] * stride_xk,
+                        mask=mask_m[:, None] & kmask[None, :], other=0.0)
+            cc = k0 * (BLOCK_K // 2) + c0  # compressed column of the group's first value
+            wmask = kmask[:, None] & mask_n[None, :]
+            v0 = tl.load(v_ptr + offs_n[None, :] * stride_vn + cc[:, None], mask=wmask, other=0.0)
+            v1 = tl.load(v_ptr + offs_n[None, :] * stride_vn + cc[:, None] + 1, mask=wmask, other=0.0)
+            m = tl.load(meta_ptr + offs_n[None, :] * stride_mn + (cc // 8)[:, None], mask=wmask, other=0)
+            m = m.to(tl.int32) & 0xFFFF
+            i0 = (m >> sh0[:, None]) & 3
+            i1 = (m >> (sh0[:, None] + 2)) & 3
+            # Dense (BLOCK_K, BLOCK_N) tile of W^T; codes are strictly increasing, so
+            # at most one of the two matches a position.
+            w = tl.where(i0 == p[:, None], v0, tl.where(i1 == p[:, None], v1, tl.zeros_like(v0)))
+            if IEEE:
+                acc = tl.dot(x, w, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, w, acc)
+        res = acc
+        if HAS_BIAS:
+            b = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            res = res + b[None, :]
+        out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+        tl.store(out_ptrs, res.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
@@ -184,6 +190,9 @@ def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
     or float32); float32 accumulation; output in x's dtype. The weight rows
     must be contiguous (``values.stride(1) == meta.stride(1) == 1``).
     """
+    if triton is None:
+        raise ImportError("sparse24_matmul needs Triton (pip install triton); "
+                          "decompress_24 + F.linear is the fallback")
     if x.ndim != 2:
         raise ValueError(f"x must be 2-D, got shape {tuple(x.shape)}")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32) or values.dtype != x.dtype:

@@ -189,7 +189,8 @@ int8_gemm_kernel(const int8_t* __restrict__ A, const int8_t* __restrict__ W,
 
 // One block per row: absmax (block reduction), scale = absmax / 127 (IEEE
 // division), q = clamp(rint(x / scale), -127, 127) with rint = round half to even;
-// scale 0 (all-zero row) gives q = 0. Same definition as the Triton kernel and
+// scale 0 (all-zero row) gives q = 0; a row with NaN/Inf gets scale NaN and
+// q = 0 (its outputs become NaN, as the float layer's would). Same definition as the Triton kernel and
 // the torch reference.
 template <typename T>
 __device__ __forceinline__ float to_f(T v);
@@ -204,7 +205,12 @@ quantize_rows_kernel(const T* __restrict__ x, int8_t* __restrict__ q, float* __r
   const int64_t row = blockIdx.x;
   const T* xr = x + row * K;
   float amax = 0.f;
-  for (int k = threadIdx.x; k < K; k += blockDim.x) amax = fmaxf(amax, fabsf(to_f(xr[k])));
+  int bad = 0;
+  for (int k = threadIdx.x; k < K; k += blockDim.x) {
+    const float v = to_f(xr[k]);
+    if (isfinite(v)) amax = fmaxf(amax, fabsf(v)); else bad = 1;
+  }
+  const int nonfinite = __syncthreads_or(bad);
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
@@ -218,11 +224,12 @@ quantize_rows_kernel(const T* __restrict__ x, int8_t* __restrict__ q, float* __r
   }
   __syncthreads();
   const float s = __fdiv_rn(red[0], 127.f);
-  if (threadIdx.x == 0) scale[row] = s;
+  const bool ok = s > 0.f && !nonfinite;
+  if (threadIdx.x == 0) scale[row] = nonfinite ? __int_as_float(0x7fc00000) : s;
   int8_t* qr = q + row * K;
   for (int k = threadIdx.x; k < K; k += blockDim.x) {
     float y = 0.f;
-    if (s > 0.f) y = fminf(fmaxf(rintf(__fdiv_rn(to_f(xr[k]), s)), -127.f), 127.f);
+    if (ok) y = fminf(fmaxf(rintf(__fdiv_rn(to_f(xr[k]), s)), -127.f), 127.f);
     qr[k] = static_cast<int8_t>(y);
   }
 }

@@ -8,5 +8,6 @@ models.
 
 from .int8_linear import Int8Linear
 from .sparse_linear import SparseLinear
+from .semistructured import SemiStructuredLinear
 
-__all__ = ["Int8Linear", "SparseLinear"]
+__all__ = ["Int8Linear", "SparseLinear", "SemiStructuredLinear"]
