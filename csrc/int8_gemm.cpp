@@ -409,18 +409,37 @@ MD_AVX2 void wo_rows_avx2(const float* x, int64_t mr, int64_t K, const int8_t* w
   }
 }
 
+template <int MR>
+MD_AVX512 void wo_rows_avx512_t(const float* x, int64_t K, const int8_t* w, float s, float b, float* y,
+                                int64_t ldy) {
+  __m512 acc[MR];
+#pragma GCC unroll 4
+  for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const __m512 wv =
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k))));
+#pragma GCC unroll 4
+    for (int r = 0; r < MR; ++r) acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * K + k), wv, acc[r]);
+  }
+  if (k < K) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (K - k)) - 1u);
+    const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, w + k)));
+#pragma GCC unroll 4
+    for (int r = 0; r < MR; ++r) acc[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x + r * K + k), wv, acc[r]);
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < MR; ++r) y[r * ldy] = std::fma(_mm512_reduce_add_ps(acc[r]), s, b);
+}
+
 MD_AVX512 void wo_rows_avx512(const float* x, int64_t mr, int64_t K, const int8_t* w, float s, float b,
                               float* y, int64_t ldy) {
-  __m512 acc[kWoMR];
-  for (int r = 0; r < kWoMR; ++r) acc[r] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 16) {
-    const int64_t n = std::min<int64_t>(16, K - k);
-    const __mmask16 m = static_cast<__mmask16>(n == 16 ? 0xFFFFu : ((1u << n) - 1u));
-    const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, w + k)));
-    for (int r = 0; r < kWoMR; ++r)
-      if (r < mr) acc[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x + r * K + k), wv, acc[r]);
+  switch (mr) {
+    case 4: wo_rows_avx512_t<4>(x, K, w, s, b, y, ldy); break;
+    case 3: wo_rows_avx512_t<3>(x, K, w, s, b, y, ldy); break;
+    case 2: wo_rows_avx512_t<2>(x, K, w, s, b, y, ldy); break;
+    default: wo_rows_avx512_t<1>(x, K, w, s, b, y, ldy); break;
   }
-  for (int r = 0; r < mr; ++r) y[r * ldy] = std::fma(_mm512_reduce_add_ps(acc[r]), s, b);
 }
 
 void weight_only_small_m(Level lv, const float* x, int64_t M, int64_t K, const int8_t* w, int64_t N,

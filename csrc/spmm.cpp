@@ -25,6 +25,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -106,28 +107,54 @@ MD_AVX512 void pack_avx512(const float* x, int64_t mvalid, int64_t K, int64_t MB
     for (int64_t m = 0; m < MB; ++m) xt[k * MB + m] = m < mvalid ? x[m * K + k] : 0.f;
 }
 
-template <int V>
+// RI output channels are processed together (their nonzero loops interleaved up to
+// the shortest row, then each row's tail) so RI * V independent fma chains hide
+// the fma latency and the L2 latency of the X^T loads. Each row's own order of
+// accumulation is unchanged.
+template <int V, int RI>
 MD_AVX512 void spmm_block_avx512(const float* xt, int64_t mvalid, const Csr& w, int64_t n0, int64_t n1,
                                  const float* bias, float* out, int64_t ldo) {
   constexpr int64_t MB = 16 * V;
   alignas(64) float tile[V][16][16];
   for (int64_t nt = n0; nt < n1; nt += 16) {
     const int64_t nv = std::min<int64_t>(16, n1 - nt);
-    for (int64_t nl = 0; nl < 16; ++nl) {
-      __m512 acc[V];
+    for (int64_t nl = 0; nl < 16; nl += RI) {
+      __m512 acc[RI][V];
+      const float* vp[RI];
+      const int32_t* cp[RI];
+      int32_t len[RI];
+      int32_t common = INT32_MAX;
+#pragma GCC unroll 8
+      for (int i = 0; i < RI; ++i) {
 #pragma GCC unroll 4
-      for (int v = 0; v < V; ++v) acc[v] = _mm512_setzero_ps();
-      if (nl < nv) {
-        const int64_t n = nt + nl;
-        for (int32_t p = w.rp[n], pe = w.rp[n + 1]; p < pe; ++p) {
-          const __m512 wv = _mm512_set1_ps(w.val[p]);
-          const float* xr = xt + static_cast<int64_t>(w.ci[p]) * MB;
+        for (int v = 0; v < V; ++v) acc[i][v] = _mm512_setzero_ps();
+        const int64_t n = nt + nl + i;
+        const int32_t b = nl + i < nv ? w.rp[n] : 0, e = nl + i < nv ? w.rp[n + 1] : 0;
+        vp[i] = w.val + b;
+        cp[i] = w.ci + b;
+        len[i] = e - b;
+        common = std::min(common, len[i]);
+      }
+      for (int32_t t = 0; t < common; ++t) {
+#pragma GCC unroll 8
+        for (int i = 0; i < RI; ++i) {
+          const __m512 wv = _mm512_set1_ps(vp[i][t]);
+          const float* xr = xt + static_cast<int64_t>(cp[i][t]) * MB;
 #pragma GCC unroll 4
-          for (int v = 0; v < V; ++v) acc[v] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xr + 16 * v), acc[v]);
+          for (int v = 0; v < V; ++v) acc[i][v] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xr + 16 * v), acc[i][v]);
         }
       }
+#pragma GCC unroll 8
+      for (int i = 0; i < RI; ++i) {
+        for (int32_t t = common; t < len[i]; ++t) {
+          const __m512 wv = _mm512_set1_ps(vp[i][t]);
+          const float* xr = xt + static_cast<int64_t>(cp[i][t]) * MB;
 #pragma GCC unroll 4
-      for (int v = 0; v < V; ++v) _mm512_store_ps(tile[v][nl], acc[v]);
+          for (int v = 0; v < V; ++v) acc[i][v] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xr + 16 * v), acc[i][v]);
+        }
+#pragma GCC unroll 4
+        for (int v = 0; v < V; ++v) _mm512_store_ps(tile[v][nl + i], acc[i][v]);
+      }
     }
     const __mmask16 mask = static_cast<__mmask16>(nv == 16 ? 0xFFFFu : ((1u << nv) - 1u));
     const __m512 bv = bias ? _mm512_maskz_loadu_ps(mask, bias + nt) : _mm512_setzero_ps();
@@ -179,25 +206,42 @@ MD_AVX2 void pack_avx2(const float* x, int64_t mvalid, int64_t K, int64_t MB, fl
     for (int64_t m = 0; m < MB; ++m) xt[k * MB + m] = m < mvalid ? x[m * K + k] : 0.f;
 }
 
-template <int V>
+template <int V, int RI>
 MD_AVX2 void spmm_block_avx2(const float* xt, int64_t mvalid, const Csr& w, int64_t n0, int64_t n1,
                              const float* bias, float* out, int64_t ldo) {
   constexpr int64_t MB = 8 * V;
   alignas(32) float tile[V][8][8];
   for (int64_t nt = n0; nt < n1; nt += 8) {
     const int64_t nv = std::min<int64_t>(8, n1 - nt);
-    for (int64_t nl = 0; nl < 8; ++nl) {
-      __m256 acc[V];
-      for (int v = 0; v < V; ++v) acc[v] = _mm256_setzero_ps();
-      if (nl < nv) {
-        const int64_t n = nt + nl;
-        for (int32_t p = w.rp[n], pe = w.rp[n + 1]; p < pe; ++p) {
-          const __m256 wv = _mm256_set1_ps(w.val[p]);
-          const float* xr = xt + static_cast<int64_t>(w.ci[p]) * MB;
-          for (int v = 0; v < V; ++v) acc[v] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xr + 8 * v), acc[v]);
-        }
+    for (int64_t nl = 0; nl < 8; nl += RI) {
+      __m256 acc[RI][V];
+      const float* vp[RI];
+      const int32_t* cp[RI];
+      int32_t len[RI];
+      int32_t common = INT32_MAX;
+      for (int i = 0; i < RI; ++i) {
+        for (int v = 0; v < V; ++v) acc[i][v] = _mm256_setzero_ps();
+        const int64_t n = nt + nl + i;
+        const int32_t b = nl + i < nv ? w.rp[n] : 0, e = nl + i < nv ? w.rp[n + 1] : 0;
+        vp[i] = w.val + b;
+        cp[i] = w.ci + b;
+        len[i] = e - b;
+        common = std::min(common, len[i]);
       }
-      for (int v = 0; v < V; ++v) _mm256_store_ps(tile[v][nl], acc[v]);
+      for (int32_t t = 0; t < common; ++t)
+        for (int i = 0; i < RI; ++i) {
+          const __m256 wv = _mm256_set1_ps(vp[i][t]);
+          const float* xr = xt + static_cast<int64_t>(cp[i][t]) * MB;
+          for (int v = 0; v < V; ++v) acc[i][v] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xr + 8 * v), acc[i][v]);
+        }
+      for (int i = 0; i < RI; ++i) {
+        for (int32_t t = common; t < len[i]; ++t) {
+          const __m256 wv = _mm256_set1_ps(vp[i][t]);
+          const float* xr = xt + static_cast<int64_t>(cp[i][t]) * MB;
+          for (int v = 0; v < V; ++v) acc[i][v] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xr + 8 * v), acc[i][v]);
+        }
+        for (int v = 0; v < V; ++v) _mm256_store_ps(tile[v][nl + i], acc[i][v]);
+      }
     }
     for (int v = 0; v < V; ++v) {
       __m256 r[8];
@@ -248,11 +292,10 @@ void spmm(Level lv, const float* x, int64_t M, int64_t K, const Csr& w, int64_t 
           float* out, int threads) {
   if (M <= 0 || N <= 0) return;
   const int64_t lanes = lv == Level::kAvx512 ? 16 : 8;
-  // Token block: up to 4 vectors, and the packed X^T panel (K x MB floats) kept
-  // at or under 512 KiB so it stays in L2 while the channel chunk streams.
-  int64_t V = std::min<int64_t>(4, (M + lanes - 1) / lanes);
-  while (V > 1 && K * lanes * V * 4 > (512 << 10)) V /= 2;
-  if (V == 3) V = 2;
+  // Token block MB = lanes * V: V = 2 (32 tokens with AVX-512) measured best on
+  // Zen4 for M >= 32 (V = 4 halves the independent fma chains per nonzero and
+  // doubles the X^T panel; V = 1 pays the index/broadcast loads per 16 tokens).
+  const int64_t V = M > lanes ? 2 : 1;
   const int64_t MB = lanes * V;
   const int64_t mblocks = (M + MB - 1) / MB, nchunks = (N + kNC - 1) / kNC;
   const uint64_t call = ++g_call;
@@ -277,13 +320,11 @@ void spmm(Level lv, const float* x, int64_t M, int64_t K, const Csr& w, int64_t 
       float* o = out + m0 * N;
       const float* xt = st.buf.data();
       if (lv == Level::kAvx512) {
-        if (V == 4) spmm_block_avx512<4>(xt, mvalid, w, n0, n1, bias, o, N);
-        else if (V == 2) spmm_block_avx512<2>(xt, mvalid, w, n0, n1, bias, o, N);
-        else spmm_block_avx512<1>(xt, mvalid, w, n0, n1, bias, o, N);
+        if (V == 2) spmm_block_avx512<2, 4>(xt, mvalid, w, n0, n1, bias, o, N);
+        else spmm_block_avx512<1, 8>(xt, mvalid, w, n0, n1, bias, o, N);
       } else if (lv == Level::kAvx2) {
-        if (V == 4) spmm_block_avx2<4>(xt, mvalid, w, n0, n1, bias, o, N);
-        else if (V == 2) spmm_block_avx2<2>(xt, mvalid, w, n0, n1, bias, o, N);
-        else spmm_block_avx2<1>(xt, mvalid, w, n0, n1, bias, o, N);
+        if (V == 2) spmm_block_avx2<2, 4>(xt, mvalid, w, n0, n1, bias, o, N);
+        else spmm_block_avx2<1, 8>(xt, mvalid, w, n0, n1, bias, o, N);
       } else {
         spmm_block_scalar(xt, MB, mvalid, w, n0, n1, bias, o, N);
       }

@@ -116,16 +116,21 @@ class Int8Linear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features in its last dimension; "
                              f"this Int8Linear expects {self.in_features}")
+        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"input dtype {x.dtype} is not supported; use float32, bfloat16 or float16")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
+        args = (x2, self.weight_int8, self.weight_scale, self.bias)
+        compiling = torch.compiler.is_compiling()
         if self.mode == "w8a8":
             cpu = x2.device.type == "cpu"
-            y = int8_ops.int8_linear(x2, self.weight_int8, self.weight_scale, self.bias,
-                                     self._w_packed if cpu else None, self._w_colsum if cpu else None,
-                                     out_dtype=self.out_dtype)
+            packed = (self._w_packed, self._w_colsum) if cpu else (None, None)
+            # the module's buffers are consistent by construction: skip the op-level checks
+            fn = int8_ops._int8_linear_op if compiling else int8_ops._int8_linear_impl
+            y = fn(*args, *packed, self.out_dtype)
         else:
-            y = int8_ops.int8_weight_only_linear(x2, self.weight_int8, self.weight_scale, self.bias,
-                                                 out_dtype=self.out_dtype)
+            fn = int8_ops._int8_weight_only_op if compiling else int8_ops._int8_weight_only_impl
+            y = fn(*args, self.out_dtype)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:

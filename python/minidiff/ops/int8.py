@@ -52,11 +52,13 @@ MAX_K = 66000
 """Largest reduction length: the kernel's unsigned-shifted sums stay below 2**31
 (K * 254 * 127 < 2**31)."""
 
-WEIGHT_ONLY_NATIVE_MAX_M = 8
-"""Weight-only mode: rows up to this use the native kernel (reads 1 byte per weight,
-memory bound); more rows dequantize the weight and call the float GEMM (compute
-bound, where sgemm/bf16 GEMM is faster than any dequantize-on-the-fly loop here).
-Measured in benchmarks/bench_linear.py."""
+WEIGHT_ONLY_NATIVE_MAX_M = 96
+"""Weight-only mode: up to this many rows use the native kernel (reads 1 byte per
+weight and converts in registers); more rows dequantize the weight once per call and
+call the float GEMM, whose higher FMA efficiency then pays for the dequantization.
+Measured (1 thread, Zen4; benchmarks/RESULTS.md): native time grows ~0.018 ms/row on
+384x1536 and ~0.07 ms/row on 768x3072; dequantize + sgemm costs ~0.4 / ~2.5 ms plus
+~0.013 / ~0.05 ms/row, so the paths cross at M ~ 80-125."""
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
