@@ -302,8 +302,13 @@ def render(res: dict[str, Any]) -> str:
            f" · base population of {_e(st.get('population', 1))} seed(s) · minidiff {_e(st.get('minidiff_version', ''))}")
     parts = [f"<h1>Is the compressed model a miniature of the original? — {_e(st.get('name', 'study'))}</h1>",
              f'<div class="sub">{sub}</div>', _summary(res)]
+    studies = res.get("studies") or {}
+    if studies:
+        parts.append("<p>Studies in this report (each has its full report with every figure):</p><ul>" + "".join(
+            f'<li><a href="{_e(s.get("report", ""))}">{_e(s.get("name", tag))}</a> — {_e(s.get("data", ""))}</li>'
+            for tag, s in studies.items()) + "</ul>")
     notes = st.get("notes") or []
-    if notes:
+    if notes and not studies:
         parts.append("<ul>" + "".join(f'<li class="skip">{_e(n)}</li>' for n in notes) + "</ul>")
     parts.append("<h2>Models</h2>" + _models(res))
     parts.append('<h2 id="prediction-errors">Prediction errors</h2><p class="muted">Flips, churn and error overlap '

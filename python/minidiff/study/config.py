@@ -22,7 +22,10 @@ Format (every key except ``[data]`` and ``[base]`` is optional)::
     text_column = "text"     # csv / jsonl / hf_disk (text data)
     label_column = "label"   # "" when the data has no labels
     eval_fraction = 0.5      # share held out for evaluation when minidiff trains models
-    limit = 0                # keep at most this many evaluation examples (0: all)
+    limit = 0                # keep at most this many evaluation examples (0: all; seeded sample)
+    train_limit = 0          # the same for the training part (when minidiff trains models)
+    resize = [8, 8]          # images only: resize (area interpolation), e.g. to match another set
+    options = {}             # keyword options of the built-in loader, e.g. {language = "german"}
 
     [ood]                    # optional out-of-distribution set (same keys as [data])
     source = "builtin"
@@ -93,6 +96,15 @@ class DataConfig(_Strict):
                                     description="keyword options of the built-in loader, e.g. {language='german'}")
     eval_fraction: float = Field(0.5, gt=0.0, le=1.0)
     limit: int = Field(0, ge=0)
+    train_limit: int = Field(0, ge=0, description="keep at most this many training examples (0: all)")
+    resize: list[int] = Field(default_factory=list, description="images: resize to [height, width] (area)")
+
+    @field_validator("resize")
+    @classmethod
+    def _resize_ok(cls, v: list[int]) -> list[int]:
+        if v and (len(v) != 2 or any(x < 1 for x in v)):
+            raise ValueError("resize must be [height, width] with positive integers")
+        return v
 
     @model_validator(mode="after")
     def _check_source(self) -> "DataConfig":

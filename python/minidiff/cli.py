@@ -1,0 +1,132 @@
+"""The ``minidiff`` command line.
+
+::
+
+    minidiff run STUDY.toml --out DIR       run a study file; DIR/report.html, DIR/results.json, CSVs
+    minidiff demo --out DIR [--quick]       the embedded default study (offline, real data and models)
+    minidiff report --cache DIR --out DIR   re-render the report from a cache, running no model
+    minidiff check STUDY.toml               validate a study file only
+
+User errors (a bad study file, missing data, a full disk) print one
+``minidiff: error: ...`` line and exit with status 2 (bad input) or 1 (could not
+write); no traceback. ``python -m minidiff`` is the same program.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="minidiff", description="How does a compressed model differ from its original?")
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = p.add_subparsers(dest="command")
+    r = sub.add_parser("run", help="run a study file (TOML)")
+    r.add_argument("study", help="path to the study file")
+    r.add_argument("--out", required=True, help="output folder (report.html, results.json, CSV tables)")
+    r.add_argument("--cache", default=None, help="cache folder (default: OUT/cache)")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    d = sub.add_parser("demo", help="run the embedded default study (no downloads)")
+    d.add_argument("--out", required=True, help="output folder")
+    d.add_argument("--quick", action="store_true", help="reduced size (CI)")
+    d.add_argument("--only", choices=["digits", "minilm"], default=None, help="run one of the two studies")
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    rp = sub.add_parser("report", help="regenerate the report from a cache without running models")
+    rp.add_argument("--cache", required=True, help="the cache folder of a finished run (OUT/cache)")
+    rp.add_argument("--out", required=True, help="output folder")
+    c = sub.add_parser("check", help="validate a study file")
+    c.add_argument("study")
+    return p
+
+
+def _fail(msg: str, code: int) -> int:
+    print(f"minidiff: error: {msg}", file=sys.stderr)
+    return code
+
+
+def _threads(n: int) -> None:
+    if n and n > 0:
+        import torch
+        torch.set_num_threads(n)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.version:
+        import minidiff
+        print(f"minidiff {minidiff.__version__}")
+        return 0
+    if args.command is None:
+        _parser().print_help(sys.stderr)
+        return 2
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from minidiff.study.cache import CacheCorruptionWarning
+    from minidiff.study.config import StudyFileError, load_config
+    from minidiff.study.results import OutputWriteError
+    warnings.simplefilter("always", CacheCorruptionWarning)
+    t0 = time.perf_counter()
+    try:
+        if args.command == "check":
+            cfg = load_config(args.study)
+            print(f"{args.study}: OK — base {cfg.base.kind}, {len(cfg.variants)} variant(s): "
+                  + ", ".join(v.name for v in cfg.variants))
+            return 0
+        if args.command == "report":
+            from minidiff.study.study import report_from_cache
+            res = report_from_cache(args.cache, args.out)
+            print(f"report written: {Path(args.out) / 'report.html'} ({len(res.get('variants', []))} variants, "
+                  "from the cache; no model was run)")
+            return 0
+        if args.command == "run":
+            _threads(args.threads)
+            cfg = load_config(args.study)
+            from minidiff.study.build import build_study
+            cache = Path(args.cache) if args.cache else Path(args.out) / "cache"
+            study = build_study(cfg, cache_dir=cache, progress=not args.quiet and cfg.study.progress)
+            res = study.run(out=args.out)
+            if not res:  # a non-zero torchrun rank: rank 0 writes
+                return 0
+            _print_summary(res, args.out, time.perf_counter() - t0)
+            return 0
+        if args.command == "demo":
+            _threads(args.threads)
+            from minidiff.study.demo import run_demo
+            res = run_demo(args.out, quick=args.quick, only=args.only, progress=not args.quiet)
+            _print_summary(res, args.out, time.perf_counter() - t0)
+            return 0
+    except StudyFileError as e:
+        return _fail(str(e), 2)
+    except OutputWriteError as e:
+        return _fail(str(e), 1)
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
+        return _fail(str(e), 2)
+    except OSError as e:
+        return _fail(f"{type(e).__name__}: {e}", 1)
+    except KeyboardInterrupt:
+        print("minidiff: interrupted; finished chunks are cached, run the same command again to resume",
+              file=sys.stderr)
+        return 130
+    return 2
+
+
+def _print_summary(res: dict, out: str, seconds: float) -> None:
+    print(f"\n{res.get('study', {}).get('name', 'study')} — {seconds:.0f} s")
+    chars = ["accuracy", "prediction_errors", "representation", "distribution", "adversarial"]
+    width = max([len(v) for v in res.get("variants", [])] + [8])
+    print("  " + "variant".ljust(width) + "  " + "  ".join(c[:18].ljust(18) for c in chars))
+    for v in res.get("variants", []):
+        ver = res.get("verdicts", {}).get(v, {})
+        print("  " + v.ljust(width) + "  " + "  ".join(str(ver.get(c, {}).get("verdict", "-")).ljust(18) for c in chars))
+    print(f"\nreport: {Path(out) / 'report.html'}\nnumbers: {Path(out) / 'results.json'}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,355 @@
+"""From a study file to a ready :class:`~minidiff.study.Study`: load the data, build
+(train, compress, distil, load) every model, each built model cached.
+
+Models minidiff builds are deterministic given the study seed and the member's
+seed, and are cached under ``built/<key>`` where the key hashes the recipe, the
+training data and the parent model's key, so a rerun (or ``minidiff report``)
+does not train again. Text models get a classification head trained on their
+own features (each compressed encoder gets its own head: Rai et al. 2024
+fine-tune every model they compare).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from minidiff.study.cache import StudyCache, hash_json, hash_module
+from minidiff.study.config import (CNNModel, DataConfig, HubModel, MiniLMModel, MLPModel, PathModel, StudyConfig,
+                                   VariantConfig, load_config)
+
+
+def load_data(dc: DataConfig, what: str = "data") -> Any:
+    """The ExampleSet a ``[data]``/``[ood]`` table names (ValueError naming the table on failure)."""
+    from minidiff import data as md
+    label = dc.label_column or None
+    try:
+        if dc.source == "builtin":
+            return md.load_builtin(dc.name, **dc.options)
+        if not Path(dc.path).exists():
+            raise ValueError(f"{dc.path!r} does not exist")
+        if dc.source == "csv":
+            return md.load_csv(dc.path, text_column=dc.text_column, label_column=label, **dc.options)
+        if dc.source == "jsonl":
+            return md.load_jsonl(dc.path, text_column=dc.text_column, label_column=label, **dc.options)
+        return md.load_hf_disk(dc.path, split=dc.split or None, text_column=dc.text_column, label_column=label,
+                               **dc.options)
+    except TypeError as e:
+        raise ValueError(f"[{what}] options: {e}") from None
+    except ValueError as e:
+        raise ValueError(f"[{what}]: {e}") from None
+
+
+def _resize(ds: Any, size: list[int], what: str) -> Any:
+    if not size:
+        return ds
+    if ds.kind != "image":
+        raise ValueError(f"[{what}] resize applies to image data; {ds.name!r} holds {ds.kind}")
+    from minidiff.data import ExampleSet
+    x = torch.nn.functional.interpolate(ds.inputs, size=tuple(size), mode="area").clamp(0.0, 1.0)
+    return ExampleSet(name=ds.name, kind="image", inputs=x, labels=ds.labels, class_names=list(ds.class_names),
+                      ids=list(ds.ids), meta={**ds.meta, "resized_to": list(size)})
+
+
+def _limit(ds: Any, limit: int, seed: int) -> Any:
+    if not limit or limit >= len(ds):
+        return ds
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(ds), generator=g)[:limit].sort().values
+    return ds.subset(idx)
+
+
+def _needs_training(cfg: StudyConfig) -> bool:
+    specs = [cfg.base] + [v.model for v in cfg.variants if v.model is not None]
+    if any(isinstance(s, (MLPModel, CNNModel, MiniLMModel)) or (isinstance(s, HubModel) and s.head == "train")
+           for s in specs):
+        return True
+    return any(v.recipe == "distill" or v.finetune_epochs > 0 for v in cfg.variants) or (
+        isinstance(cfg.base, (MiniLMModel,)) or (isinstance(cfg.base, HubModel) and cfg.base.head == "train"))
+
+
+class Builder:
+    """Builds and caches the models of one study."""
+
+    def __init__(self, cfg: StudyConfig, train: Any, eval_data: Any, cache: StudyCache, progress: bool) -> None:
+        self.cfg = cfg
+        self.train = train
+        self.eval = eval_data
+        self.cache = cache
+        self.progress = progress
+        self.num_classes = eval_data.num_classes if eval_data.labels is not None else (
+            train.num_classes if train is not None else 0)
+        self.train_fp = train.fingerprint() if train is not None else "none"
+        self._tokenized: dict[int, dict[str, torch.Tensor]] = {}
+        self.built_fresh = 0
+
+    # -- data as the trainer wants it -------------------------------------------------
+    def _train_xy(self, tokenizer: Any = None, max_length: int = 64) -> tuple[Any, torch.Tensor]:
+        if self.train is None or self.train.labels is None:
+            raise ValueError("training a model needs labelled training data; the [data] set has no labels")
+        if self.train.kind != "text":
+            return self.train.inputs, self.train.labels
+        key = id(tokenizer)
+        if key not in self._tokenized:
+            enc = tokenizer(list(self.train.inputs), padding=True, truncation=True, max_length=max_length,
+                            return_tensors="pt")
+            self._tokenized[key] = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        return self._tokenized[key], self.train.labels
+
+    def _cached(self, key: str, build: Any, tokenizer: Any = None) -> tuple[nn.Module, dict]:
+        """Load ``built/<key>`` or build and store it (``minidiff.save_variant``: safetensors +
+        manifest, its own SHA-256 check). A corrupt entry is reported and rebuilt.
+        Tokenizers are not stored; the caller's is re-attached."""
+        import warnings
+
+        from minidiff.compress import Variant, load_variant, save_variant
+        from minidiff.study.cache import CacheCorruptionWarning
+        path = self.cache.root / "built" / key
+        module = meta = None
+        if (path / "manifest.json").exists():
+            try:
+                v = load_variant(path)
+                module, meta = v.model, dict(v.manifest.get("study_meta", {}))
+            except ValueError as e:
+                warnings.warn(f"minidiff cache: built model {key} is unusable ({e}); rebuilding it",
+                              CacheCorruptionWarning, stacklevel=2)
+                self.cache.corrupt_entries.append(f"built/{key}")
+                self.cache.remove_tree(f"built/{key}")
+        if module is None:
+            self.built_fresh += 1
+            module, meta = build()
+            tok = getattr(module, "tokenizer", None)
+            if tok is not None:
+                module.tokenizer = None
+            try:
+                save_variant(Variant(module, {"method": "study-build", "study_meta": meta}), path)
+            finally:
+                if tok is not None:
+                    module.tokenizer = tok
+        if hasattr(module, "tokenizer") and getattr(module, "tokenizer", None) is None:
+            module.tokenizer = tokenizer
+        return module.eval(), meta
+
+    # -- text heads -----------------------------------------------------------------------
+    @torch.no_grad()
+    def _features(self, model: nn.Module, max_length: int, batch: int = 64) -> torch.Tensor:
+        """Pooled encoder features of the training texts (what the head sees)."""
+        x, _ = self._train_xy(model.tokenizer, max_length)
+        outs = []
+        feats: list[torch.Tensor] = []
+        h = model.head.register_forward_pre_hook(lambda m, i: feats.append(i[0].detach()))
+        try:
+            model.eval()
+            n = x["input_ids"].shape[0]
+            for s in range(0, n, batch):
+                model(input_ids=x["input_ids"][s:s + batch], attention_mask=x["attention_mask"][s:s + batch])
+                outs.append(feats.pop())
+        finally:
+            h.remove()
+        return torch.cat(outs)
+
+    def _train_head(self, model: nn.Module, tc: Any, seed: int, max_length: int) -> dict:
+        """Train ``model.head`` (a Linear) on the frozen model's pooled training features."""
+        from minidiff.compress.training import seeded, train
+        feats = self._features(model, max_length)
+        head = model.head
+        with seeded(seed):
+            head.reset_parameters()
+        res = train(head, (feats, self.train.labels), epochs=tc.epochs, lr=tc.lr, batch_size=tc.batch_size,
+                    seed=seed, weight_decay=tc.weight_decay)
+        return {"head_epochs": tc.epochs, "head_final_loss": res.losses[-1] if res.losses else None}
+
+    # -- base and separate models ---------------------------------------------------------
+    def model(self, spec: Any, seed: int) -> tuple[nn.Module, dict]:
+        key = hash_json({"spec": spec.model_dump(mode="json"), "seed": seed, "train": self.train_fp,
+                         "classes": self.num_classes, "study_seed": self.cfg.study.seed})[:32]
+        if isinstance(spec, (MLPModel, CNNModel)):
+            def build() -> tuple[nn.Module, dict]:
+                from minidiff.compress.training import seeded, train
+                from minidiff.models import make_cnn, make_mlp
+                x, y = self._train_xy()
+                with seeded(seed):
+                    if isinstance(spec, MLPModel):
+                        m = make_mlp(int(x[0].numel()), spec.hidden, self.num_classes)
+                    else:
+                        m = make_cnn(int(x.shape[1]), spec.channels, self.num_classes)
+                res = train(m, (x, y), epochs=spec.train.epochs, lr=spec.train.lr, batch_size=spec.train.batch_size,
+                            seed=seed, weight_decay=spec.train.weight_decay)
+                return m, {"recipe": f"{spec.kind} trained {spec.train.epochs} epochs", "final_loss":
+                           res.losses[-1] if res.losses else None}
+            return self._cached(key, build)
+        if isinstance(spec, MiniLMModel) or (isinstance(spec, HubModel) and spec.head == "train"):
+            from minidiff.models import TextClassifier
+            source = "minilm" if isinstance(spec, MiniLMModel) else spec.id
+            tok_holder = TextClassifier.from_pretrained(source, num_classes=max(self.num_classes, 2),
+                                                        pooling=spec.pooling, seed=seed)
+            tokenizer = tok_holder.tokenizer
+            hc = spec.head if isinstance(spec, MiniLMModel) else spec.train
+
+            def build() -> tuple[nn.Module, dict]:
+                m = tok_holder
+                info = self._train_head(m, hc, seed, spec.max_length)
+                name = "all-MiniLM-L6-v2" if isinstance(spec, MiniLMModel) else spec.id
+                return m, {"recipe": f"{name} + head trained on its features", **info}
+            return self._cached(key, build, tokenizer)
+        if isinstance(spec, HubModel):
+            from minidiff.models import load_model
+
+            def build() -> tuple[nn.Module, dict]:
+                lm = load_model(spec.id, task="sequence-classification")
+                m = lm.model
+                m.tokenizer = lm.tokenizer
+                return m, {"recipe": f"{spec.id} (pretrained classifier)"}
+            from minidiff.models import load_model as _lm
+            module, meta = self._cached(key, build)
+            if getattr(module, "tokenizer", None) is None:
+                import transformers
+                module.tokenizer = transformers.AutoTokenizer.from_pretrained(spec.id)
+            return module, meta
+        if isinstance(spec, PathModel):
+            p = Path(spec.path)
+            if not p.exists():
+                raise ValueError(f"model path {spec.path!r} does not exist")
+            if p.is_dir():
+                from minidiff.compress import load_variant
+                v = load_variant(p)
+                m = v.model
+                if getattr(m, "tokenizer", None) is None and v.tokenizer is not None:
+                    m.tokenizer = v.tokenizer
+                return m.eval(), {"recipe": f"loaded from {p.name}", **{k: v.manifest.get(k) for k in ("method",)}}
+            obj = torch.load(p, weights_only=False, map_location="cpu")
+            if not isinstance(obj, nn.Module):
+                raise ValueError(f"{spec.path!r} holds a {type(obj).__name__}, not a whole nn.Module; save the "
+                                 "module itself (torch.save(model, path)) or use minidiff.save_variant")
+            return obj.eval(), {"recipe": f"loaded from {p.name}"}
+        raise ValueError(f"unknown model kind {getattr(spec, 'kind', spec)!r}")
+
+    # -- compressed variants ------------------------------------------------------------------
+    def variant(self, vc: VariantConfig, parent: nn.Module, parent_meta: dict, seed: int) -> tuple[nn.Module, dict]:
+        if vc.recipe == "model":
+            return self.model(vc.model, seed)
+        from minidiff.compress import distill, prune, quantize
+        is_text = hasattr(parent, "head") and hasattr(parent, "encoder")
+        max_length = getattr(self.cfg.base, "max_length", 64)
+        key = hash_json({"variant": vc.model_dump(mode="json", exclude={"name"}), "parent": hash_module(parent),
+                         "seed": seed, "train": self.train_fp})[:32]
+        tokenizer = getattr(parent, "tokenizer", None)
+
+        def build() -> tuple[nn.Module, dict]:
+            ft = None
+            if vc.finetune_epochs > 0 and not is_text:
+                ft = {"data": self._train_xy(), "epochs": vc.finetune_epochs, "lr": vc.train.lr,
+                      "batch_size": vc.train.batch_size}
+            if vc.recipe == "prune":
+                v = prune(parent, sparsity=vc.sparsity, scope=vc.scope, finetune=ft, seed=seed)
+                recipe = f"magnitude pruning, {int(round(100 * vc.sparsity))}% of weights ({vc.scope})"
+            elif vc.recipe == "prune-2:4":
+                v = prune(parent, structure="2:4", finetune=ft, seed=seed)
+                recipe = "2:4 semi-structured magnitude pruning (50%)"
+            elif vc.recipe == "int8":
+                v = quantize(parent, "int8" if vc.int8_mode == "dynamic" else "int8-weight-only", seed=seed)
+                recipe = "int8 per-channel weights" + (", per-token int8 activations" if vc.int8_mode == "dynamic" else "")
+            elif vc.recipe == "distill":
+                st = dict(vc.student)
+                kw: dict[str, Any] = {}
+                if "layers" in st:
+                    kw["num_layers"] = int(st.pop("layers"))
+                if "hidden" in st:
+                    kw["hidden"] = st.pop("hidden")
+                if st:
+                    raise ValueError(f"variant {vc.name!r}: unknown student keys {sorted(st)} (use layers or hidden)")
+                data = self._train_xy(tokenizer, max_length) if is_text else self._train_xy()
+                v = distill(parent, data, temperature=vc.temperature, epochs=vc.train.epochs, lr=vc.train.lr,
+                            batch_size=vc.train.batch_size, seed=seed, **kw)
+                layers = v.manifest.get("student_layers")
+                recipe = f"knowledge distillation (T={vc.temperature})" + (f", student layers {layers}" if layers else "")
+            else:  # pragma: no cover - config validation rules this out
+                raise ValueError(f"unknown recipe {vc.recipe!r}")
+            m = v.model
+            info: dict[str, Any] = {"recipe": recipe}
+            sp = (v.manifest.get("sparsity") or {}).get("overall")
+            if sp is not None:
+                info["achieved_sparsity"] = sp
+            if is_text and vc.recipe != "distill":
+                if getattr(m, "tokenizer", None) is None:
+                    m.tokenizer = tokenizer
+                hc = getattr(self.cfg.base, "head", None) or getattr(self.cfg.base, "train")
+                info.update(self._train_head(m, hc, seed, max_length))
+                info["recipe"] += "; head retrained on its own features"
+            return m, info
+        return self._cached(key, build, tokenizer)
+
+
+def build_study(cfg: StudyConfig | str | Path, *, cache_dir: str | Path | None = None,
+                progress: bool | None = None) -> Any:
+    """Load the data and build every model of a study file; returns a ready Study."""
+    from minidiff.study.study import Study
+    if not isinstance(cfg, StudyConfig):
+        cfg = load_config(cfg)
+    t0 = time.perf_counter()
+    seed = cfg.study.seed
+    full = _resize(load_data(cfg.data, "data"), cfg.data.resize, "data")
+    notes: list[str] = []
+    if _needs_training(cfg):
+        if full.labels is None:
+            raise ValueError("[data] has no labels, but minidiff must train models on it (base kind "
+                             f"{cfg.base.kind!r}); give labelled data or pretrained models (kind = hub/path)")
+        if cfg.data.eval_fraction >= 1.0:
+            raise ValueError("[data] eval_fraction = 1.0 leaves no examples to train on; use e.g. 0.5")
+        train, ev = full.split(test_fraction=cfg.data.eval_fraction, seed=seed)
+    else:
+        train, ev = None, full
+    ev = _limit(ev, cfg.data.limit, seed)
+    if train is not None:
+        train = _limit(train, cfg.data.train_limit, seed + 1)
+    ood = None
+    if cfg.ood is not None:
+        ood = _limit(_resize(load_data(cfg.ood, "ood"), cfg.ood.resize, "ood"), cfg.ood.limit, seed)
+    cache_root = Path(cache_dir) if cache_dir is not None else None
+    tmp_cache = cache_root is None
+    if tmp_cache:
+        import tempfile
+        cache_root = Path(tempfile.mkdtemp(prefix="minidiff-build-"))
+    cache = StudyCache(cache_root)
+    show = cfg.study.progress if progress is None else progress
+    b = Builder(cfg, train, ev, cache, show)
+    seeds = cfg.base.seeds
+    total = len(seeds) * (1 + len(cfg.variants))
+    bar = tqdm(total=total, desc="building models", unit="model", disable=not show, leave=False)
+    base, base_meta = [], []
+    for s in seeds:
+        m, meta = b.model(cfg.base, s)
+        base.append(m)
+        base_meta.append(meta)
+        bar.update(1)
+    variants: dict[str, list[nn.Module]] = {}
+    notes_by_group: dict[str, dict] = {"base": {"recipe": base_meta[0].get("recipe", "")}}
+    for vc in cfg.variants:
+        mods = []
+        meta = {}
+        for i, s in enumerate(seeds):
+            m, meta = b.variant(vc, base[i], base_meta[i], s)
+            mods.append(m)
+            bar.update(1)
+        variants[vc.name] = mods
+        notes_by_group[vc.name] = {k: v for k, v in meta.items() if k in ("recipe", "achieved_sparsity")}
+    bar.close()
+    tok = getattr(base[0], "tokenizer", None)
+    max_length = getattr(cfg.base, "max_length", 128)
+    study = Study(base, variants, ev, ood=ood, name=cfg.study.name, layers=cfg.layers.capture,
+                  token_mode=cfg.layers.token_mode, metrics=cfg.metrics, adversarial=cfg.adversarial, seeds=seeds,
+                  seed=seed, batch_size=cfg.study.batch_size, chunk_batches=cfg.study.chunk_batches,
+                  device=cfg.study.device, cache_dir=None if tmp_cache else cache_root, progress=show,
+                  tokenizer=tok, max_length=max_length, model_notes=notes_by_group, config=cfg.to_json(),
+                  notes=notes)
+    study.build_info = {"build_s": time.perf_counter() - t0, "built_fresh": b.built_fresh,
+                        "num_train": 0 if train is None else len(train)}
+    if tmp_cache:
+        import shutil
+        shutil.rmtree(cache_root, ignore_errors=True)
+    return study

