@@ -173,28 +173,71 @@ __attribute__((target("popcnt"))) void pairs_block_popcnt(int64_t n_models, int 
 #ifdef MINIDIFF_X86
 #define MD_AVX512 __attribute__((target("avx512f,avx512bw,avx512vpopcntdq,popcnt")))
 
-// 16 int32 (or 2 x 8 int64) predictions -> one 16-bit mask per class bit.
+// One 64-bit word of every plane per 64 examples: the examples are loaded as
+// 4 (int32) or 8 (int64) vectors, and for each class bit one VPTESTM per vector
+// gives that bit of 16 or 8 examples.
 template <typename T>
-MD_AVX512 inline void encode16(const T* src, const T* lab, int nbits, uint16_t* bits_out,
-                               uint16_t* right_out) {
+MD_AVX512 inline uint64_t test_word(const __m512i* v, __m512i bitmask) {
+  uint64_t word = 0;
   if constexpr (sizeof(T) == 4) {
-    const __m512i v = _mm512_loadu_si512(reinterpret_cast<const void*>(src));
-    for (int b = 0; b < nbits; ++b)
-      bits_out[b] = _mm512_test_epi32_mask(v, _mm512_set1_epi32(1 << b));
-    if (lab) *right_out = _mm512_cmpeq_epi32_mask(v, _mm512_loadu_si512(reinterpret_cast<const void*>(lab)));
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q)
+      word |= static_cast<uint64_t>(_mm512_test_epi32_mask(v[q], bitmask)) << (16 * q);
   } else {
-    const __m512i lo = _mm512_loadu_si512(reinterpret_cast<const void*>(src));
-    const __m512i hi = _mm512_loadu_si512(reinterpret_cast<const void*>(src + 8));
-    for (int b = 0; b < nbits; ++b) {
-      const __m512i bit = _mm512_set1_epi64(int64_t(1) << b);
-      bits_out[b] = static_cast<uint16_t>(_mm512_test_epi64_mask(lo, bit) |
-                                          (static_cast<unsigned>(_mm512_test_epi64_mask(hi, bit)) << 8));
-    }
-    if (lab) {
-      const __m512i llo = _mm512_loadu_si512(reinterpret_cast<const void*>(lab));
-      const __m512i lhi = _mm512_loadu_si512(reinterpret_cast<const void*>(lab + 8));
-      *right_out = static_cast<uint16_t>(_mm512_cmpeq_epi64_mask(lo, llo) |
-                                         (static_cast<unsigned>(_mm512_cmpeq_epi64_mask(hi, lhi)) << 8));
+#pragma GCC unroll 8
+    for (int q = 0; q < 8; ++q)
+      word |= static_cast<uint64_t>(_mm512_test_epi64_mask(v[q], bitmask)) << (8 * q);
+  }
+  return word;
+}
+
+template <typename T>
+MD_AVX512 inline uint64_t eq_word(const __m512i* v, const __m512i* y) {
+  uint64_t word = 0;
+  if constexpr (sizeof(T) == 4) {
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q)
+      word |= static_cast<uint64_t>(_mm512_cmpeq_epi32_mask(v[q], y[q])) << (16 * q);
+  } else {
+#pragma GCC unroll 8
+    for (int q = 0; q < 8; ++q)
+      word |= static_cast<uint64_t>(_mm512_cmpeq_epi64_mask(v[q], y[q])) << (8 * q);
+  }
+  return word;
+}
+
+// Truncate 64 examples (values < 2**8 resp. 2**16, so truncation is exact) to
+// 64 bytes in example order, resp. 2 x 32 uint16.
+template <typename T>
+MD_AVX512 inline __m512i narrow8(const __m512i* v) {
+  if constexpr (sizeof(T) == 4) {
+    __m512i out = _mm512_castsi128_si512(_mm512_cvtepi32_epi8(v[0]));
+    out = _mm512_inserti32x4(out, _mm512_cvtepi32_epi8(v[1]), 1);
+    out = _mm512_inserti32x4(out, _mm512_cvtepi32_epi8(v[2]), 2);
+    return _mm512_inserti32x4(out, _mm512_cvtepi32_epi8(v[3]), 3);
+  } else {
+    __m128i q[4];
+    for (int k = 0; k < 4; ++k)
+      q[k] = _mm_unpacklo_epi64(_mm512_cvtepi64_epi8(v[2 * k]), _mm512_cvtepi64_epi8(v[2 * k + 1]));
+    __m512i out = _mm512_castsi128_si512(q[0]);
+    out = _mm512_inserti32x4(out, q[1], 1);
+    out = _mm512_inserti32x4(out, q[2], 2);
+    return _mm512_inserti32x4(out, q[3], 3);
+  }
+}
+
+template <typename T>
+MD_AVX512 inline void narrow16(const __m512i* v, __m512i* out) {
+  if constexpr (sizeof(T) == 4) {
+    for (int k = 0; k < 2; ++k)
+      out[k] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi32_epi16(v[2 * k])),
+                                  _mm512_cvtepi32_epi16(v[2 * k + 1]), 1);
+  } else {
+    for (int k = 0; k < 2; ++k) {
+      __m512i o = _mm512_castsi128_si512(_mm512_cvtepi64_epi16(v[4 * k]));
+      o = _mm512_inserti32x4(o, _mm512_cvtepi64_epi16(v[4 * k + 1]), 1);
+      o = _mm512_inserti32x4(o, _mm512_cvtepi64_epi16(v[4 * k + 2]), 2);
+      out[k] = _mm512_inserti32x4(o, _mm512_cvtepi64_epi16(v[4 * k + 3]), 3);
     }
   }
 }
@@ -203,42 +246,92 @@ template <typename T>
 MD_AVX512 void encode_block_avx512(const T* preds, const T* labels, int64_t n_models,
                                    int64_t m_total, int64_t m0, int64_t m_len, int nbits,
                                    int64_t block_words, uint64_t* planes, uint64_t* right) {
+  constexpr int kVecs = 64 / (64 / static_cast<int>(sizeof(T)));  // vectors per 64 examples
+  constexpr int kLanes = 64 / static_cast<int>(sizeof(T));
   const int64_t model_stride = static_cast<int64_t>(nbits) * block_words;
-  const int64_t full16 = m_len / 16;  // full groups of 16 examples
-  uint16_t bits[64];
-  uint16_t r16 = 0;
+  const int64_t full_words = m_len / 64;
   for (int64_t i = 0; i < n_models; ++i) {
     const T* row = preds + i * m_total + m0;
     uint64_t* pl = planes + i * model_stride;
     uint64_t* rt = right ? right + i * block_words : nullptr;
-    // Planes are written 16 bits at a time through a uint16 view (little endian):
-    // group g of 16 examples is bits [16 * (g % 4), +16) of word g / 4.
     std::memset(pl, 0, sizeof(uint64_t) * model_stride);
     if (rt) std::memset(rt, 0, sizeof(uint64_t) * block_words);
-    for (int64_t g = 0; g < full16; ++g) {
-      encode16<T>(row + 16 * g, labels ? labels + m0 + 16 * g : nullptr, nbits, bits, &r16);
-      for (int b = 0; b < nbits; ++b)
-        reinterpret_cast<uint16_t*>(pl + b * block_words)[g] = bits[b];
-      if (rt) reinterpret_cast<uint16_t*>(rt)[g] = r16;
+    for (int64_t w = 0; w < full_words; ++w) {
+      __m512i v[kVecs];
+      for (int q = 0; q < kVecs; ++q)
+        v[q] = _mm512_loadu_si512(reinterpret_cast<const void*>(row + 64 * w + kLanes * q));
+      if (nbits <= 8) {
+        // Class indices fit a byte: truncate to 64 bytes, one VPTESTMB per bit.
+        const __m512i bytes = narrow8<T>(v);
+        for (int b = 0; b < nbits; ++b)
+          pl[b * block_words + w] = _mm512_test_epi8_mask(bytes, _mm512_set1_epi8(static_cast<char>(1 << b)));
+      } else if (nbits <= 16) {
+        __m512i words[2];
+        narrow16<T>(v, words);
+        for (int b = 0; b < nbits; ++b) {
+          const __m512i bit = _mm512_set1_epi16(static_cast<short>(1 << b));
+          pl[b * block_words + w] = static_cast<uint64_t>(_mm512_test_epi16_mask(words[0], bit)) |
+                                    (static_cast<uint64_t>(_mm512_test_epi16_mask(words[1], bit)) << 32);
+        }
+      } else {
+        for (int b = 0; b < nbits; ++b) {
+          const __m512i bitmask = sizeof(T) == 4 ? _mm512_set1_epi32(1 << b) : _mm512_set1_epi64(int64_t(1) << b);
+          pl[b * block_words + w] = test_word<T>(v, bitmask);
+        }
+      }
+      if (rt) {
+        __m512i y[kVecs];
+        for (int q = 0; q < kVecs; ++q)
+          y[q] = _mm512_loadu_si512(reinterpret_cast<const void*>(labels + m0 + 64 * w + kLanes * q));
+        rt[w] = eq_word<T>(v, y);
+      }
     }
-    for (int64_t e = full16 * 16; e < m_len; ++e) {  // tail, scalar
-      const uint64_t v = static_cast<uint64_t>(row[e]);
+    for (int64_t e = full_words * 64; e < m_len; ++e) {  // tail, scalar
+      const uint64_t val = static_cast<uint64_t>(row[e]);
       const uint64_t bit = uint64_t(1) << (e & 63);
       for (int b = 0; b < nbits; ++b)
-        if ((v >> b) & 1u) pl[b * block_words + (e >> 6)] |= bit;
+        if ((val >> b) & 1u) pl[b * block_words + (e >> 6)] |= bit;
       if (rt && row[e] == labels[m0 + e]) rt[e >> 6] |= bit;
     }
   }
 }
 
 // block_words is a multiple of 8 here (one zmm = 8 words = 512 examples).
+// Four j's share each load of model i's planes (5 loads per 4 pairs instead of 8).
 MD_AVX512 void pairs_block_avx512(int64_t n_models, int nbits, int64_t block_words,
                                   const uint64_t* planes, const uint64_t* right, int64_t* disagree,
                                   int64_t* both_right) {
   const int64_t model_stride = static_cast<int64_t>(nbits) * block_words;
   for (int64_t i = 0; i < n_models; ++i) {
     const uint64_t* pi = planes + i * model_stride;
-    for (int64_t j = i + 1; j < n_models && nbits > 0; ++j) {
+    int64_t j = i + 1;
+    for (; j + 4 <= n_models && nbits > 0; j += 4) {
+      const uint64_t* pj0 = planes + j * model_stride;
+      const uint64_t* pj1 = pj0 + model_stride;
+      const uint64_t* pj2 = pj1 + model_stride;
+      const uint64_t* pj3 = pj2 + model_stride;
+      __m512i acc0 = _mm512_setzero_si512(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+      for (int64_t w = 0; w < block_words; w += 8) {
+        __m512i x0 = _mm512_setzero_si512(), x1 = x0, x2 = x0, x3 = x0;
+        for (int b = 0; b < nbits; ++b) {
+          const int64_t off = b * block_words + w;
+          const __m512i a = _mm512_loadu_si512(pi + off);
+          x0 = _mm512_ternarylogic_epi64(x0, a, _mm512_loadu_si512(pj0 + off), 0xF6);  // x | (a ^ c)
+          x1 = _mm512_ternarylogic_epi64(x1, a, _mm512_loadu_si512(pj1 + off), 0xF6);
+          x2 = _mm512_ternarylogic_epi64(x2, a, _mm512_loadu_si512(pj2 + off), 0xF6);
+          x3 = _mm512_ternarylogic_epi64(x3, a, _mm512_loadu_si512(pj3 + off), 0xF6);
+        }
+        acc0 = _mm512_add_epi64(acc0, _mm512_popcnt_epi64(x0));
+        acc1 = _mm512_add_epi64(acc1, _mm512_popcnt_epi64(x1));
+        acc2 = _mm512_add_epi64(acc2, _mm512_popcnt_epi64(x2));
+        acc3 = _mm512_add_epi64(acc3, _mm512_popcnt_epi64(x3));
+      }
+      disagree[i * n_models + j] += _mm512_reduce_add_epi64(acc0);
+      disagree[i * n_models + j + 1] += _mm512_reduce_add_epi64(acc1);
+      disagree[i * n_models + j + 2] += _mm512_reduce_add_epi64(acc2);
+      disagree[i * n_models + j + 3] += _mm512_reduce_add_epi64(acc3);
+    }
+    for (; j < n_models && nbits > 0; ++j) {
       const uint64_t* pj = planes + j * model_stride;
       __m512i acc = _mm512_setzero_si512();
       for (int64_t w = 0; w < block_words; w += 8) {
@@ -246,7 +339,7 @@ MD_AVX512 void pairs_block_avx512(int64_t n_models, int nbits, int64_t block_wor
         for (int b = 0; b < nbits; ++b) {
           const __m512i a = _mm512_loadu_si512(pi + b * block_words + w);
           const __m512i c = _mm512_loadu_si512(pj + b * block_words + w);
-          x = _mm512_ternarylogic_epi64(x, a, c, 0xF6);  // x | (a ^ c)
+          x = _mm512_ternarylogic_epi64(x, a, c, 0xF6);
         }
         acc = _mm512_add_epi64(acc, _mm512_popcnt_epi64(x));
       }
@@ -254,13 +347,13 @@ MD_AVX512 void pairs_block_avx512(int64_t n_models, int nbits, int64_t block_wor
     }
     if (right) {
       const uint64_t* ri = right + i * block_words;
-      for (int64_t j = i; j < n_models; ++j) {
-        const uint64_t* rj = right + j * block_words;
+      for (int64_t jj = i; jj < n_models; ++jj) {
+        const uint64_t* rj = right + jj * block_words;
         __m512i acc = _mm512_setzero_si512();
         for (int64_t w = 0; w < block_words; w += 8)
           acc = _mm512_add_epi64(acc, _mm512_popcnt_epi64(_mm512_and_si512(
                                           _mm512_loadu_si512(ri + w), _mm512_loadu_si512(rj + w))));
-        both_right[i * n_models + j] += _mm512_reduce_add_epi64(acc);
+        both_right[i * n_models + jj] += _mm512_reduce_add_epi64(acc);
       }
     }
   }
