@@ -132,6 +132,8 @@ def test_encode_labels():
         encode_labels([-1, 2], "t")
     with pytest.raises(ValueError, match="no label"):
         encode_labels(["a", None], "t")
+    with pytest.raises(ValueError, match=r"1 example\(s\) have no label \(first: row 1\)"):
+        encode_labels(["a", " "], "t")
 
 
 # -- files ------------------------------------------------------------------------------------------

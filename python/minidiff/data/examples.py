@@ -222,12 +222,19 @@ def encode_labels(values: Sequence[Any], source: str) -> tuple[torch.Tensor, lis
     Strings -> indices into the sorted unique names (strings of digits count as
     integers). Integers (or integral floats,
     as CSV readers produce) -> themselves, with ``class_names = [str(c) for c in
-    range(max + 1)]``. Negative, missing or non-integral values raise ValueError.
+    range(max + 1)]``. Negative, missing (None, NaN, empty string) or non-integral
+    values raise ValueError.
     """
     vals = list(values)
-    if any(v is None or (isinstance(v, float) and np.isnan(v)) for v in vals):
-        n = sum(v is None or (isinstance(v, float) and np.isnan(v)) for v in vals)
-        raise ValueError(f"{source}: {n} example(s) have no label; remove them or drop the label column")
+
+    def missing(v: Any) -> bool:  # None, NaN, or an empty CSV cell
+        return v is None or (isinstance(v, float) and np.isnan(v)) or (isinstance(v, str) and not v.strip())
+
+    n = sum(missing(v) for v in vals)
+    if n:
+        first = next(i for i, v in enumerate(vals) if missing(v))
+        raise ValueError(f"{source}: {n} example(s) have no label (first: row {first}); "
+                         "remove them or drop the label column")
     if all(isinstance(v, (bool, np.bool_)) for v in vals):
         return torch.tensor([int(v) for v in vals], dtype=torch.int64), ["False", "True"]
     if vals and all(isinstance(v, str) and re.fullmatch(r"\s*\d+\s*", v) for v in vals):

@@ -103,7 +103,8 @@ def check_probs(probs: Any, name: str = "probs", num_classes: int | None = None)
 
 
 def check_preds(preds: Any, name: str = "preds", ndim: int = 1, num_classes: int | None = None) -> torch.Tensor:
-    """Validate integer predicted labels, ``(M,)`` (ndim=1) or ``(N, M)`` (ndim=2); return int64."""
+    """Validate integer predicted labels, ``(M,)`` (ndim=1) or ``(N, M)`` (ndim=2); return int64 on
+    the CPU (labels and predictions are small; the metrics on them are counting)."""
     t = as_tensor(preds, name)
     if t.is_floating_point() or t.dtype == torch.bool or t.is_complex():
         raise ValueError(f"{name} must hold integer class labels, got dtype {t.dtype}")
@@ -112,7 +113,7 @@ def check_preds(preds: Any, name: str = "preds", ndim: int = 1, num_classes: int
     if t.ndim != ndim:
         want = "(M,)" if ndim == 1 else "(N, M) (models x examples)"
         raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
-    t = t.detach().to(torch.int64)
+    t = t.detach().to(device="cpu", dtype=torch.int64)
     if t.numel():
         lo, hi = int(t.min()), int(t.max())
         if lo < 0 or (num_classes is not None and hi >= num_classes):
@@ -132,7 +133,7 @@ def require_labels(labels: Any, metric: str, m: int, num_classes: int | None = N
 
 
 def check_same_length(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
-    if a.shape[-1 if a.ndim == 1 else 0] != b.shape[-1 if b.ndim == 1 else 0]:
+    if a.shape[-1] != b.shape[-1]:  # examples are the last dimension of predictions
         raise ValueError(f"{name_a} and {name_b} cover different numbers of examples "
                          f"({tuple(a.shape)} vs {tuple(b.shape)}); run both models on the same data")
 

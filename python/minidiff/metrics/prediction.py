@@ -240,7 +240,7 @@ def per_example_divergence(base_probs, variant_probs, kind: str = "js") -> torch
     if p.shape[0] != q.shape[0]:
         raise ValueError(f"base_probs and variant_probs cover different numbers of examples "
                          f"({p.shape[0]} vs {q.shape[0]})")
-    return _agree.divergence_to_reference(torch.stack([p, q]), ref=0, kind=kind)[1].to(torch.float64)
+    return _agree.divergence_to_reference(torch.stack([p, q.to(p.device)]), ref=0, kind=kind)[1].to(torch.float64).cpu()
 
 
 def divergence_summary(base_probs, variant_probs, kind: str = "js") -> DivergenceSummary:
