@@ -15,8 +15,7 @@ import torch
 from scipy import stats
 
 from .. import agreement as _agree
-from ._checks import (MetricSkipped, Result, check_preds, check_probs, check_same_length, percentiles,
-                      require_labels)
+from ._checks import Result, check_preds, check_probs, check_same_length, percentiles, require_labels
 
 __all__ = ["AccuracyCI", "accuracy", "bootstrap_mean_ci", "accuracy_ci", "accuracy_difference_ci", "FlipSummary", "churn", "flips",
            "McNemarResult", "mcnemar", "DivergenceSummary", "per_example_divergence", "divergence_summary"]
@@ -251,6 +250,3 @@ def divergence_summary(base_probs, variant_probs, kind: str = "js") -> Divergenc
     pc = percentiles(d)
     return DivergenceSummary(kind, float(d.mean()), pc["p50"], pc["p90"], pc["p99"], float(d.max()), int(d.numel()))
 
-
-# MetricSkipped is part of this module's contract: re-exported for callers.
-_ = MetricSkipped
