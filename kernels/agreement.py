@@ -78,9 +78,11 @@ def _label_histogram_kernel(P, H, K, M, C, BLOCK_M: tl.constexpr, BLOCK_C: tl.co
     mask_m = offs_m < M
     mask_c = offs_c < C
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.int32)
-    for k in range(K):
-        p = tl.load(P + k * M + offs_m, mask=mask_m, other=-1)
+    ptrs = P + offs_m  # advanced by M per row: pointer arithmetic is 64-bit, k * M may not fit int32
+    for _ in range(K):
+        p = tl.load(ptrs, mask=mask_m, other=-1)
         acc += (p[:, None] == offs_c[None, :]).to(tl.int32)
+        ptrs += M
     out = offs_m.to(tl.int64)[:, None] * C + offs_c[None, :]
     tl.store(H + out, acc, mask=mask_m[:, None] & mask_c[None, :])
 
