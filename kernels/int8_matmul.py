@@ -97,11 +97,11 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
     return pid_m, pid_n
 
 
-@triton.autotune(configs=_gemm_configs(), key=["M", "N", "K", "EPILOGUE", "HAS_BIAS"])
+@triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "EPILOGUE", "HAS_BIAS"])
 @triton.jit
 def _int8_gemm_kernel(
     a_ptr, w_ptr, out_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
-    M, N, K,
+    M, N, K, M_BUCKET,
     stride_am, stride_ak, stride_wn, stride_wk, stride_om, stride_on,
     EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -179,11 +179,11 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, K, stride_xm, stride_xk, stri
         tl.store(q_ptr + row * stride_qm + k, y.to(tl.int8), mask=k < K)
 
 
-@triton.autotune(configs=_wo_configs(), key=["M", "N", "K", "HAS_BIAS", "IEEE"])
+@triton.autotune(configs=_wo_configs(), key=["M_BUCKET", "N", "K", "HAS_BIAS", "IEEE"])
 @triton.jit
 def _weight_only_kernel(
     x_ptr, w_ptr, out_ptr, w_scale_ptr, bias_ptr,
-    M, N, K,
+    M, N, K, M_BUCKET,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on,
     HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -217,6 +217,13 @@ def _weight_only_kernel(
         res = res + b[None, :]
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, res.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def m_bucket(m: int) -> int:
+    """Autotuning key for the row count: the next power of two, capped at 8192, so a
+    study with varying batch sizes tunes once per bucket instead of once per M (the
+    argument is otherwise unused by the kernels)."""
+    return min(triton.next_power_of_2(max(m, 1)), 8192)
 
 
 def _grid(M: int, N: int):
@@ -276,7 +283,7 @@ def int8_matmul(
         a, w, out,
         a_scale if epilogue else dummy, w_scale if epilogue else dummy,
         bias if bias is not None else dummy,
-        M, N, K,
+        M, N, K, m_bucket(M),
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
         EPILOGUE=epilogue, HAS_BIAS=bias is not None,
     )
@@ -334,7 +341,7 @@ def int8_weight_only_matmul(
         return out.copy_(bias.to(x.dtype).expand(M, N)) if bias is not None else out.zero_()
     _weight_only_kernel[_grid(M, N)](
         x, w, out, w_scale, bias if bias is not None else w_scale,
-        M, N, K,
+        M, N, K, m_bucket(M),
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
         HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
     )

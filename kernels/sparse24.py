@@ -125,11 +125,11 @@ if triton is not None:
         return cfgs
 
 
-    @triton.autotune(configs=_configs(), key=["M", "N", "K", "HAS_BIAS", "IEEE"])
+    @triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "HAS_BIAS", "IEEE"])
     @triton.jit
     def _sparse24_kernel(
         x_ptr, v_ptr, meta_ptr, out_ptr, bias_ptr,
-        M, N, K,
+        M, N, K, M_BUCKET,
         stride_xm, stride_xk, stride_vn, stride_mn, stride_om, stride_on,
         HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -217,7 +217,7 @@ def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
     grid = lambda meta_: (triton.cdiv(M, meta_["BLOCK_M"]) * triton.cdiv(N, meta_["BLOCK_N"]),)
     _sparse24_kernel[grid](
         x, values, meta, out, bias if bias is not None else values,
-        M, N, K,
+        M, N, K, min(triton.next_power_of_2(M), 8192),
         x.stride(0), x.stride(1), values.stride(0), meta.stride(0), out.stride(0), out.stride(1),
         HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
     )
