@@ -245,6 +245,19 @@ def test_custom_ops_registered_with_fake_impls():
                           test_utils=("test_schema", "test_faketensor"))
 
 
+
+def test_ops_trace_under_torch_compile_fullgraph():
+    w, w_s, b = _i8(32, 64), torch.rand(32) / 100, torch.randn(32)
+    values, meta = compress_24(_rand_24(32, 64))
+
+    def f(x):
+        return (G.int8_linear_cuda(x, w, w_s, b) + G.sparse24_linear_cuda(x, values, meta, None)
+                + G.int8_weight_only_cuda(x, w, w_s, None))
+
+    x = torch.randn(8, 64)
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(x), f(x))
+
 # ------------------------------------------------------------ SemiStructuredLinear
 def test_semistructured_linear_cpu_reference_path(monkeypatch):
     import minidiff.nn.semistructured as ss
