@@ -53,14 +53,19 @@ _BACKENDS = ("auto", "native", "cuda", "triton", "torch", "reference")
 # ---- references (pure torch, exact integers / float64) ---------------------
 def pair_counts_reference(preds: torch.Tensor, labels: torch.Tensor | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """int64 ``disagree`` and ``both_right`` by direct comparison, one model at a time."""
+    """int64 ``disagree`` and ``both_right`` by direct broadcast comparison, in chunks of examples."""
     p = preds.to(torch.int64)
-    n = p.shape[0]
-    disagree = torch.stack([(p[i][None, :] != p).sum(1) for i in range(n)])
-    if labels is None:
-        return disagree, torch.zeros_like(disagree)
-    right = (p == labels.to(torch.int64)[None, :]).to(torch.int64)
-    both_right = torch.stack([(right[i][None, :] * right).sum(1) for i in range(n)])
+    n, m = p.shape
+    disagree = torch.zeros((n, n), dtype=torch.int64, device=p.device)
+    both_right = torch.zeros((n, n), dtype=torch.int64, device=p.device)
+    right = None if labels is None else p == labels.to(torch.int64)[None, :]
+    step = max(1, (1 << 24) // (n * n))
+    for s in range(0, m, step):
+        c = p[:, s:s + step]
+        disagree += (c[:, None, :] != c[None, :, :]).sum(-1)
+        if right is not None:
+            r = right[:, s:s + step]
+            both_right += (r[:, None, :] & r[None, :, :]).sum(-1)
     return disagree, both_right
 
 
@@ -412,6 +417,13 @@ def _(base, comp, num_classes):
 
 
 # ---- entry points used by minidiff.agreement (inputs already validated) ------
+def _traced(t: torch.Tensor) -> bool:
+    """Route through the registered custom op only while tracing (torch.compile,
+    export, fake/functional tensors): the op's first eager call imports
+    torch._dynamo (seconds), which plain eager use should not pay."""
+    return torch.compiler.is_compiling() or type(t) is not torch.Tensor
+
+
 def pair_counts(preds: torch.Tensor, labels: torch.Tensor | None = None, *, nbits: int | None = None,
                 backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Validated contiguous int32/int64 ``preds (N, M)`` (values >= 0) and optional
@@ -422,20 +434,20 @@ def pair_counts(preds: torch.Tensor, labels: torch.Tensor | None = None, *, nbit
     """
     if nbits is None:
         nbits = _nbits(preds)
-    if backend == "auto":
+    if backend == "auto" and _traced(preds):
         return _pair_counts_op(preds, labels, nbits)
     return _pair_counts_impl(preds, labels, nbits, backend)
 
 
 def modal_labels(preds: torch.Tensor, num_classes: int, *, backend: str = "auto") -> torch.Tensor:
-    if backend == "auto":
+    if backend == "auto" and _traced(preds):
         return _modal_op(preds, num_classes)
     return _modal_impl(preds, num_classes, backend)
 
 
 def cie_scores(base: torch.Tensor, comp: torch.Tensor, num_classes: int, *,
                backend: str = "auto") -> torch.Tensor:
-    if backend == "auto":
+    if backend == "auto" and _traced(base):
         return _cie_op(base, comp, num_classes)
     return _cie_impl(base, comp, num_classes, backend)
 
