@@ -232,6 +232,41 @@ def test_custom_ops_register_fake():
                           test_utils=("test_schema", "test_faketensor"))
 
 
+# ---- real data: a linear classifier on scikit-learn's digits and compressed copies ------
+def test_real_digits_models_all_backends_agree():
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = np.hstack([x / 16.0, np.ones((len(x), 1))])
+    w, *_ = np.linalg.lstsq(x, np.eye(10)[y], rcond=None)  # least-squares linear classifier
+    pruned = np.where(np.abs(w) >= np.quantile(np.abs(w), 0.7), w, 0.0)  # 70 % magnitude pruning
+    scale = np.abs(w).max() / 127
+    quantized = np.round(w / scale).clip(-127, 127) * scale  # int8 per-tensor
+    weights = [w, quantized, pruned, np.where(np.abs(w) >= np.quantile(np.abs(w), 0.9), w, 0.0)]
+    logits = torch.tensor(np.stack([x @ v for v in weights]))
+    preds = logits.argmax(-1)
+    labels = torch.from_numpy(y)
+    probs = torch.softmax(8 * logits, -1)
+    ref_d, ref_r = ops.pair_counts_reference(preds, labels)
+    for backend in ("native", "torch", "triton"):
+        d, r = ops.pair_counts(preds.contiguous(), labels, backend=backend)
+        assert torch.equal(d, ref_d) and torch.equal(r, ref_r), backend
+    d = minidiff.disagreement_matrix(preds)
+    assert 0 < d[0, 1] < d[0, 3] < 1  # int8 changes fewer answers than 90 % pruning
+    f = minidiff.flip_matrix(preds, y)
+    acc = (preds == labels).double().mean(1)
+    assert torch.allclose(f[..., 1] - f[..., 0], acc[None, :] - acc[:, None], atol=1e-15)
+    js = minidiff.divergence_matrix(probs, "js")
+    for j in range(4):
+        ref = ops.divergence_reference(probs[0], probs[j], "js", 1e-12).mean()
+        assert js[0, j].item() == pytest.approx(ref.item(), rel=1e-10, abs=1e-15)
+    # populations: the two mild variants vs the two strong ones
+    base, comp = preds[:2].contiguous(), preds[2:].contiguous()
+    assert torch.equal(minidiff.modal_labels(base), ops.modal_labels_reference(base, 10))
+    assert torch.allclose(minidiff.cie_scores(base, comp, 10), ops.cie_scores_reference(base, comp, 10),
+                          rtol=0, atol=1e-15)
+
+
 # ---- streaming -------------------------------------------------------------------------
 def _random(n=5, m=2000, c=10, seed=0):
     g = torch.Generator().manual_seed(seed)
