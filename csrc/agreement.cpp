@@ -24,7 +24,13 @@
 // with an O(K) scratch histogram (no M x C matrix).
 //
 // Python (minidiff.ops.agreement) validates dtype (int32/int64), contiguity,
-// shapes and the label range before any pointer reaches this file.
+// shapes and labels before any pointer reaches this file. The range of the
+// predictions is checked here, block by block as each block is first read
+// (then encoded from L2), so 256 MB of predictions cross memory once; the
+// counting never indexes memory by a class value, so a bad value cannot crash
+// it, and Python raises the ValueError when the returned (min, max) is out of
+// range. The population functions index histograms by class value: their
+// inputs are range-checked in Python first (agreement_minmax).
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
@@ -360,51 +366,163 @@ MD_AVX512 void pairs_block_avx512(int64_t n_models, int nbits, int64_t block_wor
 }
 #endif  // MINIDIFF_X86
 
-// Words per block: a multiple of 8 (one zmm), sized so that one block's planes
-// for all models stay within ~512 KiB (L2), between 8 and 64 words.
-int64_t pick_block_words(int64_t n_models, int nbits, int64_t m) {
-  const int64_t per_word = n_models * (nbits + 1) * 8;
-  int64_t bw = (512 * 1024) / std::max<int64_t>(per_word, 1);
+// ---- range check ------------------------------------------------------------
+// min and max of a contiguous int32/int64 buffer, so Python can validate class
+// indices at memory speed before the counting kernels run (torch.aminmax is
+// several times slower on CPU).
+template <typename T>
+std::pair<int64_t, int64_t> minmax_scalar(const T* p, int64_t n) {
+  T lo = p[0], hi = p[0];
+  for (int64_t k = 1; k < n; ++k) {
+    lo = std::min(lo, p[k]);
+    hi = std::max(hi, p[k]);
+  }
+  return {static_cast<int64_t>(lo), static_cast<int64_t>(hi)};
+}
+
+#ifdef MINIDIFF_X86
+__attribute__((target("avx512f"))) std::pair<int64_t, int64_t> minmax_avx512_i32(const int32_t* p,
+                                                                                 int64_t n) {
+  __m512i lo = _mm512_set1_epi32(p[0]), hi = lo;
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16) {
+    const __m512i v = _mm512_loadu_si512(reinterpret_cast<const void*>(p + k));
+    lo = _mm512_min_epi32(lo, v);
+    hi = _mm512_max_epi32(hi, v);
+  }
+  int64_t l = _mm512_reduce_min_epi32(lo), h = _mm512_reduce_max_epi32(hi);
+  for (; k < n; ++k) {
+    l = std::min<int64_t>(l, p[k]);
+    h = std::max<int64_t>(h, p[k]);
+  }
+  return {l, h};
+}
+
+__attribute__((target("avx512f"))) std::pair<int64_t, int64_t> minmax_avx512_i64(const int64_t* p,
+                                                                                 int64_t n) {
+  __m512i lo = _mm512_set1_epi64(p[0]), hi = lo;
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    const __m512i v = _mm512_loadu_si512(reinterpret_cast<const void*>(p + k));
+    lo = _mm512_min_epi64(lo, v);
+    hi = _mm512_max_epi64(hi, v);
+  }
+  int64_t l = _mm512_reduce_min_epi64(lo), h = _mm512_reduce_max_epi64(hi);
+  for (; k < n; ++k) {
+    l = std::min<int64_t>(l, p[k]);
+    h = std::max<int64_t>(h, p[k]);
+  }
+  return {l, h};
+}
+#endif
+
+std::pair<int64_t, int64_t> minmax(uintptr_t ptr, bool is64, int64_t n, int threads) {
+  if (n <= 0) throw std::invalid_argument("minmax: empty input");
+  const bool avx512 = select_path() == Path::kAvx512;
+  const int64_t grain = int64_t(1) << 20;
+  const int parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, (n + grain - 1) / grain)));
+  std::vector<std::pair<int64_t, int64_t>> res(parts);
+  parallel_for(parts, parts, 1, [&](int64_t b, int64_t e) {
+    for (int64_t part = b; part < e; ++part) {
+      const int64_t s = n * part / parts, t = n * (part + 1) / parts;
+#ifdef MINIDIFF_X86
+      if (avx512) {
+        res[part] = is64 ? minmax_avx512_i64(reinterpret_cast<const int64_t*>(ptr) + s, t - s)
+                         : minmax_avx512_i32(reinterpret_cast<const int32_t*>(ptr) + s, t - s);
+        continue;
+      }
+#endif
+      res[part] = is64 ? minmax_scalar(reinterpret_cast<const int64_t*>(ptr) + s, t - s)
+                       : minmax_scalar(reinterpret_cast<const int32_t*>(ptr) + s, t - s);
+    }
+  });
+  std::pair<int64_t, int64_t> out = res[0];
+  for (const auto& r : res) {
+    out.first = std::min(out.first, r.first);
+    out.second = std::max(out.second, r.second);
+  }
+  return out;
+}
+
+template <typename T>
+std::pair<int64_t, int64_t> minmax_span(const T* p, int64_t n, bool avx512) {
+#ifdef MINIDIFF_X86
+  if (avx512) {
+    if constexpr (sizeof(T) == 4) return minmax_avx512_i32(reinterpret_cast<const int32_t*>(p), n);
+    else return minmax_avx512_i64(reinterpret_cast<const int64_t*>(p), n);
+  }
+#endif
+  return minmax_scalar(p, n);
+}
+
+// Words per block: a multiple of 8 (one zmm), sized so that one block's input
+// rows and planes for all models stay within ~768 KiB (L2), 8 to 64 words.
+int64_t pick_block_words(int64_t n_models, int plane_bits, int64_t elem_size, int64_t m) {
+  const int64_t per_word = n_models * ((plane_bits + 1) * 8 + 64 * elem_size);
+  int64_t bw = (768 * 1024) / std::max<int64_t>(per_word, 1);
   bw = std::max<int64_t>(8, std::min<int64_t>(64, bw)) / 8 * 8;
   const int64_t words_needed = (m + 63) / 64;
   const int64_t rounded = (words_needed + 7) / 8 * 8;
   return std::min(bw, std::max<int64_t>(8, rounded));
 }
 
+inline int bit_length(int64_t v) { return v > 0 ? 64 - __builtin_clzll(static_cast<uint64_t>(v)) : 0; }
+
+// nbits > 0: that many planes; 0: both_right only; -1: per block, from the block's
+// maximum. Every block is range-checked (0 <= value <= max_value) as it is first
+// read, before it is encoded (the second read then comes from L2), so the data
+// crosses memory once. An out-of-range block is not counted; the returned
+// (min, max) over all predictions lets the caller raise.
 template <typename T>
-void pair_counts_impl(const T* preds, const T* labels, int64_t n_models, int64_t m, int nbits,
-                      int64_t* disagree, int64_t* both_right, int threads, Path path) {
-  const int64_t bw = pick_block_words(n_models, nbits, m);
+std::pair<int64_t, int64_t> pair_counts_impl(const T* preds, const T* labels, int64_t n_models,
+                                             int64_t m, int nbits, int64_t max_value,
+                                             int64_t* disagree, int64_t* both_right, int threads,
+                                             Path path) {
+  const int max_bits = std::max(1, std::min<int>(8 * sizeof(T) - 1, bit_length(max_value)));
+  const int plane_bits = nbits >= 0 ? nbits : max_bits;
+  const int64_t bw = pick_block_words(n_models, plane_bits, sizeof(T), m);
   const int64_t block_examples = bw * 64;
   const int64_t n_blocks = (m + block_examples - 1) / block_examples;
   const int parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, n_blocks)));
   const int64_t nn = n_models * n_models;
   std::vector<int64_t> local_d(static_cast<size_t>(parts) * nn, 0);
   std::vector<int64_t> local_r(labels ? static_cast<size_t>(parts) * nn : 0, 0);
+  std::vector<std::pair<int64_t, int64_t>> local_range(parts, {INT64_MAX, INT64_MIN});
 
   parallel_for(parts, parts, 1, [&](int64_t p_begin, int64_t p_end) {
-    std::vector<uint64_t> planes(static_cast<size_t>(n_models) * nbits * bw);
+    std::vector<uint64_t> planes(static_cast<size_t>(n_models) * std::max(plane_bits, 1) * bw);
     std::vector<uint64_t> right(labels ? static_cast<size_t>(n_models) * bw : 0);
     for (int64_t p = p_begin; p < p_end; ++p) {
       int64_t* d = local_d.data() + p * nn;
       int64_t* r = labels ? local_r.data() + p * nn : nullptr;
+      auto& range = local_range[p];
       const int64_t b0 = n_blocks * p / parts, b1 = n_blocks * (p + 1) / parts;
       for (int64_t blk = b0; blk < b1; ++blk) {
         const int64_t m0 = blk * block_examples;
         const int64_t len = std::min(block_examples, m - m0);
+        int64_t lo = INT64_MAX, hi = INT64_MIN;
+        for (int64_t i = 0; i < n_models; ++i) {
+          const auto mm = minmax_span(preds + i * m + m0, len, path == Path::kAvx512);
+          lo = std::min(lo, mm.first);
+          hi = std::max(hi, mm.second);
+        }
+        range.first = std::min(range.first, lo);
+        range.second = std::max(range.second, hi);
+        if (lo < 0 || hi > max_value) continue;  // the caller raises
+        const int nb = nbits >= 0 ? nbits : std::max(1, bit_length(hi));
         uint64_t* rt = labels ? right.data() : nullptr;
 #ifdef MINIDIFF_X86
         if (path == Path::kAvx512) {
-          encode_block_avx512<T>(preds, labels, n_models, m, m0, len, nbits, bw, planes.data(), rt);
-          pairs_block_avx512(n_models, nbits, bw, planes.data(), rt, d, r);
+          encode_block_avx512<T>(preds, labels, n_models, m, m0, len, nb, bw, planes.data(), rt);
+          pairs_block_avx512(n_models, nb, bw, planes.data(), rt, d, r);
           continue;
         }
 #endif
-        encode_block_scalar<T>(preds, labels, n_models, m, m0, len, nbits, bw, planes.data(), rt);
+        encode_block_scalar<T>(preds, labels, n_models, m, m0, len, nb, bw, planes.data(), rt);
         if (path == Path::kPopcnt)
-          pairs_block_popcnt(n_models, nbits, bw, planes.data(), rt, d, r);
+          pairs_block_popcnt(n_models, nb, bw, planes.data(), rt, d, r);
         else
-          pairs_block_scalar<false>(n_models, nbits, bw, planes.data(), rt, d, r);
+          pairs_block_scalar<false>(n_models, nb, bw, planes.data(), rt, d, r);
       }
     }
   });
@@ -426,14 +544,24 @@ void pair_counts_impl(const T* preds, const T* labels, int64_t n_models, int64_t
       if (labels) both_right[j * n_models + i] = both_right[i * n_models + j];
     }
   }
+  std::pair<int64_t, int64_t> out = local_range[0];
+  for (const auto& rg : local_range) {
+    out.first = std::min(out.first, rg.first);
+    out.second = std::max(out.second, rg.second);
+  }
+  return out;
 }
 
-void pair_counts(uintptr_t preds, uintptr_t labels, bool is64, int64_t n_models, int64_t m,
-                 int nbits, uintptr_t disagree, uintptr_t both_right, int threads,
-                 const std::string& force_path) {
+std::pair<int64_t, int64_t> pair_counts(uintptr_t preds, uintptr_t labels, bool is64,
+                                        int64_t n_models, int64_t m, int nbits, int64_t max_value,
+                                        uintptr_t disagree, uintptr_t both_right, int threads,
+                                        const std::string& force_path) {
   if (n_models <= 0 || m <= 0) throw std::invalid_argument("pair_counts: empty input");
-  if (nbits < 0 || nbits > 63) throw std::invalid_argument("pair_counts: nbits must be in [0, 63]");
+  if (nbits < -1 || nbits > 63) throw std::invalid_argument("pair_counts: nbits must be in [-1, 63]");
   if (nbits == 0 && !labels) throw std::invalid_argument("pair_counts: nbits = 0 needs labels");
+  if (max_value < 0) throw std::invalid_argument("pair_counts: max_value must be >= 0");
+  if (nbits > 0 && bit_length(max_value) > nbits)
+    throw std::invalid_argument("pair_counts: max_value needs more than nbits bits");
   Path path = select_path();
   if (force_path == "portable") path = Path::kPortable;
   else if (force_path == "popcnt") path = has_popcnt() ? Path::kPopcnt : Path::kPortable;
@@ -442,13 +570,13 @@ void pair_counts(uintptr_t preds, uintptr_t labels, bool is64, int64_t n_models,
   auto* d = reinterpret_cast<int64_t*>(disagree);
   auto* r = labels ? reinterpret_cast<int64_t*>(both_right) : nullptr;
   if (is64)
-    pair_counts_impl<int64_t>(reinterpret_cast<const int64_t*>(preds),
-                              labels ? reinterpret_cast<const int64_t*>(labels) : nullptr, n_models,
-                              m, nbits, d, r, threads, path);
-  else
-    pair_counts_impl<int32_t>(reinterpret_cast<const int32_t*>(preds),
-                              labels ? reinterpret_cast<const int32_t*>(labels) : nullptr, n_models,
-                              m, nbits, d, r, threads, path);
+    return pair_counts_impl<int64_t>(reinterpret_cast<const int64_t*>(preds),
+                                     labels ? reinterpret_cast<const int64_t*>(labels) : nullptr,
+                                     n_models, m, nbits, max_value, d, r, threads, path);
+  if (max_value > INT32_MAX) max_value = INT32_MAX;
+  return pair_counts_impl<int32_t>(reinterpret_cast<const int32_t*>(preds),
+                                   labels ? reinterpret_cast<const int32_t*>(labels) : nullptr,
+                                   n_models, m, nbits, max_value, d, r, threads, path);
 }
 
 // ---- populations -----------------------------------------------------------
@@ -550,84 +678,6 @@ void cie_scores(uintptr_t base, bool base64, int64_t kb, uintptr_t comp, bool co
     cie_impl(reinterpret_cast<const int32_t*>(base), kb, reinterpret_cast<const int32_t*>(comp), kc, m, c, o, threads);
 }
 
-// ---- range check ------------------------------------------------------------
-// min and max of a contiguous int32/int64 buffer, so Python can validate class
-// indices at memory speed before the counting kernels run (torch.aminmax is
-// several times slower on CPU).
-template <typename T>
-std::pair<int64_t, int64_t> minmax_scalar(const T* p, int64_t n) {
-  T lo = p[0], hi = p[0];
-  for (int64_t k = 1; k < n; ++k) {
-    lo = std::min(lo, p[k]);
-    hi = std::max(hi, p[k]);
-  }
-  return {static_cast<int64_t>(lo), static_cast<int64_t>(hi)};
-}
-
-#ifdef MINIDIFF_X86
-__attribute__((target("avx512f"))) std::pair<int64_t, int64_t> minmax_avx512_i32(const int32_t* p,
-                                                                                 int64_t n) {
-  __m512i lo = _mm512_set1_epi32(p[0]), hi = lo;
-  int64_t k = 0;
-  for (; k + 16 <= n; k += 16) {
-    const __m512i v = _mm512_loadu_si512(reinterpret_cast<const void*>(p + k));
-    lo = _mm512_min_epi32(lo, v);
-    hi = _mm512_max_epi32(hi, v);
-  }
-  int64_t l = _mm512_reduce_min_epi32(lo), h = _mm512_reduce_max_epi32(hi);
-  for (; k < n; ++k) {
-    l = std::min<int64_t>(l, p[k]);
-    h = std::max<int64_t>(h, p[k]);
-  }
-  return {l, h};
-}
-
-__attribute__((target("avx512f"))) std::pair<int64_t, int64_t> minmax_avx512_i64(const int64_t* p,
-                                                                                 int64_t n) {
-  __m512i lo = _mm512_set1_epi64(p[0]), hi = lo;
-  int64_t k = 0;
-  for (; k + 8 <= n; k += 8) {
-    const __m512i v = _mm512_loadu_si512(reinterpret_cast<const void*>(p + k));
-    lo = _mm512_min_epi64(lo, v);
-    hi = _mm512_max_epi64(hi, v);
-  }
-  int64_t l = _mm512_reduce_min_epi64(lo), h = _mm512_reduce_max_epi64(hi);
-  for (; k < n; ++k) {
-    l = std::min<int64_t>(l, p[k]);
-    h = std::max<int64_t>(h, p[k]);
-  }
-  return {l, h};
-}
-#endif
-
-std::pair<int64_t, int64_t> minmax(uintptr_t ptr, bool is64, int64_t n, int threads) {
-  if (n <= 0) throw std::invalid_argument("minmax: empty input");
-  const bool avx512 = select_path() == Path::kAvx512;
-  const int64_t grain = int64_t(1) << 20;
-  const int parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, (n + grain - 1) / grain)));
-  std::vector<std::pair<int64_t, int64_t>> res(parts);
-  parallel_for(parts, parts, 1, [&](int64_t b, int64_t e) {
-    for (int64_t part = b; part < e; ++part) {
-      const int64_t s = n * part / parts, t = n * (part + 1) / parts;
-#ifdef MINIDIFF_X86
-      if (avx512) {
-        res[part] = is64 ? minmax_avx512_i64(reinterpret_cast<const int64_t*>(ptr) + s, t - s)
-                         : minmax_avx512_i32(reinterpret_cast<const int32_t*>(ptr) + s, t - s);
-        continue;
-      }
-#endif
-      res[part] = is64 ? minmax_scalar(reinterpret_cast<const int64_t*>(ptr) + s, t - s)
-                       : minmax_scalar(reinterpret_cast<const int32_t*>(ptr) + s, t - s);
-    }
-  });
-  std::pair<int64_t, int64_t> out = res[0];
-  for (const auto& r : res) {
-    out.first = std::min(out.first, r.first);
-    out.second = std::max(out.second, r.second);
-  }
-  return out;
-}
-
 }  // namespace
 
 void register_agreement(py::module_& m) {
@@ -637,13 +687,14 @@ void register_agreement(py::module_& m) {
   m.def("agreement_path", [] { return std::string(path_name(select_path())); },
         "Kernel the pairwise agreement counts use: avx512_vpopcntdq, popcnt or portable.");
   m.def("agreement_pair_counts", &pair_counts, py::arg("preds"), py::arg("labels"), py::arg("is64"),
-        py::arg("n_models"), py::arg("m"), py::arg("nbits"), py::arg("disagree"),
+        py::arg("n_models"), py::arg("m"), py::arg("nbits"), py::arg("max_value"), py::arg("disagree"),
         py::arg("both_right"), py::arg("threads"), py::arg("path") = "auto",
         py::call_guard<py::gil_scoped_release>(),
         "Pairwise counts over contiguous (N, M) int32/int64 predictions: disagree[i, j] = "
         "#{p_i != p_j}; with labels (address != 0), both_right[i, j] = #{p_i == y and p_j == y}. "
-        "Outputs are (N, N) int64 buffers; class indices must be in [0, 2**nbits); nbits = 0 "
-        "skips the disagreement counts (left 0).");
+        "Outputs are (N, N) int64 buffers. nbits: planes per class index (-1: per block from "
+        "its max; 0: skip the disagreement counts, left 0). Returns (min, max) of preds; when "
+        "outside [0, max_value] the counts are incomplete and the caller must raise.");
   m.def("agreement_modal_labels", &modal_labels, py::arg("preds"), py::arg("is64"), py::arg("k"),
         py::arg("m"), py::arg("num_classes"), py::arg("out"), py::arg("threads"),
         py::call_guard<py::gil_scoped_release>(),

@@ -109,15 +109,18 @@ def test_native_pair_counts_exact(dtype, n, m, c):
     ref_d, ref_r = ops.pair_counts_reference(preds, labels)
     nbits = max(1, (c - 1).bit_length())
     for path in ("auto", "popcnt", "portable"):
-        d = torch.empty(n, n, dtype=torch.int64)
-        r = torch.empty(n, n, dtype=torch.int64)
-        cpu_core().agreement_pair_counts(preds.data_ptr(), labels.data_ptr(), dtype == torch.int64,
-                                         n, m, nbits, d.data_ptr(), r.data_ptr(), 2, path)
-        assert torch.equal(d, ref_d), path
-        assert torch.equal(r, ref_r), path
+        for bits in (nbits, -1):  # fixed planes, and planes from each block's max
+            d = torch.empty(n, n, dtype=torch.int64)
+            r = torch.empty(n, n, dtype=torch.int64)
+            lo, hi = cpu_core().agreement_pair_counts(
+                preds.data_ptr(), labels.data_ptr(), dtype == torch.int64, n, m, bits, c - 1,
+                d.data_ptr(), r.data_ptr(), 2, path)
+            assert (lo, hi) == (int(preds.min()), int(preds.max()))
+            assert torch.equal(d, ref_d), (path, bits)
+            assert torch.equal(r, ref_r), (path, bits)
         # nbits = 0: only the both-right counts (what flips and error sets need)
         cpu_core().agreement_pair_counts(preds.data_ptr(), labels.data_ptr(), dtype == torch.int64,
-                                         n, m, 0, d.data_ptr(), r.data_ptr(), 2, path)
+                                         n, m, 0, c - 1, d.data_ptr(), r.data_ptr(), 2, path)
         assert torch.equal(r, ref_r) and not d.any(), path
     d, r = ops.pair_counts(preds, None)
     assert torch.equal(d, ref_d) and torch.equal(r, torch.zeros_like(r))
@@ -224,7 +227,7 @@ def test_numpy_and_torch_inputs_agree():
 def test_custom_ops_register_fake():
     preds = torch.randint(0, 4, (3, 20), dtype=torch.int32)
     labels = torch.randint(0, 4, (20,), dtype=torch.int32)
-    torch.library.opcheck(torch.ops.minidiff.agreement_pair_counts.default, (preds, labels, 2),
+    torch.library.opcheck(torch.ops.minidiff.agreement_pair_counts.default, (preds, labels, -1, 4),
                           test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(torch.ops.minidiff.agreement_modal_labels.default, (preds, 4),
                           test_utils=("test_schema", "test_faketensor"))
@@ -330,6 +333,19 @@ def test_bad_label_values_are_named():
         minidiff.disagreement_matrix(bad)
     with pytest.raises(ValueError, match="outside"):
         minidiff.cie_scores(bad, preds, 10)
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_out_of_range_found_inside_the_counting_pass(backend):
+    preds = torch.randint(0, 10, (5, 20_000), dtype=torch.int32)
+    preds[3, 17_001] = 10
+    with pytest.raises(ValueError, match=r"preds has 1 value\(s\) outside \[0, 10\) \(first: 10 at preds\[3, 17001\]\)"):
+        ops.pair_counts(preds, None, num_classes=10, backend=backend)
+    preds[3, 17_001] = -1
+    with pytest.raises(ValueError, match=r"first: -1 at preds\[3, 17001\]"):
+        ops.pair_counts(preds, None, backend=backend)
+    with pytest.raises(ValueError, match=r"first: -1 at preds\[3, 17001\]"):
+        minidiff.flip_matrix(preds, torch.zeros(20_000, dtype=torch.int32))
 
 
 def test_bad_shapes_and_dtypes():

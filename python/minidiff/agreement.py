@@ -65,28 +65,16 @@ def _index_tensor(x: Any, name: str, ndim: int, shape_hint: str) -> torch.Tensor
     return t.contiguous()
 
 
-def _check_range(t: torch.Tensor, name: str, num_classes: int | None) -> int:
-    """Raise if any value is outside [0, num_classes) (or negative); return the max."""
-    lo, hi = _ops.minmax(t)
-    if lo >= 0 and (num_classes is None or hi < num_classes):
-        return hi
-    bad = t < 0 if num_classes is None else (t < 0) | (t >= num_classes)
-    count = int(bad.sum())
-    first = tuple(int(v) for v in torch.nonzero(bad)[0])
-    where = f"{name}[{', '.join(map(str, first))}]"
-    upper = "inf" if num_classes is None else str(num_classes)
-    raise ValueError(
-        f"{name} has {count} value(s) outside [0, {upper}) (first: {int(t[first])} at {where}); "
-        f"class indices must be in [0, num_classes). Check the label mapping, or pass the right "
-        f"num_classes.")
+_check_range = _ops.check_range
 
 
 def _prepare(preds: Any, labels: Any = None, num_classes: Any = None
-             ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-    """Validated (preds, labels in preds' dtype, nbits)."""
+             ) -> tuple[torch.Tensor, torch.Tensor | None, int | None]:
+    """(preds, labels in preds' dtype, num_classes), shapes, dtypes and labels
+    validated. The range of ``preds`` is checked by :func:`minidiff.ops.agreement.pair_counts`
+    (on CPU inside the counting pass, so the predictions are read from memory once)."""
     num_classes = _check_num_classes(num_classes)
     p = _index_tensor(preds, "preds", 2, "(num_models, num_examples)")
-    hi = _check_range(p, "preds", num_classes)
     y = None
     if labels is not None:
         y = _index_tensor(labels, "labels", 1, "(num_examples,)")
@@ -100,7 +88,7 @@ def _prepare(preds: Any, labels: Any = None, num_classes: Any = None
             if p.dtype == torch.int32 and y_hi > _INT32_MAX:
                 p = p.to(torch.int64)
             y = y.to(p.dtype).contiguous()
-    return p, y, max(1, hi.bit_length())
+    return p, y, num_classes
 
 
 def _probs_tensor(x: Any, atol: float | None) -> torch.Tensor:
@@ -179,8 +167,8 @@ def disagreement_matrix(preds: Any, *, num_classes: int | None = None) -> torch.
     torch.Tensor
         float64 ``(N, N)`` on the device of ``preds``.
     """
-    p, _, nbits = _prepare(preds, None, num_classes)
-    disagree, _ = _ops.pair_counts(p, None, nbits=nbits)
+    p, _, num_classes = _prepare(preds, None, num_classes)
+    disagree, _ = _ops.pair_counts(p, None, num_classes=num_classes)
     return disagree.to(torch.float64) / p.shape[1]
 
 
@@ -198,8 +186,8 @@ def flip_matrix(preds: Any, labels: Any, *, num_classes: int | None = None) -> t
     """
     if labels is None:
         raise ValueError("flip_matrix needs labels (M,): flips are defined against the true classes")
-    p, y, nbits = _prepare(preds, labels, num_classes)
-    _, both_right = _ops.pair_counts(p, y, nbits=0)  # no disagreement needed
+    p, y, num_classes = _prepare(preds, labels, num_classes)
+    _, both_right = _ops.pair_counts(p, y, nbits=0, num_classes=num_classes)  # no disagreement needed
     return _flips(both_right, p.shape[1])
 
 
@@ -216,8 +204,8 @@ def error_jaccard(preds: Any, labels: Any, *, num_classes: int | None = None) ->
     """
     if labels is None:
         raise ValueError("error_jaccard needs labels (M,): error sets are defined against the true classes")
-    p, y, nbits = _prepare(preds, labels, num_classes)
-    _, both_right = _ops.pair_counts(p, y, nbits=0)  # no disagreement needed
+    p, y, num_classes = _prepare(preds, labels, num_classes)
+    _, both_right = _ops.pair_counts(p, y, nbits=0, num_classes=num_classes)  # no disagreement needed
     return _jaccard(*_error_sets(both_right, p.shape[1]))
 
 
@@ -382,7 +370,7 @@ class AgreementAccumulator(Accumulator):
 
     def update(self, preds: Any, labels: Any = None) -> None:
         """Add a batch: ``preds (N, b)`` and optionally ``labels (b,)``."""
-        p, y, nbits = _prepare(preds, labels, self.num_classes)
+        p, y, _ = _prepare(preds, labels, self.num_classes)
         if p.shape[0] != self.num_models:
             raise ValueError(f"preds has {p.shape[0]} models (rows) but this accumulator was "
                              f"built for num_models={self.num_models}")
@@ -391,7 +379,7 @@ class AgreementAccumulator(Accumulator):
             raise ValueError("pass labels with every batch or with none: flips and error sets "
                              "need the true class of every example")
         b = p.shape[1]
-        disagree, both_right = _ops.pair_counts(p, y, nbits=nbits)
+        disagree, both_right = _ops.pair_counts(p, y, num_classes=self.num_classes)
         dev = disagree.device
         self._to(dev)
         self.disagree += disagree

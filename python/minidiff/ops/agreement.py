@@ -3,7 +3,7 @@
 Ops (registered with ``torch.library.custom_op`` and fake implementations, so
 they trace under ``torch.compile``):
 
-``minidiff::agreement_pair_counts(preds, labels, nbits) -> (disagree, both_right)``
+``minidiff::agreement_pair_counts(preds, labels, nbits, num_classes) -> (disagree, both_right)``
     int64 ``(N, N)`` counts over ``preds (N, M)``: ``disagree[i, j] =
     #{x : p_i(x) != p_j(x)}`` and ``both_right[i, j] = #{x : p_i(x) = p_j(x) = y(x)}``
     (zeros without labels). ``both_right[i, i]`` is model i's number of correct
@@ -170,18 +170,41 @@ def minmax(t: torch.Tensor) -> tuple[int, int]:
 
 
 
-def _nbits(preds: torch.Tensor) -> int:
-    return max(1, minmax(preds)[1].bit_length())
+def range_error(t: torch.Tensor, name: str, num_classes: int | None) -> ValueError:
+    """The ValueError for class indices outside [0, num_classes) (or negative):
+    how many, the first bad value and where it is."""
+    bad = t < 0 if num_classes is None else (t < 0) | (t >= num_classes)
+    count = int(bad.sum())
+    first = tuple(int(v) for v in torch.nonzero(bad)[0])
+    where = f"{name}[{', '.join(map(str, first))}]"
+    upper = "inf" if num_classes is None else str(num_classes)
+    return ValueError(
+        f"{name} has {count} value(s) outside [0, {upper}) (first: {int(t[first])} at {where}); "
+        f"class indices must be in [0, num_classes). Check the label mapping, or pass the right "
+        f"num_classes.")
 
 
-def _pair_counts_native(preds, labels, nbits):
+def check_range(t: torch.Tensor, name: str, num_classes: int | None) -> int:
+    """Raise :func:`range_error` unless every value is in [0, num_classes); return the max."""
+    lo, hi = minmax(t)
+    if lo < 0 or (num_classes is not None and hi >= num_classes):
+        raise range_error(t, name, num_classes)
+    return hi
+
+
+def _pair_counts_native(preds, labels, nbits, num_classes):
+    # The native call range-checks each block of predictions as it first reads it
+    # (one pass over memory instead of two); nothing is returned when one is bad.
     n, m = preds.shape
+    max_value = num_classes - 1 if num_classes else torch.iinfo(preds.dtype).max
     disagree = torch.empty((n, n), dtype=torch.int64)
     both_right = torch.zeros((n, n), dtype=torch.int64)
-    cpu_core().agreement_pair_counts(
+    lo, hi = cpu_core().agreement_pair_counts(
         preds.data_ptr(), labels.data_ptr() if labels is not None else 0,
-        preds.dtype == torch.int64, n, m, nbits, disagree.data_ptr(), both_right.data_ptr(),
-        num_threads())
+        preds.dtype == torch.int64, n, m, nbits, max_value, disagree.data_ptr(),
+        both_right.data_ptr(), num_threads())
+    if lo < 0 or hi > max_value:
+        raise range_error(preds, "preds", num_classes or None)
     return disagree, both_right
 
 
@@ -207,7 +230,7 @@ def _stream_handle(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
-def _pair_counts_cuda(preds, labels, nbits):
+def _pair_counts_cuda(preds, labels, nbits, num_classes=0):
     n, m = preds.shape
     disagree = torch.zeros((n, n), dtype=torch.int64, device=preds.device)
     both_right = torch.zeros((n, n), dtype=torch.int64, device=preds.device)
@@ -219,7 +242,7 @@ def _pair_counts_cuda(preds, labels, nbits):
     return disagree, both_right
 
 
-def _pair_counts_triton(preds, labels, nbits):
+def _pair_counts_triton(preds, labels, nbits, num_classes=0):
     from minidiff.kernels import agreement as ka
     if preds.is_cuda:
         with torch.cuda.device(preds.device):
@@ -250,7 +273,7 @@ def _histogram_torch(preds, num_classes):
 
 _PAIR_IMPLS: dict[str, Callable] = {
     "cuda": _pair_counts_cuda, "triton": _pair_counts_triton,
-    "torch": lambda p, l, nb: pair_counts_reference(p, l),
+    "torch": lambda p, l, nb, nc=0: pair_counts_reference(p, l),
 }
 _HIST_IMPLS: dict[str, Callable] = {
     "cuda": _histogram_cuda, "triton": _histogram_triton, "torch": _histogram_torch,
@@ -328,24 +351,27 @@ def _resolve(backend: str, t: torch.Tensor) -> str:
 
 # ---- the ops ----------------------------------------------------------------
 def _pair_counts_impl(preds: torch.Tensor, labels: torch.Tensor | None, nbits: int,
-                      backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                      num_classes: int, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     name = _resolve(backend, preds)
     if nbits == 0 and labels is None:
         raise ValueError("nbits=0 (skip the disagreement counts) needs labels")
+    if name != "native":  # the native kernel checks the range in its own pass
+        check_range(preds, "preds", num_classes or None)
     fn = _pair_counts_native if name == "native" else _PAIR_IMPLS[name]
     if nbits == 0 and name != "native":  # same contract on every backend: disagree left 0
         inner = fn
 
-        def fn(p, l, nb):
-            _, r = inner(p, l, nb)
+        def fn(p, l, nb, nc):
+            _, r = inner(p, l, nb, nc)
             return torch.zeros_like(r), r
     m = preds.shape[1]
     if m <= _MAX_CALL_EXAMPLES:
-        return fn(preds, labels, nbits)
+        return fn(preds, labels, nbits, num_classes)
     total_d = total_r = None
     for s in range(0, m, _MAX_CALL_EXAMPLES):
         e = min(m, s + _MAX_CALL_EXAMPLES)
-        d, r = fn(preds[:, s:e].contiguous(), None if labels is None else labels[s:e].contiguous(), nbits)
+        d, r = fn(preds[:, s:e].contiguous(), None if labels is None else labels[s:e].contiguous(),
+                  nbits, num_classes)
         total_d = d if total_d is None else total_d + d
         total_r = r if total_r is None else total_r + r
     return total_d, total_r
@@ -385,13 +411,13 @@ def _cie_impl(base: torch.Tensor, comp: torch.Tensor, num_classes: int,
 
 
 @torch.library.custom_op("minidiff::agreement_pair_counts", mutates_args=())
-def _pair_counts_op(preds: torch.Tensor, labels: torch.Tensor | None, nbits: int
+def _pair_counts_op(preds: torch.Tensor, labels: torch.Tensor | None, nbits: int, num_classes: int
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _pair_counts_impl(preds, labels, nbits)
+    return _pair_counts_impl(preds, labels, nbits, num_classes)
 
 
 @_pair_counts_op.register_fake
-def _(preds, labels, nbits):
+def _(preds, labels, nbits, num_classes):
     n = preds.shape[0]
     return preds.new_empty((n, n), dtype=torch.int64), preds.new_empty((n, n), dtype=torch.int64)
 
@@ -424,19 +450,21 @@ def _traced(t: torch.Tensor) -> bool:
     return torch.compiler.is_compiling() or type(t) is not torch.Tensor
 
 
-def pair_counts(preds: torch.Tensor, labels: torch.Tensor | None = None, *, nbits: int | None = None,
-                backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+def pair_counts(preds: torch.Tensor, labels: torch.Tensor | None = None, *, nbits: int = -1,
+                num_classes: int | None = None, backend: str = "auto"
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Validated contiguous int32/int64 ``preds (N, M)`` (values >= 0) and optional
     ``labels (M,)`` of the same dtype -> int64 ``(disagree, both_right)``.
 
-    ``nbits``: class indices are below ``2**nbits`` (default: from the max);
-    ``nbits=0`` with labels skips the disagreement counts (returned as zeros).
+    Predictions outside ``[0, num_classes)`` (or negative, without
+    ``num_classes``) raise :func:`range_error`; labels are checked by the caller.
+    ``nbits`` (native kernel only): bit-planes per class index, -1 = from the
+    data; ``nbits=0`` with labels skips the disagreement counts (zeros) on every backend.
     """
-    if nbits is None:
-        nbits = _nbits(preds)
+    nc = 0 if num_classes is None else num_classes
     if backend == "auto" and _traced(preds):
-        return _pair_counts_op(preds, labels, nbits)
-    return _pair_counts_impl(preds, labels, nbits, backend)
+        return _pair_counts_op(preds, labels, nbits, nc)
+    return _pair_counts_impl(preds, labels, nbits, nc, backend)
 
 
 def modal_labels(preds: torch.Tensor, num_classes: int, *, backend: str = "auto") -> torch.Tensor:
