@@ -384,3 +384,23 @@ def test_to_sparse_roundtrip(clf, batch, tmp_path):
     torch.testing.assert_close(v.model(**batch), ref.model(**batch), rtol=1e-5, atol=1e-5)
     w = C.load_variant(C.save_variant(v, tmp_path / "s"))
     assert torch.equal(w.model(**batch), v.model(**batch))
+
+
+def test_24_to_semistructured_roundtrip(clf, batch, tmp_path):
+    import warnings
+
+    from minidiff.compress.variant import minidiff_nn_class
+
+    if minidiff_nn_class("SemiStructuredLinear") is None:
+        pytest.skip("minidiff.nn.SemiStructuredLinear not available")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # "2:4 acceleration is GPU-only"
+        v = C.prune(clf, structure="2:4", to_sparse=True)
+        assert type(v.model.encoder.encoder.layer[0].output.dense).__name__ == "SemiStructuredLinear"
+        ref = C.prune(clf, structure="2:4")
+        assert torch.equal(v.model(**batch), ref.model(**batch))
+        assert v.manifest["sparsity"]["overall"] == 0.5
+        w = C.load_variant(C.save_variant(v, tmp_path / "s24"))
+        assert torch.equal(w.model(**batch), v.model(**batch))
+    with pytest.raises(ValueError, match="2:4"):
+        C.prune(clf, structure="1:4", to_sparse=True)

@@ -247,19 +247,16 @@ def prune_neurons(model: nn.Module, fraction: float) -> dict[str, list[int]]:
 
 def convert_to_sparse(model: nn.Module, names: Sequence[str], kind: str) -> str:
     """Replace pruned Linear layers by ``minidiff.nn`` sparse layers (imported lazily)."""
-    try:
-        from minidiff import nn as mnn  # noqa: PLC0415
-    except ImportError as exc:
-        raise ValueError("to_sparse needs minidiff.nn (SparseLinear / SemiStructuredLinear), "
-                         "which is not available in this installation") from exc
+    from .variant import minidiff_nn_class
+
     cls_name = "SemiStructuredLinear" if kind == "n:m" else "SparseLinear"
-    cls = getattr(mnn, cls_name, None)
+    cls = minidiff_nn_class(cls_name)
     if cls is None:
         raise ValueError(f"to_sparse needs minidiff.nn.{cls_name}, which is not available in this installation")
     mods = dict(model.named_modules())
     for n in names:
         if isinstance(mods[n], nn.Linear):
-            _set_submodule(model, n, cls.from_linear(mods[n]))
+            _set_submodule(model, n, cls.from_linear(mods[n], name=n))
     return cls_name
 
 
@@ -353,6 +350,8 @@ def prune(model: nn.Module, *, sparsity: float = 0.5, structure: str = "unstruct
     if to_sparse:
         if kind in ("heads", "neurons"):
             raise ValueError("to_sparse is for unstructured or N:M pruning; structured pruning already shrinks layers")
+        if kind == "n:m" and (n_keep, m_group) != (2, 4):
+            raise ValueError(f"to_sparse for N:M supports 2:4 (minidiff.nn.SemiStructuredLinear), got {structure}")
         params["sparse_layers"] = convert_to_sparse(new, params["layers"], kind)
     new.eval()
     if base_counts is not None:

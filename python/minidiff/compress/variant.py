@@ -122,7 +122,7 @@ def _weight_zero_stats(mod: nn.Module) -> tuple[int, int] | None:
         w = getattr(mod, attr, None)
         if isinstance(w, torch.Tensor) and w.ndim >= 2:
             return int((w == 0).sum().item()), int(w.numel())
-    dense = getattr(mod, "to_dense", None)
+    dense = getattr(mod, "to_dense_weight", None) or getattr(mod, "dense_weight", None)
     if callable(dense):
         try:
             w = dense()
@@ -239,6 +239,24 @@ def module_table(model: nn.Module) -> dict[str, dict[str, Any]]:
     return table
 
 
+_NN_MODULES = {"Int8Linear": "int8_linear", "SparseLinear": "sparse_linear",
+               "SemiStructuredLinear": "semistructured"}
+
+
+def minidiff_nn_class(name: str) -> Any:
+    """``minidiff.nn.<name>`` (imported lazily), or None where that part is not available."""
+    import importlib
+
+    try:
+        mnn = importlib.import_module("minidiff.nn")
+        cls = getattr(mnn, name, None)
+        if cls is None and name in _NN_MODULES:
+            cls = getattr(importlib.import_module(f"minidiff.nn.{_NN_MODULES[name]}"), name, None)
+    except ImportError:
+        return None
+    return cls
+
+
 def _replacement_builders() -> dict[str, Callable[[dict[str, Any]], nn.Module]]:
     from .quantization import ReferenceInt8Linear
 
@@ -247,12 +265,8 @@ def _replacement_builders() -> dict[str, Callable[[dict[str, Any]], nn.Module]]:
         "ReferenceInt8Linear": lambda e: ReferenceInt8Linear.empty(e["in_features"], e["out_features"],
                                                                    e["bias"], e["mode"]),
     }
-    try:  # minidiff's own kernels, when that part of the package is present
-        from minidiff import nn as mnn  # noqa: PLC0415
-    except ImportError:
-        mnn = None
     for cls_name in ("Int8Linear", "SparseLinear", "SemiStructuredLinear"):
-        cls = getattr(mnn, cls_name, None) if mnn is not None else None
+        cls = minidiff_nn_class(cls_name)
         if cls is None:
             continue
         if hasattr(cls, "from_spec"):
