@@ -404,3 +404,16 @@ def test_24_to_semistructured_roundtrip(clf, batch, tmp_path):
         assert torch.equal(w.model(**batch), v.model(**batch))
     with pytest.raises(ValueError, match="2:4"):
         C.prune(clf, structure="1:4", to_sparse=True)
+
+
+def test_reference_int8_has_straight_through_gradient():
+    from minidiff.compress.quantization import ReferenceInt8Linear
+
+    lin = nn.Linear(16, 8)
+    q = ReferenceInt8Linear.from_linear(lin, "w8a8")
+    x = torch.randn(3, 16, requires_grad=True)
+    y = q(x)
+    with torch.no_grad():
+        assert torch.equal(y, q(x))  # the value is the exact W8A8 result
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, q.dequantized_weight().sum(0).expand(3, 16))

@@ -154,6 +154,10 @@ def distill(teacher: nn.Module, data: Data, *, student: nn.Module | None = None,
     def loss_fn(logits: torch.Tensor, labels: torch.Tensor, inputs: Any) -> torch.Tensor:
         with torch.no_grad():
             t_logits = call(teacher, inputs)
+        if logits.ndim != 2 or t_logits.shape != logits.shape:
+            raise ValueError(f"distillation needs classifier logits (batch, classes) from teacher and student; "
+                             f"got teacher {tuple(t_logits.shape)}, student {tuple(logits.shape)} (wrap an encoder "
+                             "in minidiff.models.TextClassifier)")
         return kd_loss(logits, t_logits, labels, temperature, alpha)
 
     try:

@@ -89,9 +89,16 @@ class ReferenceInt8Linear(nn.Module):
         if self.mode == "weight_only":
             y = x @ self.dequantized_weight().to(x.dtype).T
         else:
-            q, r = quantize_per_token(x)
-            acc = q.to(torch.float64) @ self.qweight.to(torch.float64).T  # exact integer sums
-            y = (acc * r.to(torch.float64) * self.weight_scale.to(torch.float64)).to(x.dtype)
+            with torch.no_grad():
+                q, r = quantize_per_token(x)
+                acc = q.to(torch.float64) @ self.qweight.to(torch.float64).T  # exact integer sums
+                y = (acc * r.to(torch.float64) * self.weight_scale.to(torch.float64)).to(x.dtype)
+            if torch.is_grad_enabled() and x.requires_grad:
+                # straight-through estimator (Bengio et al. 2013) for the activation rounding: the value
+                # stays the exact W8A8 result, the gradient is that of x (s Q)^T, so gradient attacks
+                # (PGD in embedding space) work on quantized models
+                lin = x @ self.dequantized_weight().to(x.dtype).T
+                y = y + (lin - lin.detach())
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y

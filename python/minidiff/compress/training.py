@@ -188,16 +188,21 @@ def accuracy(model: nn.Module, data: Data, *, batch_size: int = 256) -> float:
 
 
 def finetune(model: nn.Module, data: Data, *, seed: int = 0, masks: Mapping[str, torch.Tensor] | None = None,
-             source_id: str | None = None, **train_kwargs: Any) -> Variant:
+             reinit: bool = False, source_id: str | None = None, **train_kwargs: Any) -> Variant:
     """A fine-tuned copy of ``model`` (seeded data order and dropout) as a Variant.
 
     The building block of base-model populations (Hooker et al. 2019 train each
-    population member from a different seed).
+    population member from a different seed): ``reinit=True`` also re-draws the
+    initial weights from ``seed`` (training from scratch), e.g.
+    ``population("finetune", make_mlp(), seeds, data, reinit=True, epochs=20)``.
     """
     new = clone_model(model)
+    if reinit:
+        reinitialize(new, seed)
     res = train(new, data, seed=seed, masks=masks, **train_kwargs)
     new.eval()
-    man = make_manifest("finetune", dict(train_kwargs), seed, model, new, masks=masks, source_id=source_id,
+    man = make_manifest("finetune", {**train_kwargs, "reinit": reinit}, seed, model, new, masks=masks,
+                        source_id=source_id,
                         extra={"train_steps": res.steps, "final_loss": res.losses[-1] if res.losses else None})
     return Variant(new, man, masks=dict(masks) if masks else None, tokenizer=getattr(model, "tokenizer", None))
 
