@@ -302,7 +302,30 @@ def test_accumulator_merge_equals_single_stream():
     c.load_state_dict(single.state_dict())
     assert torch.equal(c.compute()["flips"], ref["flips"])
     assert single.reductions == {k: "sum" for k in ("disagree", "right_wrong", "err_inter",
-                                                     "err_union", "n", "n_labelled")}
+                                                     "err_union", "n", "n_labelled", "n_invalid")}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_accumulator_deferred_checks(backend):
+    """The GPU path: no per-batch range check; bad values counted and raised at compute()."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    preds, labels = _random(n=3, m=200, seed=4)
+    acc = AgreementAccumulator(3, num_classes=10, defer_checks=True)
+    acc.backend = backend
+    for s in range(0, 200, 64):
+        acc.update(preds[:, s:s + 64], labels[s:s + 64].to(torch.int32))
+    out = acc.compute()
+    assert torch.equal(out["flips"], minidiff.flip_matrix(preds, labels))
+    assert torch.equal(out["disagreement"], minidiff.disagreement_matrix(preds))
+    bad = preds[:, :50].clone()
+    bad[1, 7] = 10
+    acc.update(bad, labels[:50].to(torch.int32))  # no error yet: checked lazily
+    other = AgreementAccumulator(3, num_classes=10, defer_checks=True)
+    other.backend = backend
+    other.update(preds[:, :50], torch.full((50,), -1))
+    with pytest.raises(ValueError, match=r"51 class index/indices passed to update\(\) were outside \[0, 10\)"):
+        acc.merge(other).compute()
 
 
 def test_accumulator_without_labels_and_mixing():
@@ -423,3 +446,9 @@ def test_cuda_backends_match_reference(dtype):
     assert ops.cuda_backend(dev) in {"cuda", "triton", "torch"}
     d = minidiff.disagreement_matrix(preds)
     assert d.device.type == "cuda"
+    assert torch.equal(d.cpu(), minidiff.disagreement_matrix(preds.cpu()))
+    acc = AgreementAccumulator(preds.shape[0], num_classes=c)  # deferred checks on CUDA
+    for s in range(0, preds.shape[1], 1024):
+        acc.update(preds[:, s:s + 1024], labels[s:s + 1024])
+    out = acc.compute()
+    assert torch.equal(out["flips"].cpu(), minidiff.flip_matrix(preds.cpu(), labels.cpu()))

@@ -68,11 +68,13 @@ def _index_tensor(x: Any, name: str, ndim: int, shape_hint: str) -> torch.Tensor
 _check_range = _ops.check_range
 
 
-def _prepare(preds: Any, labels: Any = None, num_classes: Any = None
+def _prepare(preds: Any, labels: Any = None, num_classes: Any = None, *, check_labels: bool = True
              ) -> tuple[torch.Tensor, torch.Tensor | None, int | None]:
     """(preds, labels in preds' dtype, num_classes), shapes, dtypes and labels
     validated. The range of ``preds`` is checked by :func:`minidiff.ops.agreement.pair_counts`
-    (on CPU inside the counting pass, so the predictions are read from memory once)."""
+    (on CPU inside the counting pass, so the predictions are read from memory once).
+    ``check_labels=False`` skips the data-dependent label check (no host sync);
+    the caller then checks lazily (see :class:`AgreementAccumulator`)."""
     num_classes = _check_num_classes(num_classes)
     p = _index_tensor(preds, "preds", 2, "(num_models, num_examples)")
     y = None
@@ -83,6 +85,10 @@ def _prepare(preds: Any, labels: Any = None, num_classes: Any = None
                              f"(preds is (num_models, num_examples) = {tuple(p.shape)})")
         if y.device != p.device:
             raise ValueError(f"labels are on {y.device} but preds on {p.device}; move both to one device")
+        if not check_labels:
+            if y.dtype != p.dtype:  # no data-dependent choice: widen both
+                p, y = p.to(torch.int64), y.to(torch.int64)
+            return p, y.contiguous(), num_classes
         y_hi = _check_range(y, "labels", num_classes)
         if y.dtype != p.dtype:
             if p.dtype == torch.int32 and y_hi > _INT32_MAX:
@@ -349,41 +355,59 @@ class AgreementAccumulator(Accumulator):
 
     States: ``disagree[i, j] = #{p_i != p_j}``, ``right_wrong[i, j] = #{i right,
     j wrong}``, ``err_inter[i, j] = |E_i ∩ E_j|``, ``err_union[i, j] = |E_i ∪ E_j|``,
-    ``n`` (examples seen), ``n_labelled`` (examples seen with labels). Either
-    every batch has labels or none does.
+    ``n`` (examples seen), ``n_labelled`` (examples seen with labels) and
+    ``n_invalid`` (class indices outside ``[0, num_classes)`` seen by deferred
+    checks). Either every batch has labels or none does.
+
+    On CUDA tensors the range of the class indices is not checked per batch
+    (that would cost a host round-trip each time): out-of-range values are
+    counted on the device and :meth:`compute` raises ``ValueError`` if there were
+    any. The counting kernels never index memory by a class value, so deferred
+    checking is safe. ``defer_checks`` forces either behaviour.
     """
 
-    def __init__(self, num_models: int, num_classes: int | None = None) -> None:
+    def __init__(self, num_models: int, num_classes: int | None = None, *,
+                 defer_checks: bool | None = None) -> None:
         super().__init__()
         if isinstance(num_models, bool) or not isinstance(num_models, int) or num_models < 1:
             raise ValueError(f"num_models must be a positive int, got {num_models!r}")
         self.num_models = num_models
         self.num_classes = _check_num_classes(num_classes)
+        self.defer_checks = defer_checks
+        self.backend = "auto"  # minidiff.ops.agreement backend name (tests pin one)
         zeros = torch.zeros((num_models, num_models), dtype=torch.int64)
         for name in ("disagree", "right_wrong", "err_inter", "err_union"):
             self.add_state(name, zeros, reduce="sum")
-        self.add_state("n", torch.zeros((), dtype=torch.int64), reduce="sum")
-        self.add_state("n_labelled", torch.zeros((), dtype=torch.int64), reduce="sum")
+        for name in ("n", "n_labelled", "n_invalid"):
+            self.add_state(name, torch.zeros((), dtype=torch.int64), reduce="sum")
+        self._seen = self._seen_labelled = 0  # host mirrors of n / n_labelled: no sync per batch
 
     def config(self) -> dict[str, Any]:
         return {"num_models": self.num_models, "num_classes": self.num_classes}
 
     def update(self, preds: Any, labels: Any = None) -> None:
         """Add a batch: ``preds (N, b)`` and optionally ``labels (b,)``."""
-        p, y, _ = _prepare(preds, labels, self.num_classes)
+        probe = as_tensor(preds, "preds")
+        defer = probe.is_cuda if self.defer_checks is None else self.defer_checks
+        p, y, _ = _prepare(probe, labels, self.num_classes, check_labels=not defer)
         if p.shape[0] != self.num_models:
             raise ValueError(f"preds has {p.shape[0]} models (rows) but this accumulator was "
                              f"built for num_models={self.num_models}")
-        n_seen, n_lab = int(self.n), int(self.n_labelled)
-        if (y is None and n_lab > 0) or (y is not None and n_lab < n_seen):
+        if (y is None and self._seen_labelled > 0) or (y is not None and self._seen_labelled < self._seen):
             raise ValueError("pass labels with every batch or with none: flips and error sets "
                              "need the true class of every example")
         b = p.shape[1]
-        disagree, both_right = _ops.pair_counts(p, y, num_classes=self.num_classes)
-        dev = disagree.device
-        self._to(dev)
+        disagree, both_right = _ops.pair_counts(p, y, num_classes=self.num_classes,
+                                                check=not defer, backend=self.backend)
+        self._to(disagree.device)
+        if defer:
+            invalid = _ops.count_invalid(p, self.num_classes)
+            if y is not None:
+                invalid = invalid + _ops.count_invalid(y, self.num_classes)
+            self.n_invalid += invalid.to(self.n_invalid.device)
         self.disagree += disagree
         self.n += b
+        self._seen += b
         if y is not None:
             right = both_right.diagonal()
             self.right_wrong += right[:, None] - both_right
@@ -391,6 +415,7 @@ class AgreementAccumulator(Accumulator):
             self.err_inter += inter
             self.err_union += union
             self.n_labelled += b
+            self._seen_labelled += b
 
     def _to(self, device: torch.device) -> None:
         for name in self.reductions:
@@ -398,10 +423,31 @@ class AgreementAccumulator(Accumulator):
             if t.device != device:
                 setattr(self, name, t.to(device))
 
+    def _sync_host_counts(self) -> None:
+        self._seen, self._seen_labelled = int(self.n), int(self.n_labelled)
+
+    def merge(self, other: "AgreementAccumulator") -> "AgreementAccumulator":
+        super().merge(other)
+        self._sync_host_counts()
+        return self
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        super().load_state_dict(state)
+        self._sync_host_counts()
+
+    def reset(self) -> None:
+        super().reset()
+        self._seen = self._seen_labelled = 0
+
     def compute(self) -> dict[str, Any]:
         """``{"disagreement": (N, N), "flips": (N, N, 2) or None, "error_jaccard":
         (N, N) or None, "n": int}`` (float64 tensors; flips and Jaccard need labels)."""
-        n, n_lab = int(self.n), int(self.n_labelled)
+        n, n_lab, bad = int(self.n), int(self.n_labelled), int(self.n_invalid)
+        if bad:
+            upper = "inf" if self.num_classes is None else self.num_classes
+            raise ValueError(f"{bad} class index/indices passed to update() were outside [0, {upper}) "
+                             "(checked at compute() to avoid a host round-trip per batch); the "
+                             "counts are not meaningful. Check the label mapping or num_classes.")
         if n == 0:
             raise ValueError("AgreementAccumulator has seen no examples; call update() first")
         if n_lab not in (0, n):

@@ -351,11 +351,12 @@ def _resolve(backend: str, t: torch.Tensor) -> str:
 
 # ---- the ops ----------------------------------------------------------------
 def _pair_counts_impl(preds: torch.Tensor, labels: torch.Tensor | None, nbits: int,
-                      num_classes: int, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                      num_classes: int, backend: str = "auto", check: bool = True
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     name = _resolve(backend, preds)
     if nbits == 0 and labels is None:
         raise ValueError("nbits=0 (skip the disagreement counts) needs labels")
-    if name != "native":  # the native kernel checks the range in its own pass
+    if check and name != "native":  # the native kernel checks the range in its own pass
         check_range(preds, "preds", num_classes or None)
     fn = _pair_counts_native if name == "native" else _PAIR_IMPLS[name]
     if nbits == 0 and name != "native":  # same contract on every backend: disagree left 0
@@ -451,20 +452,30 @@ def _traced(t: torch.Tensor) -> bool:
 
 
 def pair_counts(preds: torch.Tensor, labels: torch.Tensor | None = None, *, nbits: int = -1,
-                num_classes: int | None = None, backend: str = "auto"
+                num_classes: int | None = None, check: bool = True, backend: str = "auto"
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Validated contiguous int32/int64 ``preds (N, M)`` (values >= 0) and optional
     ``labels (M,)`` of the same dtype -> int64 ``(disagree, both_right)``.
 
     Predictions outside ``[0, num_classes)`` (or negative, without
     ``num_classes``) raise :func:`range_error`; labels are checked by the caller.
+    ``check=False`` skips that check on the GPU/Triton/torch backends (no host
+    sync; the caller counts invalid values with :func:`count_invalid` instead;
+    these kernels never index memory by a class value). The native kernel always
+    checks, in its counting pass.
     ``nbits`` (native kernel only): bit-planes per class index, -1 = from the
     data; ``nbits=0`` with labels skips the disagreement counts (zeros) on every backend.
     """
     nc = 0 if num_classes is None else num_classes
-    if backend == "auto" and _traced(preds):
+    if backend == "auto" and check and _traced(preds):
         return _pair_counts_op(preds, labels, nbits, nc)
-    return _pair_counts_impl(preds, labels, nbits, nc, backend)
+    return _pair_counts_impl(preds, labels, nbits, nc, backend, check)
+
+
+def count_invalid(t: torch.Tensor, num_classes: int | None) -> torch.Tensor:
+    """Device-side int64 count of values outside [0, num_classes) (negative, without num_classes)."""
+    bad = t < 0 if num_classes is None else (t < 0) | (t >= num_classes)
+    return bad.sum(dtype=torch.int64)
 
 
 def modal_labels(preds: torch.Tensor, num_classes: int, *, backend: str = "auto") -> torch.Tensor:
