@@ -57,7 +57,7 @@ _JS = """
     var imgs=document.images,broken=0;
     for(var i=0;i<imgs.length;i++){if(!imgs[i].complete||imgs[i].naturalWidth===0){broken++;}}
     document.body.setAttribute('data-images-total',String(imgs.length));
-    document.body.setAttribute('data-images-broken',String(broken+errs.length));
+    document.body.setAttribute('data-images-broken',String(broken));
     document.body.setAttribute('data-render','complete');
   });
 })();
@@ -311,6 +311,9 @@ def render(res: dict[str, Any]) -> str:
     if notes and not studies:
         parts.append("<ul>" + "".join(f'<li class="skip">{_e(n)}</li>' for n in notes) + "</ul>")
     parts.append("<h2>Models</h2>" + _models(res))
+    if studies:  # an index over several studies: the evidence lives in each study's own report
+        parts.append('<p class="muted">Every figure and table behind these verdicts is in the linked study reports.</p>')
+        return _page(st, "\n".join(parts))
     parts.append('<h2 id="prediction-errors">Prediction errors</h2><p class="muted">Flips, churn and error overlap '
                  '(Dutta et al. 2024), KL/JS divergence of predictive distributions, calibration, per-class effects and '
                  'compression-identified exemplars (Hooker et al. 2019/2020).</p>')
@@ -327,7 +330,10 @@ def render(res: dict[str, Any]) -> str:
     parts.append('<h2 id="adversarial">Adversarial vulnerability</h2>' + _adversarial(res))
     parts.append(f'<p class="muted" style="margin-top:30px">Numbers: results.json (schema {_e(res.get("schema", ""))}) '
                  "and the CSV tables beside this file.</p>")
-    body = "\n".join(parts)
+    return _page(st, "\n".join(parts))
+
+
+def _page(st: dict[str, Any], body: str) -> str:
     return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>minidiff report — {_e(st.get('name', 'study'))}</title><style>{_CSS}</style>"
             f"<script>{_JS}</script></head><body>\n{body}\n</body></html>\n")

@@ -198,19 +198,14 @@ class Builder:
                 return m, {"recipe": f"{name} + head trained on its features", **info}
             return self._cached(key, build, tokenizer)
         if isinstance(spec, HubModel):
+            # pretrained classifiers live in the Hugging Face cache already: not copied into ours
             from minidiff.models import load_model
-
-            def build() -> tuple[nn.Module, dict]:
-                lm = load_model(spec.id, task="sequence-classification")
-                m = lm.model
-                m.tokenizer = lm.tokenizer
-                return m, {"recipe": f"{spec.id} (pretrained classifier)"}
-            from minidiff.models import load_model as _lm
-            module, meta = self._cached(key, build)
-            if getattr(module, "tokenizer", None) is None:
-                import transformers
-                module.tokenizer = transformers.AutoTokenizer.from_pretrained(spec.id)
-            return module, meta
+            lm = load_model(spec.id, task="sequence-classification")
+            m = lm.model
+            m.tokenizer = lm.tokenizer
+            if m.tokenizer is None:
+                raise ValueError(f"{spec.id!r} has no tokenizer files; minidiff cannot feed it text")
+            return m.eval(), {"recipe": f"{spec.id} (pretrained classifier)"}
         if isinstance(spec, PathModel):
             p = Path(spec.path)
             if not p.exists():

@@ -32,7 +32,7 @@ from minidiff.study.config import StudyConfig, parse_config
 
 def digits_config(quick: bool = False) -> StudyConfig:
     seeds = [0, 1, 2, 3, 4] if not quick else [0, 1, 2]
-    epochs = 40 if not quick else 12
+    epochs = 40 if not quick else 8
     variants: list[dict[str, Any]] = [
         {"name": "prune-50", "recipe": "prune", "sparsity": 0.5, "scope": "global"},
         {"name": "prune-80", "recipe": "prune", "sparsity": 0.8, "scope": "global"},
@@ -48,7 +48,7 @@ def digits_config(quick: bool = False) -> StudyConfig:
         "study": {"name": "digits: MLP population vs pruned, int8 and distilled", "seed": 0, "batch_size": 256,
                   "chunk_batches": 2},
         "data": {"source": "builtin", "name": "digits", "eval_fraction": 0.5},
-        "ood": {"source": "builtin", "name": "mnist-sample", "resize": [8, 8], "limit": 300 if quick else 1000},
+        "ood": {"source": "builtin", "name": "mnist-sample", "resize": [8, 8], "limit": 200 if quick else 1000},
         "base": {"kind": "mlp", "hidden": [128, 64], "seeds": seeds,
                  "train": {"epochs": epochs, "lr": 0.005, "batch_size": 64}},
         "variants": variants,
@@ -60,11 +60,11 @@ def minilm_config(quick: bool = False) -> StudyConfig:
     return parse_config({
         "study": {"name": "all-MiniLM-L6-v2 on chatterbot topics vs pruned, 2:4, int8 and distilled", "seed": 0,
                   "batch_size": 64, "chunk_batches": 4},
-        "data": {"source": "builtin", "name": "chatterbot-en", "eval_fraction": 0.5, "limit": 160 if quick else 0,
-                 "train_limit": 300 if quick else 0},
-        "ood": {"source": "builtin", "name": "chatterbot-ood", "limit": 60 if quick else 0},
-        "base": {"kind": "minilm", "seeds": [0], "max_length": 32 if quick else 48, "pooling": "mean",
-                 "head": {"epochs": 40 if quick else 80, "lr": 0.01, "batch_size": 64}},
+        "data": {"source": "builtin", "name": "chatterbot-en", "eval_fraction": 0.5, "limit": 96 if quick else 0,
+                 "train_limit": 160 if quick else 0},
+        "ood": {"source": "builtin", "name": "chatterbot-ood", "limit": 40 if quick else 0},
+        "base": {"kind": "minilm", "seeds": [0], "max_length": 24 if quick else 48, "pooling": "mean",
+                 "head": {"epochs": 30 if quick else 80, "lr": 0.01, "batch_size": 64}},
         "variants": [
             {"name": "prune-50", "recipe": "prune", "sparsity": 0.5, "scope": "layer"},
             {"name": "prune-2:4", "recipe": "prune-2:4"},

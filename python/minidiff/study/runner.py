@@ -91,8 +91,9 @@ def run_pass(members: list[Member], pairs: list[Pair], data: Any, *, cache: Stud
     """
     ctx = ctx or DistContext()
     n_total = len(data)
-    start, stop = ctx.shard_range(n_total)
     chunk = batch_size * chunk_batches
+    # shard boundaries on chunk boundaries: every rank runs the single-process batches
+    start, stop = ctx.shard_range(n_total, align=chunk)
     chunks = [(s, min(s + chunk, stop)) for s in range(start, stop, chunk)]
     capture = bool(pairs) or rbf_rows > 0
     fp = data.fingerprint()
@@ -113,7 +114,7 @@ def run_pass(members: list[Member], pairs: list[Pair], data: Any, *, cache: Stud
     if pairs:
         from minidiff.similarity import CKAAccumulator
         for p in pairs:
-            acc = CKAAccumulator(widths[p.a.name], widths[p.b.name], estimator=cka_estimator)
+            acc = CKAAccumulator(widths[p.a.name], widths[p.b.name], estimator=cka_estimator, device=device)
             pkey = hash_json({"a": mkey[p.a.name], "b": mkey[p.b.name], "estimator": cka_estimator})[:32]
             got = cache.load_tensors(f"pairs/{pkey}/state.safetensors")
             done[p.name] = 0
@@ -124,6 +125,11 @@ def run_pass(members: list[Member], pairs: list[Pair], data: Any, *, cache: Stud
                 except (ValueError, KeyError):
                     acc.reset()
             accs[p.name] = (acc, pkey)
+            # under torchrun: one shift on every rank (the single-process one) before accumulating
+            ctx.agree_shift(acc, lambda p=p: (p.a.forward(_batch_inputs(data, 0, min(batch_size, n_total)),
+                                                          token_mode, device)[1],
+                                              p.b.forward(_batch_inputs(data, 0, min(batch_size, n_total)),
+                                                          token_mode, device)[1]))
 
     outs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {m.name: [] for m in members}
     rbf: dict[str, list[list[torch.Tensor]]] = {m.name: [] for m in members}
@@ -186,8 +192,9 @@ def run_pass(members: list[Member], pairs: list[Pair], data: Any, *, cache: Stud
         em = torch.cat([o[1] for o in outs[m.name]]) if outs[m.name] else torch.empty(0)
         result.logits[m.name] = ctx.gather_in_order(lg)
         result.embeddings[m.name] = ctx.gather_in_order(em)
-        if rbf[m.name]:
-            result.rbf_layers[m.name] = [torch.cat(parts) for parts in zip(*rbf[m.name])]
+        if rbf[m.name] or (rbf_rows > 0 and ctx.is_distributed):  # rows may lie on several ranks
+            local = [torch.cat(parts) for parts in zip(*rbf[m.name])] or [torch.empty(0)] * len(widths[m.name])
+            result.rbf_layers[m.name] = [ctx.gather_in_order(t) for t in local]
     for p in pairs:
         result.cka[p.name] = ctx.sync(accs[p.name][0])
     result.forward_chunks = computed
