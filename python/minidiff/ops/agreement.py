@@ -23,10 +23,15 @@ Backends, per call:
   runs after a warm-up, CUDA events); the faster median wins and is cached for
   the process. ``MINIDIFF_AGREEMENT_BACKEND=cuda|triton|torch`` overrides the
   choice. When only one is available it is used; with neither, the torch
-  reference runs on the device. Population statistics on CUDA use the label
+  reference runs on the device. Under ``TRITON_INTERPRET=1`` Triton runs on
+  the host and is not a candidate when the CUDA kernel exists. Population statistics on CUDA use the label
   histogram kernel of the chosen backend, then argmax / an integer Taxicab sum
   in torch, in chunks of examples so the ``M x C`` histogram stays under 2**26
   entries.
+
+Eager calls go straight to the implementation; only traced calls (torch.compile,
+export, fake tensors) go through the registered op, whose first eager call would
+otherwise import torch._dynamo.
 
 The ``*_reference`` functions are the float64/int64 pure-torch definitions the
 tests compare every backend with.
