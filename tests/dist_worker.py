@@ -47,26 +47,87 @@ def dataset(n: int, width: int) -> torch.Tensor:
     return torch.randn(n, width, generator=g, dtype=torch.float64)
 
 
+def toy_scenario(ctx: DistContext, n: int) -> dict:
+    """101 examples: uneven shards; 2: one example per rank."""
+    data = dataset(n, 5)
+    start, stop = ctx.shard_range(n)
+    acc = ToyAccumulator(5)
+    for b in range(start, stop, 7):  # small uneven batches
+        acc.update(data[b:min(b + 7, stop)])
+    ctx.sync(acc)
+    return acc.compute()
+
+
+def cka_data(n: int = 203):
+    """Two 'models' (3 and 2 layers) with large, different feature means: sums taken
+    at different shifts cannot be added without re-alignment."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(n, 12, generator=g, dtype=torch.float64)
+    a = [x[:, :4] * 3 + 50, x[:, 4:9] - 20, x[:, 9:] + 0.5 * x[:, :3] + 7]
+    b = [x[:, :6] @ torch.randn(6, 5, generator=g, dtype=torch.float64) + 100,
+         torch.tanh(x[:, 3:]) + 0.1 * torch.randn(n, 9, generator=g, dtype=torch.float64) - 30]
+    return a, b
+
+
+def cka_scenario(ctx: DistContext) -> dict:
+    from minidiff.distributed import LayerSplitCKA
+    from minidiff.similarity import CKAAccumulator
+    a, b = cka_data()
+    n = a[0].shape[0]
+    out = {}
+    # data parallel: each rank its own shard, its own first-batch shift; sync aligns
+    start, stop = ctx.shard_range(n)
+    for est in ("unbiased", "biased"):
+        acc = CKAAccumulator([t.shape[1] for t in a], [t.shape[1] for t in b], estimator=est)
+        for s in range(start, stop, 16):
+            e = min(s + 16, stop)
+            acc.update([t[s:e] for t in a], [t[s:e] for t in b])
+        ctx.sync(acc)
+        out[f"data_parallel_{est}"] = acc.compute().tolist()
+    # layer split: every rank sees every sample, for its block of model b's layers
+    split = LayerSplitCKA([t.shape[1] for t in a], [t.shape[1] for t in b], ctx)
+    for s in range(0, n, 16):
+        split.update([t[s:s + 16] for t in a], [t[s:s + 16] for t in b])
+    out["layer_split"] = split.compute().tolist()
+    out["block"] = split.block
+    # per-example gather with an empty rank and aligned shards
+    rows = torch.arange(ctx.rank * 10, ctx.rank * 10 + 3, dtype=torch.int64).reshape(3, 1) if ctx.rank == 0 \
+        else torch.empty(0)
+    out["gathered"] = ctx.gather_in_order(rows).tolist()
+    return out
+
+
+def study_scenario(ctx: DistContext, out_dir: str) -> dict | None:
+    """Run a study file through the library (what ``minidiff run`` does); rank
+    ``DIE_RANK`` exits after its chunk ``DIE_AFTER_CHUNK`` of the evaluation pass."""
+    from minidiff.study.build import build_study
+    from minidiff.study.config import load_config
+    torch.set_num_threads(1)
+    die_rank, die_after = int(os.environ.get("DIE_RANK", "-1")), int(os.environ.get("DIE_AFTER_CHUNK", "-1"))
+
+    def on_chunk(k: int) -> None:
+        if ctx.rank == die_rank and k == die_after:
+            os._exit(3)
+
+    cfg = load_config(os.environ["STUDY_FILE"])
+    study = build_study(cfg, cache_dir=os.path.join(out_dir, "cache"), progress=False)
+    res = study.run(out=out_dir, on_chunk=on_chunk)
+    with open(os.path.join(out_dir, f"rank{ctx.rank}.json"), "w") as f:
+        json.dump(study.last_run, f)
+    return None if not res else {"done": True}
+
+
 def main() -> None:
     scenario, out_dir = sys.argv[1], sys.argv[2]
     ctx = DistContext.from_env(timeout_s=float(os.environ.get("MINIDIFF_DIST_TIMEOUT", "60")))
-    if scenario == "toy":
-        n = int(os.environ.get("TOY_N", "101"))
-        data = dataset(n, 5)
-        start, stop = ctx.shard_range(n)
-        acc = ToyAccumulator(5)
-        for b in range(start, stop, 7):  # small uneven batches
-            acc.update(data[b:min(b + 7, stop)])
-        ctx.sync(acc)
-        result = acc.compute()
-    elif scenario == "die":
-        # rank 1 dies before the collective; the others must fail, not hang
-        if ctx.rank == 1:
-            os._exit(3)
-        acc = ToyAccumulator(2)
-        acc.update(torch.ones(3, 2, dtype=torch.float64))
-        ctx.sync(acc)
-        result = acc.compute()
+    if scenario == "collectives":  # one launch for every reduction check (process start-up dominates)
+        result = {f"toy_{n}": toy_scenario(ctx, n) for n in (101, 2)}
+        result["cka"] = cka_scenario(ctx)
+    elif scenario == "study":
+        result = study_scenario(ctx, out_dir)
+        if result is None:  # Study.run wrote results.json itself on rank 0
+            ctx.close()
+            return
     elif scenario == "hang":
         # rank 1 stalls far past the timeout; rank 0 must give up at the timeout
         import time

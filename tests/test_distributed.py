@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from minidiff.distributed import DistContext
@@ -55,35 +56,25 @@ def _launch(scenario: str, out: Path, world: int, extra_env: dict | None = None,
     return codes, outputs
 
 
-def _single(scenario: str, out: Path, extra_env: dict | None = None):
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK")}
-    env.update(extra_env or {})
-    subprocess.run([sys.executable, str(WORKER), scenario, str(out)], env=env, check=True, timeout=120)
-    return json.loads((out / "result.json").read_text())
-
-
-@pytest.mark.parametrize("n", [101, 2])
-def test_two_process_gloo_equals_single_process(tmp_path, n):
-    single_dir, dist_dir = tmp_path / "single", tmp_path / "dist"
-    single_dir.mkdir(), dist_dir.mkdir()
-    env = {"TOY_N": str(n)}  # 101 is odd: uneven shards; 2: one example per rank
-    expected = _single("toy", single_dir, env)
-    codes, outputs = _launch("toy", dist_dir, 2, env)
+def test_two_process_gloo_collectives_equal_single_process(tmp_path):
+    """One 2-process launch checks every reduction kind (toy accumulator with
+    101 examples: uneven shards; 2: one per rank), CKA statistics synced across
+    different shifts, the layer-pair split and a gather with an empty rank."""
+    sys.path.insert(0, str(WORKER.parent))
+    from dist_worker import ToyAccumulator, cka_data, dataset
+    codes, outputs = _launch("collectives", tmp_path, 2)
     assert codes == [0, 0], outputs
-    got = json.loads((dist_dir / "result.json").read_text())
-    assert got["count"] == expected["count"] == n
-    assert got["rows"] == expected["rows"]  # per-example states come back in example order
-    assert got["peak"] == expected["peak"] and got["low"] == expected["low"]
-    for a, b in zip(got["total"], expected["total"]):
-        assert a == pytest.approx(b, rel=1e-12, abs=1e-12)
-
-
-def test_dead_rank_fails_the_others_within_timeout(tmp_path):
-    codes, outputs = _launch("die", tmp_path, 2, {"MINIDIFF_DIST_TIMEOUT": "10"}, timeout=90)
-    assert codes[1] == 3
-    assert codes[0] != 0, outputs[0]  # the survivor errors out instead of writing results
-    assert "DistributedRunError" in outputs[0], outputs[0][-2000:]
-    assert not (tmp_path / "result.json").exists()
+    got = json.loads((tmp_path / "result.json").read_text())
+    for n in (101, 2):
+        ref = ToyAccumulator(5)
+        ref.update(dataset(n, 5))
+        expected, res = ref.compute(), got[f"toy_{n}"]
+        assert res["count"] == expected["count"] == n
+        assert res["rows"] == expected["rows"]  # per-example states come back in example order
+        assert res["peak"] == expected["peak"] and res["low"] == expected["low"]
+        for a, b in zip(res["total"], expected["total"]):
+            assert a == pytest.approx(b, rel=1e-12, abs=1e-12)
+    _check_cka(got["cka"], cka_data())
 
 
 def test_hung_rank_fails_the_others_at_the_timeout(tmp_path):
@@ -104,3 +95,179 @@ def test_shard_ranges_cover_every_example_once():
             assert covered == list(range(n))
             sizes = [b - a for a, b in ranges]
             assert max(sizes) - min(sizes) <= 1
+
+
+# -- CKA statistics across ranks -------------------------------------------------------
+def _rel_close(got, expected, rel=1e-9):
+    got, expected = np.asarray(got, dtype=float), np.asarray(expected, dtype=float)
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=rel, atol=rel * np.abs(expected).max())
+
+
+def _check_cka(got, data):
+    """Two ranks accumulated CKA statistics at different shifts (their own first
+    batches of features with means up to 100); the synced matrix equals one
+    process over all data to 1e-9. The layer-pair split (rank r keeps a block of
+    model b's layers) gives the unsplit matrix."""
+    from minidiff.similarity import CKAAccumulator
+    a, b = data
+    for est in ("unbiased", "biased"):
+        ref = CKAAccumulator([t.shape[1] for t in a], [t.shape[1] for t in b], estimator=est)
+        ref.update(a, b)  # one batch: all data
+        _rel_close(got[f"data_parallel_{est}"], ref.compute().numpy())
+        if est == "unbiased":
+            unsplit = ref.compute().numpy()
+    _rel_close(got["layer_split"], unsplit)
+    assert got["block"] == [0]  # rank 0 held model b's first layer, rank 1 the second
+    assert got["gathered"] == [[0], [1], [2]]  # rank 1 contributed no rows (an empty 1-D tensor)
+    # without re-alignment the states of different shifts are refused, never silently summed
+    s0 = CKAAccumulator([4, 5, 3], [5, 9])
+    s0.update([t[:100] for t in a], [t[:100] for t in b])
+    s1 = CKAAccumulator([4, 5, 3], [5, 9])
+    s1.update([t[100:] for t in a], [t[100:] for t in b])
+    for name in s0.reductions:
+        setattr(s0, name, getattr(s0, name) + getattr(s1, name))
+    with pytest.raises(ValueError, match="different shifts"):
+        s0.compute()
+
+
+def test_layer_blocks_are_contiguous_balanced_and_cover_every_layer():
+    from minidiff.distributed import layer_blocks
+    assert layer_blocks([384] * 7, 2) == [[0, 1, 2, 3], [4, 5, 6]]
+    assert layer_blocks([768] * 13, 3) == [[0, 1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]]
+    assert layer_blocks([100, 1, 1], 2) == [[0], [1, 2]]
+    for dims in ([3, 1, 4, 1, 5, 9, 2, 6], [1] * 5, [10]):
+        for parts in range(1, len(dims) + 1):
+            blocks = layer_blocks(dims, parts)
+            assert len(blocks) == parts and all(blocks)
+            assert [i for blk in blocks for i in blk] == list(range(len(dims)))
+    with pytest.raises(ValueError, match="at most one rank per layer"):
+        layer_blocks([4, 4], 3)
+
+
+def test_aligned_shards_start_on_chunk_boundaries():
+    for n in (0, 1, 31, 32, 101, 1000):
+        for world in (1, 2, 3):
+            ranges = [DistContext(rank=r, world_size=world).shard_range(n, align=32) for r in range(world)]
+            assert [i for s, e in ranges for i in range(s, e)] == list(range(n))
+            assert all(s % 32 == 0 or s == n for s, _ in ranges)
+    with pytest.raises(ValueError):
+        DistContext().shard_range(10, align=0)
+
+
+# -- a small study end to end: torchrun CLI vs one process, a killed worker, resume -------
+STUDY_TOML = """
+[study]
+name = "tiny distributed"
+seed = 0
+batch_size = 16
+chunk_batches = 2          # chunks of 32 examples: 101 examples -> 4 chunks, shards of 64 and 37
+progress = false
+
+[data]
+source = "builtin"
+name = "digits"
+eval_fraction = 0.5
+limit = 101
+train_limit = 300
+
+[ood]
+source = "builtin"
+name = "mnist-sample"
+resize = [8, 8]
+limit = 40
+
+[base]
+kind = "mlp"
+hidden = [24, 12]
+seeds = [0, 1]
+train = { epochs = 3, lr = 0.01, batch_size = 64 }
+
+[[variants]]
+name = "prune-50"
+recipe = "prune"
+sparsity = 0.5
+
+[[variants]]
+name = "int8"
+recipe = "int8"
+
+[metrics]
+bootstrap = 50
+knn_k = 5
+ood_k = 5
+"""
+
+
+def _compare_results(got, expected, path="results", rel=1e-9):
+    """Equal structure, identical ints/strings/bools, floats to ``rel``."""
+    if isinstance(expected, dict):
+        assert isinstance(got, dict) and set(got) == set(expected), (path, set(got) ^ set(expected))
+        for k in expected:
+            _compare_results(got[k], expected[k], f"{path}.{k}", rel)
+    elif isinstance(expected, list):
+        assert isinstance(got, list) and len(got) == len(expected), path
+        for i, (g, e) in enumerate(zip(got, expected)):
+            _compare_results(g, e, f"{path}[{i}]", rel)
+    elif isinstance(expected, float) and isinstance(got, float):
+        assert (np.isnan(got) and np.isnan(expected)) or got == pytest.approx(expected, rel=rel, abs=1e-300), path
+    else:
+        assert got == expected, (path, got, expected)
+
+
+def _results(out: Path) -> dict:
+    res = json.loads((out / "results.json").read_text())
+    res.pop("timing", None)
+    return res
+
+
+@pytest.fixture(scope="module")
+def study_single(tmp_path_factory):
+    """The single-process reference: ``python -m minidiff run`` with one thread
+    (the same per-process thread count as the ranks, so the models' float32
+    forwards are the same computations)."""
+    root = tmp_path_factory.mktemp("study")
+    (root / "study.toml").write_text(STUDY_TOML)
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, "-m", "minidiff", "run", str(root / "study.toml"), "--out", str(root / "single"),
+                    "--quiet", "--threads", "1"], env=env, check=True, timeout=300, capture_output=True)
+    return root, _results(root / "single")
+
+
+def test_torchrun_study_equals_single_process(study_single):
+    """``torchrun --nproc-per-node 2 -m minidiff run``: uneven shards (64 + 37
+    examples), two variants of a 2-seed population, an OOD pass; rank 0 writes
+    what one process writes (per-example outputs, counts, CKA matrices, verdicts)."""
+    root, expected = study_single
+    out = root / "torchrun"
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+                           "-m", "minidiff", "run", str(root / "study.toml"), "--out", str(out), "--quiet",
+                           "--threads", "1"], env=env, timeout=300, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = _results(out)
+    _compare_results(got, expected)
+    assert got["representation"]["int8"]["cka"]  # the CKA matrices really were compared
+
+
+def test_killed_worker_fails_within_timeout_then_rerun_resumes(study_single, tmp_path):
+    root, expected = study_single
+    env = {"STUDY_FILE": str(root / "study.toml"), "MINIDIFF_DIST_TIMEOUT": "20", "DIE_RANK": "1",
+           "DIE_AFTER_CHUNK": "0"}
+    codes, outputs = _launch("study", tmp_path, 2, env, timeout=150)
+    assert codes[1] == 3, outputs[1][-2000:]
+    assert codes[0] != 0, outputs[0][-2000:]
+    assert "DistributedRunError" in outputs[0] and "per-shard cache" in outputs[0], outputs[0][-3000:]
+    assert not (tmp_path / "results.json").exists()  # nothing half-written
+    # the rerun computes only what the dead rank had not finished
+    env.update(DIE_RANK="-1")
+    codes, outputs = _launch("study", tmp_path, 2, env, timeout=150)
+    assert codes == [0, 0], outputs
+    r0 = json.loads((tmp_path / "rank0.json").read_text())
+    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert set(r0["forward_chunks"].values()) == {0}  # rank 0 had finished its 2 chunks
+    assert set(r1["forward_chunks"].values()) == {1}  # rank 1 redoes its 2nd chunk only
+    _compare_results(_results(tmp_path), expected)
