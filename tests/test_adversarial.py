@@ -342,6 +342,13 @@ def test_word_substitution_deterministic_and_zero_budget(tiny_text):
     a = run_adversarial(models, data, cfg, base="base")
     b = run_adversarial(models, data, cfg, base="base")
     assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+    # a variant rebuilt from disk has no tokenizer of its own: the base's is shared
+    from minidiff.models import TextClassifier
+
+    bare = TextClassifier(models["var"].encoder, None, 3, "mean").eval()
+    bare.head = models["var"].head
+    c = run_adversarial({"base": models["base"], "var": bare}, data, cfg, base="base")
+    assert json.dumps(c, sort_keys=True) == json.dumps(a, sort_keys=True)
     # a budget that allows no change (floor(0.1 * 7) == 0) attacks nothing and fails honestly
     cfg0 = cfg.model_copy(update={"word_budget": 0.1})
     r0 = run_adversarial(models, data, cfg0, base="base")["attacks"]["word-substitution"]
@@ -387,7 +394,7 @@ def test_mlm_candidates_are_whole_words(tiny_text, tmp_path):
 
 
 def test_report_escapes_text():
-    res = {"base": "b<1>", "models": ["b<1>"], "ids": [0], "class_names": ["<i>a</i>", "b"],
+    res = {"base": "b<1>", "models": ["b<1>", "v&"], "ids": [0], "class_names": ["<i>a</i>", "b"],
            "config": {"seed": 0, "steps": 1, "confidence": 0.95},
            "attacks": {"word-substitution": {
                "attack": "word-substitution", "epsilon": 0.2, "norm": "fraction of words",
@@ -396,12 +403,12 @@ def test_report_escapes_text():
                                       "success_rate": 1.0, "n_success": 1, "n_correct": 1,
                                       "mean_perturbation": 0.5, "mean_queries": 3.0,
                                       "gradient": "none needed", "gradient_note": ""}},
-               "transfer": {"models": ["b<1>"], "matrix": [[1.0]]},
-               "jaccard": {"models": ["b<1>"], "matrix": [[1.0]]}, "change": {},
+               "transfer": {"models": ["b<1>", "v&"], "matrix": [[1.0, None], [0.5, 0.25]]},
+               "jaccard": {"models": ["b<1>", "v&"], "matrix": [[1.0, 0.5], [0.5, 1.0]]}, "change": {},
                "examples": {"b<1>": [{"label": 0, "adv_pred": 1, "original": "<script>x</script> ok",
                                       "segments": [["<script>", True], [" ok", False]],
                                       "fraction_changed": 0.5, "queries": 3}]}}}}
     html = render_section(res)
-    assert "<script>" not in html and "<i>a</i>" not in html and "b<1>" not in html
+    assert "<script>" not in html and "<i>a</i>" not in html and "b<1>" not in html and "v&<" not in html
     assert "<mark>&lt;script&gt;</mark>" in html
     assert re.search(r'src="data:image/png;base64,[A-Za-z0-9+/=]+"', html)

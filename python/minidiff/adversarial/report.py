@@ -105,7 +105,7 @@ def render_section(results: dict) -> str:
         if notes:
             out.append("<p><b>Gradient substitutes:</b> " + "; ".join(notes) + "</p>")
         tr = run.get("transfer")
-        if tr and tr.get("matrix"):
+        if tr and len(tr.get("models", [])) > 1:  # one model: the table already says it all
             png = _heatmap_png(tr["matrix"], tr["models"], f"transfer: {key}")
             out.append(f'<img alt="transfer matrix {escape(key)}" src="data:image/png;base64,{png}">')
         jac = run.get("jaccard")

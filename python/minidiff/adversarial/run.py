@@ -201,10 +201,12 @@ def _run_continuous(models, names, x_all, y_all, config, attacks):
                 x, y = x_all[s:s + bs], y_all[s:s + bs]
                 adv = {}
                 for k in names:
-                    adv[k], q = _craft(models, k, base, plan[k], attack, x, y, eps, config, clip,
+                    dev = C.model_device(models[k])  # craft where the model lives
+                    xk, yk = x.to(dev), y.to(dev)
+                    adv[k], q = _craft(models, k, base, plan[k], attack, xk, yk, eps, config, clip,
                                        gens[k], spsa_gens[k])
                     run["_queries"][k][s:s + bs] = q
-                    run["_size"][k][s:s + bs] = C.perturbation_norm(adv[k], x, norm).cpu().numpy()
+                    run["_size"][k][s:s + bs] = C.perturbation_norm(adv[k], xk, norm).cpu().numpy()
                 for i in names:
                     for j in names:
                         pred = _predict(models[j], adv[i], bs)
@@ -256,7 +258,10 @@ def _run_text(models, names, texts, y_all, config, attacks, tokenizer):
     if not all(isinstance(t, str) for t in texts):
         raise ValueError("text data needs .inputs as a list of str")
     base = names[0]
-    tm = {k: TextModel(models[k], tokenizer, config.max_length) for k in names}
+    shared_tok = tokenizer if tokenizer is not None else getattr(models[base], "tokenizer", None)
+    tm = {k: TextModel(models[k], tokenizer if tokenizer is not None else
+                       (getattr(models[k], "tokenizer", None) or shared_tok), config.max_length)
+          for k in names}
     n = len(texts)
     bs = config.batch_size
     runs = {}

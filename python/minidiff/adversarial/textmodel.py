@@ -35,7 +35,10 @@ class TextModel:
         self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
         self.max_length = max_length
         self.device = model_device(model)
-        if not hasattr(model, "tokenize") and self.tokenizer is None:
+        # the model's own tokenize() when it can run (a TextClassifier rebuilt from a saved
+        # variant has tokenize() but no tokenizer: then the shared tokenizer is used)
+        self._own_tokenize = hasattr(model, "tokenize") and getattr(model, "tokenizer", True) is not None
+        if not self._own_tokenize and self.tokenizer is None:
             raise ValueError(
                 "a text model needs a .tokenize(texts, max_length) method or a tokenizer; pass "
                 "tokenizer=... to run_adversarial")
@@ -44,7 +47,7 @@ class TextModel:
     def encode(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
         """``(input_ids, attention_mask)``, padded to the longest text, on the model's device."""
         texts = list(texts)
-        if hasattr(self.model, "tokenize"):
+        if self._own_tokenize:
             enc = self.model.tokenize(texts, self.max_length)
         else:
             enc = self.tokenizer(texts, padding=True, truncation=True,
@@ -60,15 +63,23 @@ class TextModel:
     # ------------------------------------------------------------------ queries
     @torch.no_grad()
     def logits(self, texts: Sequence[str], batch_size: int) -> Tensor:
-        """Logits (N, C), float32 on CPU; the texts are sent in batches of ``batch_size``."""
-        out = []
+        """Logits (N, C), float32 on CPU, in the order of ``texts``.
+
+        The texts are sent in batches of ``batch_size`` after sorting them by length, so
+        that each batch pads to a similar length (padding is most of the work otherwise).
+        """
         texts = list(texts)
-        for s in range(0, len(texts), batch_size):
-            ids, mask = self.encode(texts[s:s + batch_size])
-            out.append(self.model(input_ids=ids, attention_mask=mask).float().cpu())
-        if not out:
+        if not texts:
             return torch.zeros((0, 0))
-        return torch.cat(out)
+        order = sorted(range(len(texts)), key=lambda i: (len(texts[i]), i))
+        out = []
+        for s in range(0, len(texts), batch_size):
+            ids, mask = self.encode([texts[i] for i in order[s:s + batch_size]])
+            out.append(self.model(input_ids=ids, attention_mask=mask).float().cpu())
+        sorted_logits = torch.cat(out)
+        result = torch.empty_like(sorted_logits)
+        result[torch.tensor(order)] = sorted_logits
+        return result
 
     def logits_from_embeds(self, embeds: Tensor, mask: Tensor) -> Tensor:
         return self.model(inputs_embeds=embeds.to(self.device), attention_mask=mask.to(self.device))
