@@ -168,7 +168,12 @@ inline __attribute__((always_inline)) void pairs_block_scalar(int64_t n_models, 
   }
 }
 
-__attribute__((target("popcnt"))) void pairs_block_popcnt(int64_t n_models, int nbits,
+#ifdef MINIDIFF_X86
+#define MD_POPCNT __attribute__((target("popcnt")))
+#else
+#define MD_POPCNT
+#endif
+MD_POPCNT void pairs_block_popcnt(int64_t n_models, int nbits,
                                                           int64_t block_words,
                                                           const uint64_t* planes,
                                                           const uint64_t* right, int64_t* disagree,
