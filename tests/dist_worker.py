@@ -58,6 +58,36 @@ def toy_scenario(ctx: DistContext, n: int) -> dict:
     return acc.compute()
 
 
+def metric_data(n: int = 157):
+    """Predictions of 3 models, labels and probabilities over 4 classes."""
+    g = torch.Generator().manual_seed(11)
+    labels = torch.randint(0, 4, (n,), generator=g)
+    preds = torch.where(torch.rand(3, n, generator=g) < 0.7, labels, torch.randint(0, 4, (3, n), generator=g))
+    probs = torch.softmax(torch.randn(n, 4, generator=g, dtype=torch.float64) * 2, dim=1)
+    return preds, labels, probs
+
+
+def metrics_scenario(ctx: DistContext) -> dict:
+    """The library's count/histogram accumulators, each rank its shard, synced."""
+    from minidiff.agreement import AgreementAccumulator
+    from minidiff.metrics.calibration import CalibrationAccumulator
+    from minidiff.metrics.distribution import ClassHistogramAccumulator
+    preds, labels, probs = metric_data()
+    start, stop = ctx.shard_range(preds.shape[1])
+    agree, cal, hist = AgreementAccumulator(3, 4), CalibrationAccumulator(10), ClassHistogramAccumulator(4)
+    for s in range(start, stop, 20):
+        e = min(s + 20, stop)
+        agree.update(preds[:, s:e], labels[s:e])
+        cal.update(probs[s:e], labels[s:e])
+        hist.update(preds[0, s:e])
+    out = {"agreement": {k: getattr(agree, k).tolist() for k in agree.reductions}}
+    ctx.sync(agree), ctx.sync(cal), ctx.sync(hist)
+    out["agreement_synced"] = {k: getattr(agree, k).tolist() for k in agree.reductions}
+    out["calibration"] = {k: getattr(cal, k).tolist() for k in cal.reductions}
+    out["histogram"] = hist.compute().tolist()
+    return out
+
+
 def cka_data(n: int = 203):
     """Two 'models' (3 and 2 layers) with large, different feature means: sums taken
     at different shifts cannot be added without re-alignment."""
@@ -123,6 +153,7 @@ def main() -> None:
     if scenario == "collectives":  # one launch for every reduction check (process start-up dominates)
         result = {f"toy_{n}": toy_scenario(ctx, n) for n in (101, 2)}
         result["cka"] = cka_scenario(ctx)
+        result["metrics"] = metrics_scenario(ctx)
     elif scenario == "study":
         result = study_scenario(ctx, out_dir)
         if result is None:  # Study.run wrote results.json itself on rank 0

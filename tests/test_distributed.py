@@ -61,7 +61,7 @@ def test_two_process_gloo_collectives_equal_single_process(tmp_path):
     101 examples: uneven shards; 2: one per rank), CKA statistics synced across
     different shifts, the layer-pair split and a gather with an empty rank."""
     sys.path.insert(0, str(WORKER.parent))
-    from dist_worker import ToyAccumulator, cka_data, dataset
+    from dist_worker import ToyAccumulator, cka_data, dataset, metric_data
     codes, outputs = _launch("collectives", tmp_path, 2)
     assert codes == [0, 0], outputs
     got = json.loads((tmp_path / "result.json").read_text())
@@ -75,6 +75,26 @@ def test_two_process_gloo_collectives_equal_single_process(tmp_path):
         for a, b in zip(res["total"], expected["total"]):
             assert a == pytest.approx(b, rel=1e-12, abs=1e-12)
     _check_cka(got["cka"], cka_data())
+    _check_metrics(got["metrics"], metric_data())
+
+
+def _check_metrics(got, data):
+    """Agreement counts, calibration bins and class histograms: synced == one process, exactly
+    for counts (float64 bin sums to 1e-12)."""
+    from minidiff.agreement import AgreementAccumulator
+    from minidiff.metrics.calibration import CalibrationAccumulator
+    from minidiff.metrics.distribution import ClassHistogramAccumulator
+    preds, labels, probs = data
+    agree, cal, hist = AgreementAccumulator(3, 4), CalibrationAccumulator(10), ClassHistogramAccumulator(4)
+    agree.update(preds, labels)
+    cal.update(probs, labels)
+    hist.update(preds[0])
+    for k in agree.reductions:
+        assert got["agreement_synced"][k] == getattr(agree, k).tolist(), k
+    assert got["agreement"]["n"] < agree.n.item()  # rank 0 alone saw only its shard
+    for k in cal.reductions:
+        np.testing.assert_allclose(got["calibration"][k], getattr(cal, k).numpy(), rtol=1e-12, atol=1e-12)
+    assert got["histogram"] == hist.compute().tolist()
 
 
 def test_hung_rank_fails_the_others_at_the_timeout(tmp_path):
