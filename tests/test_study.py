@@ -294,3 +294,26 @@ def test_dataset_without_named_column(tmp_path):
                         "variants": [{"name": "q", "recipe": "int8"}]})
     with pytest.raises(ValueError, match="text"):
         build_study(cfg, progress=False)
+
+
+def test_adversarial_section_is_run_cached_and_keyed_by_config(tiny, tmp_path, monkeypatch):
+    import minidiff.adversarial as adv_mod
+    calls = {"n": 0}
+    real = adv_mod.run_adversarial
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+    monkeypatch.setattr(adv_mod, "run_adversarial", counting)
+    cfg = {"attacks": ["fgsm"], "epsilon": [0.05], "max_examples": 30}
+    res = _study(tiny, cache_dir=tmp_path / "c", adversarial=cfg).run(out=tmp_path / "o")
+    assert res["adversarial"]["attacks"] and calls["n"] == 1
+    assert set(res["adversarial"]["models"]) == {"base", "int8", "prune-80"}
+    assert res["verdicts"]["int8"]["adversarial"]["verdict"] in ("same", "minor", "differs")
+    assert "not measured: no [adversarial]" not in (tmp_path / "o" / "report.html").read_text()
+    _study(tiny, cache_dir=tmp_path / "c", adversarial=cfg).run()
+    assert calls["n"] == 1  # served from the cache
+    _study(tiny, cache_dir=tmp_path / "c", adversarial={**cfg, "epsilon": [0.1]}).run()
+    assert calls["n"] == 2  # another config is another key
+    no = _study(tiny, cache_dir=tmp_path / "c").run()
+    assert no["verdicts"]["int8"]["adversarial"]["verdict"] == "not_measured"

@@ -191,12 +191,14 @@ def _prediction_errors(res: dict[str, Any], var: str) -> str:
     if pc.get("normalized_change"):
         sig = [p is not None and p < 0.05 for p in pc.get("p_values", [None] * len(pc["normalized_change"]))]
         figs.append(_safe_plot(plots.per_class_bars, pc["class_names"], pc["normalized_change"], sig,
-                               title=f"Per-class recall change / overall change: {var}"))
+                               title=f"Per-class change of normalized recall: {var}"))
     if figs:
         out.append(f'<div class="figs">{"".join(figs)}</div>')
     if pc.get("normalized_change"):
-        out.append('<p class="muted">Bars: (recall change of the class) / (overall accuracy change), Hooker et al. 2019; '
-                   'solid red where Welch\'s t-test across seeds gives p &lt; 0.05, hatched otherwise.</p>')
+        out.append('<p class="muted">Bars: normalized recall r̃<sub>c</sub> = recall<sub>c</sub> / accuracy; bar = '
+                   'mean<sub>variant</sub> r̃<sub>c</sub> / mean<sub>base</sub> r̃<sub>c</sub> − 1: below 0, the class lost '
+                   'more than the overall accuracy did (Hooker et al. 2019, 2020). Solid red where Welch\'s t-test across '
+                   'seeds gives p &lt; 0.05, hatched otherwise. ' + _e(pc.get("test_note") or "") + '</p>')
     out.append(_pie_examples(pie, var))
     return "".join(out)
 

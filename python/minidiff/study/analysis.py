@@ -37,7 +37,9 @@ THRESHOLDS = {
                       "differs if c < 0.80 (and below that reference), minor between",
     "distribution": "same if OOD-flag Jaccard >= 0.7 (when an OOD set is given) and the KS statistic of the "
                     "confidence distributions <= 0.1; differs if Jaccard < 0.5 or KS > 0.25; minor between",
-    "adversarial": "from the adversarial section: robust accuracy change vs base under the same attack budget",
+    "adversarial": "accuracy under attack (same budget for every model), variant minus base with a paired "
+                   "bootstrap CI per attack: same if every CI contains 0; differs if one excludes 0 with "
+                   "|change| >= 5 points; minor otherwise",
 }
 
 
@@ -451,15 +453,26 @@ class Analysis:
 
 
 def adversarial_verdict(var: str, adv: dict | None) -> dict[str, Any]:
-    """Verdict cell for the adversarial column from the adversarial results dict."""
+    """Verdict cell for the adversarial column from :func:`minidiff.adversarial.run_adversarial`'s dict.
+
+    Per attack, ``change[var]["adversarial_accuracy"]`` is the variant-minus-base accuracy under
+    attack with a paired bootstrap CI. same: every CI contains 0; differs: some CI excludes 0 with
+    |delta| >= 5 points; minor otherwise. The strongest change is quoted.
+    """
     if not adv or adv.get("not_measured"):
         return {"verdict": "not_measured", "summary": (adv or {}).get("not_measured", "no [adversarial] table")}
-    entry = adv.get(var) or adv.get("models", {}).get(var)
-    if isinstance(entry, dict):
-        if entry.get("verdict") in ("same", "minor", "differs", "not_measured"):
-            return {"verdict": entry["verdict"], "summary": str(entry.get("summary", ""))}
-        delta = entry.get("robust_accuracy_change")
-        if isinstance(delta, (int, float)):
-            verdict = "same" if abs(delta) < 0.02 else ("differs" if abs(delta) >= 0.05 else "minor")
-            return {"verdict": verdict, "summary": f"robust accuracy Δ {100 * delta:+.1f} pts"}
-    return {"verdict": "not_measured", "summary": "see the adversarial section"}
+    worst = None
+    for name, run in (adv.get("attacks") or {}).items():
+        ch = ((run.get("change") or {}).get(var) or {}).get("adversarial_accuracy") or {}
+        d = ch.get("delta")
+        if d is None:
+            continue
+        lo, hi = ch.get("ci_low"), ch.get("ci_high")
+        sig = lo is not None and hi is not None and not (lo <= 0 <= hi)
+        if worst is None or (sig, abs(d)) > (worst[1], abs(worst[2])):
+            worst = (name, sig, d)
+    if worst is None:
+        return {"verdict": "not_measured", "summary": "no attack result for this variant"}
+    name, sig, d = worst
+    verdict = "same" if not sig else ("differs" if abs(d) >= 0.05 else "minor")
+    return {"verdict": verdict, "summary": f"robust accuracy Δ {100 * d:+.1f} pts ({name})"}
