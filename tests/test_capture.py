@@ -223,3 +223,23 @@ def test_minilm_capture_equals_hidden_states():
     for (k1, v1), (k2, v2) in zip(hooks.items(), hs.items()):
         assert v1.shape == (2, 384)
         assert torch.equal(v1, v2), (k1, k2)
+
+
+def test_per_model_layers_teacher_vs_student():
+    from minidiff import compress as C
+
+    teacher = M.TextClassifier(tiny_bert(), None, 2)
+    student = C.distillation.make_student(teacher, keep_layers=[1])
+    batches = [make_batch(seed=s) for s in (1, 2)]
+    lay = {"t": "hidden_states", "s": "hidden_states"}
+    w = M.probe_widths({"t": teacher, "s": student}, batches[0], layers=lay)
+    assert len(w["t"]) == 3 and len(w["s"]) == 2
+    acc = minidiff.CKAAccumulator(w["t"], w["s"])
+    s = M.capture_stream({"t": teacher, "s": student}, batches, layers=lay, consumers=[acc])
+    assert s.layers["s"] == ["hidden_states.0", "hidden_states.1"]
+    cka = acc.compute()
+    assert cka.shape == (3, 2)
+    # the student's block is a copy of teacher block 1, fed by the same embeddings: layer 0 identical
+    torch.testing.assert_close(cka[0, 0], torch.tensor(1.0, dtype=torch.float64), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="every model"):
+        M.capture_stream({"t": teacher, "s": student}, batches, layers={"t": "hidden_states"})

@@ -469,10 +469,9 @@ def capture_stream(
     names = list(named)
     if token_mode not in TOKEN_MODES:
         raise ValueError(f"unknown token_mode {token_mode!r}; use one of {TOKEN_MODES}")
-    per_layers = {n: resolve_layers(named[n], layers[n] if isinstance(layers, Mapping) else layers)
-                  for n in names} if not (isinstance(layers, Mapping) and set(layers) != set(names)) else None
-    if per_layers is None:
+    if isinstance(layers, Mapping) and set(layers) != set(names):
         raise ValueError(f"layers given per model must name every model: got {sorted(layers)}, models {names}")
+    per_layers = {n: resolve_layers(named[n], layers[n] if isinstance(layers, Mapping) else layers) for n in names}
     forwards = {n: (forward.get(n) if isinstance(forward, Mapping) else forward) for n in names}
 
     toks = dict(tokenizers or {})
@@ -526,6 +525,7 @@ def capture_stream(
                                          f"{names[0]} gives {first}; models must see the same examples "
                                          "(with token_mode='tokens' also the same tokenization)")
             if step == 0:
+                summary.layers = {n: list(f) for n, f in feats.items()}
                 summary.widths = {n: {layer: int(t.shape[1]) for layer, t in f.items()} for n, f in feats.items()}
             summary.n_batches += 1
             summary.n_samples += first
