@@ -270,6 +270,21 @@ def test_real_digits_models_all_backends_agree():
                           rtol=0, atol=1e-15)
 
 
+def test_ops_trace_under_torch_compile():
+    preds = torch.randint(0, 10, (3, 100), dtype=torch.int32)
+    labels = torch.randint(0, 10, (100,), dtype=torch.int32)
+
+    def churn_and_right(p, y):
+        d, r = ops.pair_counts(p, y, num_classes=10)
+        return d.to(torch.float64) / p.shape[1], r.diagonal(), ops.modal_labels(p, 10)
+
+    d, right, modal = torch.compile(churn_and_right, backend="eager", fullgraph=True)(preds, labels)
+    ref_d, ref_r = ops.pair_counts_reference(preds, labels)
+    assert torch.equal(d, ref_d.double() / 100)
+    assert torch.equal(right, ref_r.diagonal())
+    assert torch.equal(modal, ops.modal_labels_reference(preds, 10))
+
+
 # ---- streaming -------------------------------------------------------------------------
 def _random(n=5, m=2000, c=10, seed=0):
     g = torch.Generator().manual_seed(seed)
