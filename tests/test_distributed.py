@@ -165,6 +165,29 @@ def test_layer_blocks_are_contiguous_balanced_and_cover_every_layer():
         layer_blocks([4, 4], 3)
 
 
+def test_memory_formula_is_the_accumulator_state_layout():
+    """``cka_state_bytes`` (the README's formula) counts every byte the CKA
+    accumulator holds after an update, and it does not grow with the samples."""
+    import torch
+    from minidiff.distributed import LayerSplitCKA, cka_state_bytes
+    from minidiff.similarity import CKAAccumulator
+
+    def held(acc):
+        pending = getattr(acc, "_pending", {})  # float32 GEMM partial sums
+        return sum(t.numel() * t.element_size() for t in [*acc.state_dict().values(), *pending.values()])
+    g = torch.Generator().manual_seed(0)
+    for dims_a, dims_b in (([3, 5], [4, 2, 6]), ([7, 7, 7], None)):
+        for dtype in (torch.float32, torch.float64):
+            acc = CKAAccumulator(dims_a, dims_b)
+            for n in (9, 50):
+                a = [torch.randn(n, d, generator=g, dtype=dtype) for d in dims_a]
+                acc.update(a) if dims_b is None else acc.update(a, [torch.randn(n, d, generator=g, dtype=dtype)
+                                                                    for d in dims_b])
+                assert held(acc) == cka_state_bytes(dims_a, dims_b, float32_inputs=dtype == torch.float32)
+    split = LayerSplitCKA([3, 5], [4, 2, 6])  # one process: one block holding every layer
+    assert split.block == [0, 1, 2]
+
+
 def test_aligned_shards_start_on_chunk_boundaries():
     for n in (0, 1, 31, 32, 101, 1000):
         for world in (1, 2, 3):

@@ -298,7 +298,30 @@ def _is_shifted(acc: Any) -> bool:
             and hasattr(acc, "shift_b") and "n" in acc.reductions)
 
 
-# -- splitting the layer-pair matrix across ranks ------------------------------------
+# -- memory of the CKA statistics and splitting the layer-pair matrix across ranks ------
+def cka_state_bytes(dims_a: Sequence[int], dims_b: Sequence[int] | None = None, *,
+                    float32_inputs: bool = True) -> int:
+    """Bytes a :class:`~minidiff.similarity.CKAAccumulator` (exact estimators) holds,
+    independent of the number of samples.
+
+    Two models, ``D = sum(d)`` the stacked width and ``L`` the layer count::
+
+        8 * (D_a D_b + sum_a d^2 + sum_b d^2                       # C and the per-layer Grams
+             + L_a D_b + L_b D_a + L_a L_b + 3 D_a + 3 D_b + 2 L_a + 2 L_b + 3)
+        + 4 * (D_a D_b + sum_a d^2 + sum_b d^2)    # pending float32 GEMM sums (float32 inputs)
+
+    One model with itself (``dims_b=None``): ``8 (D^2 + L D + L^2 + 3 D + L + 3) + 4 D^2``.
+    Per update add the shifted stacked batch, ``b (D_a + D_b)`` values of the input dtype.
+    """
+    da, la = sum(int(d) for d in dims_a), len(dims_a)
+    if dims_b is None:
+        return 8 * (da * da + la * da + la * la + 3 * da + la + 3) + (4 * da * da if float32_inputs else 0)
+    db, lb = sum(int(d) for d in dims_b), len(dims_b)
+    big = da * db + sum(int(d) ** 2 for d in dims_a) + sum(int(d) ** 2 for d in dims_b)
+    small = la * db + lb * da + la * lb + 3 * da + 3 * db + 2 * la + 2 * lb + 3
+    return 8 * (big + small) + (4 * big if float32_inputs else 0)
+
+
 def layer_blocks(dims: Sequence[int], parts: int) -> list[list[int]]:
     """Split layer indices ``0..L-1`` into ``parts`` contiguous, non-empty blocks of
     near-equal total width (block r ends where the running width first reaches
