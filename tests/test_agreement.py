@@ -206,6 +206,17 @@ def test_divergences_match_reference(kind):
         assert torch.equal(out, out.T)
 
 
+def test_js_keeps_precision_for_nearly_equal_models():
+    # JS(p, q) = (1/8) sum (p - q)^2 / p + O(delta^3): no cancellation at delta = 1e-7,
+    # where S(p) - S(m) style formulas lose most digits.
+    g = torch.Generator().manual_seed(5)
+    p = torch.softmax(torch.randn(300, 10, generator=g, dtype=torch.float64), -1)
+    q = p * (1 + 1e-7 * torch.randn(300, 10, generator=g, dtype=torch.float64))
+    js = minidiff.divergence_matrix(torch.stack([p, q]), "js")[0, 1].item()
+    approx = (((p - q) ** 2 / (p + q)).sum(-1) / 4).mean().item()
+    assert js == pytest.approx(approx, rel=1e-5)
+
+
 # ---- public API: numpy and torch inputs, fast paths agree -----------------------------------
 def test_numpy_and_torch_inputs_agree():
     rng = np.random.default_rng(0)

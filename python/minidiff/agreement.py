@@ -229,7 +229,9 @@ def divergence_matrix(probs: Any, kind: str = "js", *, eps: float = DEFAULT_EPS,
       needed; at most log 2).
     * ``"tv"``: ``sum_c |p_c - q_c| / 2`` (in [0, 1]).
 
-    Computed in float64.
+    Computed in float64, term by term with ``log1p`` of relative differences, so
+    nearly identical models (e.g. a quantized copy) keep their small divergences
+    instead of losing them to cancellation.
 
     Parameters
     ----------

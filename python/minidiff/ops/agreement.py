@@ -101,35 +101,43 @@ def _chunks(m: int, per_example: int, budget: int = 1 << 22):
         yield s, min(m, s + step)
 
 
-def divergence_pairs(probs: torch.Tensor, kind: str, eps: float) -> torch.Tensor:
-    """float64 ``(N, N)`` mean per-example divergence ``D(p_i || p_j)``.
+def _terms(p: torch.Tensor, q: torch.Tensor, kind: str, eps: float) -> torch.Tensor:
+    """Per-(example, class) float64 terms of ``D(p || q)``, summed over the last axis by callers.
 
-    KL uses one GEMM per chunk: ``KL_ij = G_ii - G_ij`` with ``G = P logQ^T`` over
-    the flattened (example, class) axis and ``logQ = log max(q, eps)``, which is
-    ``sum p (log max(p, eps) - log max(q, eps))`` with ``0 log . = 0``; the
-    diagonal is exactly zero. JS uses ``(S(p) + S(q))/2 - S((p+q)/2)`` with
-    ``S(p) = sum xlogy(p, p)``; TV is ``sum |p - q| / 2``.
+    Written with ``log1p`` of relative differences so that nearly equal
+    distributions (a quantized copy of a model) keep full relative precision
+    instead of cancelling: ``log(p'/q') = log1p((p' - q')/q')`` with ``p' = max(p, eps)``,
+    and for JS ``log(p/m) = log1p((p - q)/(p + q))``.
     """
+    zero = torch.zeros((), dtype=p.dtype, device=p.device)
+    if kind == "kl":
+        pf, qf = p.clamp_min(eps), q.clamp_min(eps)
+        return torch.where(p > 0, p * torch.log1p((pf - qf) / qf), zero)
+    if kind == "js":
+        s = p + q
+        r = torch.where(s > 0, (p - q) / torch.where(s > 0, s, 1), zero)
+        return 0.5 * (torch.where(p > 0, p * torch.log1p(r), zero)
+                      + torch.where(q > 0, q * torch.log1p(-r), zero))
+    return (p - q).abs() / 2
+
+
+def divergence_pairs(probs: torch.Tensor, kind: str, eps: float) -> torch.Tensor:
+    """float64 ``(N, N)`` mean per-example divergence ``D(p_i || p_j)``, computed
+    term by term (:func:`_terms`) for every pair in chunks of examples; JS and TV
+    are symmetric and computed once per unordered pair."""
     n, m, c = probs.shape
     out = torch.zeros((n, n), dtype=torch.float64, device=probs.device)
-    if kind == "kl":
-        for s, e in _chunks(m, n * c):
-            p = probs[:, s:e].to(torch.float64).reshape(n, -1)
-            g = p @ torch.log(p.clamp_min(eps)).T
-            out += g.diagonal()[:, None] - g
-    else:
-        for s, e in _chunks(m, n * c):
-            p = probs[:, s:e].to(torch.float64)
-            self_term = torch.xlogy(p, p).sum(dim=(1, 2)) if kind == "js" else None
-            for i in range(n - 1):
-                q = p[i + 1:]
-                if kind == "js":
-                    mix = (p[i][None] + q) / 2
-                    v = (self_term[i] + self_term[i + 1:]) / 2 - torch.xlogy(mix, mix).sum(dim=(1, 2))
-                else:
-                    v = (p[i][None] - q).abs().sum(dim=(1, 2)) / 2
-                out[i, i + 1:] += v
+    symmetric = kind != "kl"
+    for s, e in _chunks(m, n * c):
+        p = probs[:, s:e].to(torch.float64)
+        for i in range(n):
+            lo = i + 1 if symmetric else 0
+            if lo >= n:
+                continue
+            out[i, lo:] += _terms(p[i][None], p[lo:], kind, eps).sum(dim=(1, 2))
+    if symmetric:
         out = out + out.T
+    out.fill_diagonal_(0.0)  # D(p || p) = 0 exactly (every term is 0 already for KL)
     return out / m
 
 
@@ -139,14 +147,7 @@ def divergence_rows(probs: torch.Tensor, ref: int, kind: str, eps: float) -> tor
     out = torch.empty((n, m), dtype=torch.float64, device=probs.device)
     for s, e in _chunks(m, n * c):
         p = probs[:, s:e].to(torch.float64)
-        r = p[ref][None]
-        if kind == "kl":
-            out[:, s:e] = (r * (torch.log(r.clamp_min(eps)) - torch.log(p.clamp_min(eps)))).sum(-1)
-        elif kind == "js":
-            mix = (r + p) / 2
-            out[:, s:e] = ((torch.xlogy(r, r) + torch.xlogy(p, p)) / 2 - torch.xlogy(mix, mix)).sum(-1)
-        else:
-            out[:, s:e] = (r - p).abs().sum(-1) / 2
+        out[:, s:e] = _terms(p[ref][None], p, kind, eps).sum(-1)
     return out
 
 
