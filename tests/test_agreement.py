@@ -126,6 +126,20 @@ def test_native_pair_counts_exact(dtype, n, m, c):
     assert torch.equal(d, ref_d) and torch.equal(r, torch.zeros_like(r))
 
 
+def test_native_large_class_indices():
+    # int64 ids up to 2**40 (no num_classes): 41 bit-planes, per block
+    g = torch.Generator().manual_seed(9)
+    preds = torch.randint(0, 2**40, (6, 3000), generator=g, dtype=torch.int64)
+    preds[1, ::2] = preds[0, ::2]
+    labels = preds[2].clone()
+    ref_d, ref_r = ops.pair_counts_reference(preds, labels)
+    d, r = ops.pair_counts(preds, labels, backend="native")
+    assert torch.equal(d, ref_d) and torch.equal(r, ref_r)
+    p32 = torch.randint(2**30, 2**31 - 1, (4, 999), generator=g, dtype=torch.int32)
+    p32[3, 5] = 2**31 - 1
+    assert torch.equal(ops.pair_counts(p32, backend="native")[0], ops.pair_counts_reference(p32)[0])
+
+
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("numel", [1, 7, 17, 3_000_001])
 def test_native_minmax(dtype, numel):
