@@ -282,6 +282,7 @@ class CKAAccumulator(Accumulator):
         super().__init__()
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_n = 0
+        self._scratch: dict[str, torch.Tensor] = {}
         if estimator not in ACC_ESTIMATORS:
             raise ValueError(f"estimator must be one of {ACC_ESTIMATORS}, got {estimator!r}")
         self.dims_a = self._check_dims(dims_a, "dims_a")
@@ -303,9 +304,11 @@ class CKAAccumulator(Accumulator):
             self.add_state("hsic_ab", z(self.la, self.lb), "sum")
             self.add_state("hsic_aa", z(self.la), "sum")
             self.add_state("hsic_bb", z(self.lb), "sum")
-            self.add_state("ss_a", z(self.la), "sum")   # per-batch centred sums of squares (zero variance)
-            self.add_state("raw_a", z(self.la), "sum")  # sums of squares of the batch centres
+            # per-batch centred sums of squares (zero for a layer constant in every batch)
+            # and the rounding-level bound they are judged against
+            self.add_state("ss_a", z(self.la), "sum")
             self.add_state("ss_b", z(self.lb), "sum")
+            self.add_state("raw_a", z(self.la), "sum")
             self.add_state("raw_b", z(self.lb), "sum")
         else:
             self.add_state("sx", z(self.da), "sum")
@@ -378,16 +381,25 @@ class CKAAccumulator(Accumulator):
             out.append(t)
         return out
 
-    def _shifted(self, layers: list[torch.Tensor], shift: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def _buffer(self, side: str, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+        """A reused scratch buffer per side: a fresh multi-MB allocation each batch
+        costs page faults comparable to the copy itself."""
+        buf = self._scratch.get(side)
+        if buf is None or buf.shape != shape or buf.dtype != dtype:
+            buf = self._scratch[side] = torch.empty(shape, dtype=dtype, device=self.device)
+        return buf
+
+    def _shifted(self, layers: list[torch.Tensor], shift: torch.Tensor, dtype: torch.dtype,
+                 side: str) -> torch.Tensor:
         """Stack the layers and subtract the shift in one pass into a fresh buffer."""
         b = layers[0].shape[0]
-        out = torch.empty(b, sum(t.shape[1] for t in layers), dtype=dtype, device=self.device)
+        out = self._buffer(side, (b, sum(t.shape[1] for t in layers)), dtype)
         o = 0
-        for t in layers:
+        for t in layers:  # plain copies into the slices, then one contiguous subtraction (fastest on CPU)
             w = t.shape[1]
-            torch.sub(t.to(device=self.device, dtype=dtype), shift[o:o + w], out=out[:, o:o + w])
+            out[:, o:o + w].copy_(t)
             o += w
-        return out
+        return out.sub_(shift)
 
     def update(self, batch_a, batch_b=None) -> None:
         """Add one batch: ``batch_a`` (and ``batch_b`` unless comparing a model with
@@ -417,8 +429,8 @@ class CKAAccumulator(Accumulator):
             shift_a = torch.cat([t.to(self.device).double().mean(0) for t in la]).float().double()
             shift_b = shift_a if self.same else \
                 torch.cat([t.to(self.device).double().mean(0) for t in lb]).float().double()
-        za = self._shifted(la, shift_a.to(dtype), dtype)
-        zb = za if self.same else self._shifted(lb, shift_b.to(dtype), dtype)
+        za = self._shifted(la, shift_a.to(dtype), dtype, "a")
+        zb = za if self.same else self._shifted(lb, shift_b.to(dtype), dtype, "b")
         t = dict(zip(("sx", "sy", "na", "nb", "ay", "bx", "ab", "axd", "byd", "aa", "bb"),
                      batch_terms(za, zb, self.offs_a, self.offs_b)))
         if not bool(torch.isfinite(t["na"]).all() & torch.isfinite(t["nb"]).all()):
@@ -475,23 +487,24 @@ class CKAAccumulator(Accumulator):
     def _update_minibatch(self, za: torch.Tensor, zb: torch.Tensor, b: int) -> None:
         if b < 4:
             raise ValueError(f"the minibatch estimator needs batches of at least 4 samples, got {b}")
-        ca = za.double().mean(0).to(za.dtype)
+        # each batch is centred on its own means (HSIC_1 is translation invariant)
+        ca = za.mean(0)
+        cb = ca if self.same else zb.mean(0)
         za = za - ca
-        if self.same:
-            cb, zb = ca, za
-        else:
-            cb = zb.double().mean(0).to(zb.dtype)
-            zb = zb - cb
-        hab, haa, hbb = _batch_hsic(za, zb, self.offs_a, self.offs_b, self.same, "unbiased")
+        zb = za if self.same else zb - cb
+        hab, haa, hbb, ssa, ssb = _batch_hsic(za, zb, self.offs_a, self.offs_b, self.same, "unbiased")
         self.hsic_ab += hab
         self.hsic_aa += haa
         self.hsic_bb += hbb
         self.batches += 1
         self.n += b
-        for z, c, idx, L, ss, raw in ((za, ca, self._ia, self.la, self.ss_a, self.raw_a),
-                                      (zb, cb, self._ib, self.lb, self.ss_b, self.raw_b)):
-            ss.index_add_(0, idx, (z.double() ** 2).sum(0))
-            raw.index_add_(0, idx, b * c.double() ** 2)
+        self.ss_a += ssa
+        self.ss_b += ssb
+        # a constant column centres to 0 up to a few ulps of its value: zero variance means
+        # ss <= b * ||centre||^2 * (64 eps)^2 in the compute dtype
+        tol = b * (64 * torch.finfo(za.dtype).eps) ** 2
+        self.raw_a.index_add_(0, self._ia, tol * ca.double() ** 2)
+        self.raw_b.index_add_(0, self._ib, tol * cb.double() ** 2)
 
     # -- shift handling -------------------------------------------------------------
     def align_shift(self, shift_a, shift_b=None) -> None:
@@ -602,8 +615,7 @@ class CKAAccumulator(Accumulator):
         if self.estimator == "minibatch":
             if n == 0:
                 raise ValueError("no samples seen: call update() before compute()")
-            zero_a = self.ss_a <= 1e-24 * self.raw_a
-            zero_b = self.ss_b <= 1e-24 * self.raw_b
+            zero_a, zero_b = self.ss_a <= self.raw_a, self.ss_b <= self.raw_b
             return _ratio(self.hsic_ab, self.hsic_aa, self.hsic_bb, zero_a, zero_b, self.names_a, self.names_b)
         need = 4 if self.estimator == "unbiased" else 2
         if n < need:
@@ -651,51 +663,71 @@ def _gram_cost(n: int, dims_a, dims_b, same: bool) -> float:
     return n * n * (da + (0 if same else db) + len(dims_a) * len(dims_b))
 
 
-def _grams_hsic(ka: torch.Tensor, kb: torch.Tensor, estimator: str):
-    """HSIC between every pair of stacked Gram matrices ``ka (La, n, n)``, ``kb (Lb, n, n)``."""
+def _grams_hsic(ka: torch.Tensor, kb: torch.Tensor | None, estimator: str):
+    """HSIC between every pair of stacked Gram matrices ``ka (La, n, n)``, ``kb (Lb, n, n)``
+    (``kb=None``: model a with itself). Works in the Grams' dtype and modifies
+    them in place (centring or zeroing the diagonal); returns float64."""
     n = ka.shape[-1]
+    grams = [ka] if kb is None else [ka, kb]
     if estimator == "biased":
-        ka = ka - ka.mean(1, keepdim=True)
-        ka = ka - ka.mean(2, keepdim=True)
-        kb = kb - kb.mean(1, keepdim=True)
-        kb = kb - kb.mean(2, keepdim=True)
-        fa, fb = ka.reshape(ka.shape[0], -1), kb.reshape(kb.shape[0], -1)
+        for k in grams:
+            k.sub_(k.mean(1, keepdim=True))
+            k.sub_(k.mean(2, keepdim=True))
+        fa = ka.reshape(ka.shape[0], -1)
+        fb = fa if kb is None else kb.reshape(kb.shape[0], -1)
         c = (n - 1) ** 2
-        return fa @ fb.T / c, (fa * fa).sum(1) / c, (fb * fb).sum(1) / c
-    ka = ka.clone()
-    kb = kb.clone()
-    ka.diagonal(dim1=1, dim2=2).zero_()
-    kb.diagonal(dim1=1, dim2=2).zero_()
-    fa, fb = ka.reshape(ka.shape[0], -1), kb.reshape(kb.shape[0], -1)
-    ta, tb = fa.sum(1), fb.sum(1)
-    ca, cb = ka.sum(1), kb.sum(1)
+        hab = (fa @ fb.T).double() / c
+        haa = _sqnorms(fa) / c
+        hbb = haa if kb is None else _sqnorms(fb) / c
+        return hab, haa, hbb
+    for k in grams:
+        k.diagonal(dim1=1, dim2=2).zero_()
+    fa = ka.reshape(ka.shape[0], -1)
+    fb = fa if kb is None else kb.reshape(kb.shape[0], -1)
+    # float32 Grams: torch's cascaded sums and float32 GEMMs, finished in float64
+    ta, tb = fa.sum(1).double(), fb.sum(1).double()
+    ca = ka.sum(1)
+    cb = ca if kb is None else kb.sum(1)
 
     def h(tr, sk, sl, kl1):
         return (tr + sk * sl / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * kl1) / (n * (n - 3))
 
-    hab = h(fa @ fb.T, ta[:, None], tb[None, :], ca @ cb.T)
-    haa = h((fa * fa).sum(1), ta, ta, (ca * ca).sum(1))
-    hbb = h((fb * fb).sum(1), tb, tb, (cb * cb).sum(1))
+    hab = h((fa @ fb.T).double(), ta[:, None], tb[None, :], (ca @ cb.T).double())
+    haa = h(_sqnorms(fa), ta, ta, _sqnorms(ca))
+    hbb = haa if kb is None else h(_sqnorms(fb), tb, tb, _sqnorms(cb))
     return hab, haa, hbb
 
 
+def _sqnorms(rows: torch.Tensor) -> torch.Tensor:
+    """Squared norm of every row, one pass, float64 result."""
+    return torch.linalg.vector_norm(rows, dim=1).double() ** 2
+
+
 def _linear_grams(z: torch.Tensor, offs: list[int]) -> torch.Tensor:
-    return torch.stack([(z[:, a:b] @ z[:, a:b].T).double() for a, b in zip(offs, offs[1:])])
+    """Stacked ``X_l X_l^T`` in z's dtype, written straight into one buffer."""
+    out = torch.empty(len(offs) - 1, z.shape[0], z.shape[0], dtype=z.dtype, device=z.device)
+    for l, (a, b) in enumerate(zip(offs, offs[1:])):
+        torch.mm(z[:, a:b], z[:, a:b].T, out=out[l])
+    return out
 
 
 def _batch_hsic(za: torch.Tensor, zb: torch.Tensor, offs_a: list[int], offs_b: list[int], same: bool,
                 estimator: str):
-    """HSIC of every layer pair for one batch held in memory (rows already shifted or
-    centred), by the cheaper of the feature form and the Gram form."""
+    """HSIC of every layer pair for one batch held in memory (rows centred), by the
+    cheaper of the feature form and the Gram form. Also returns each layer's sum
+    of squares (zero-variance detection). float32 batches are computed in float32
+    GEMMs (like pytorch-cka, but on centred data) and reduced in float64."""
     n = za.shape[0]
     dims_a = [b - a for a, b in zip(offs_a, offs_a[1:])]
     dims_b = [b - a for a, b in zip(offs_b, offs_b[1:])]
     fc, gc = _feature_cost(n, dims_a, dims_b, same), _gram_cost(n, dims_a, dims_b, same)
-    gram_bytes = 8 * n * n * (len(dims_a) + (0 if same else len(dims_b)))
+    gram_bytes = za.element_size() * n * n * (len(dims_a) + (0 if same else len(dims_b)))
     if gc < fc and gram_bytes <= _GRAM_MEMORY_LIMIT:
         ka = _linear_grams(za, offs_a)
-        kb = ka if same else _linear_grams(zb, offs_b)
-        return _grams_hsic(ka, kb, estimator)
+        kb = None if same else _linear_grams(zb, offs_b)
+        ssa = torch.diagonal(ka, dim1=1, dim2=2).sum(1).double()
+        ssb = ssa if same else torch.diagonal(kb, dim1=1, dim2=2).sum(1).double()
+        return (*_grams_hsic(ka, kb, estimator), ssa, ssb)
     ia, ib = layer_index(offs_a, za.device), layer_index(offs_b, zb.device)
     C = (za.T @ zb).double()
     t = dict(zip(("sx", "sy", "na", "nb", "ay", "bx", "ab", "axd", "byd", "aa", "bb"),
@@ -709,7 +741,7 @@ def _batch_hsic(za: torch.Tensor, zb: torch.Tensor, offs_a: list[int], offs_b: l
         gb = [(zb[:, a:b].T @ zb[:, a:b]).double() for a, b in zip(offs_b, offs_b[1:])]
         haa = _hsic_self(ga, t["sx"], t["na"], t["axd"], t["aa"], offs_a, float(n), estimator)
         hbb = _hsic_self(gb, t["sy"], t["nb"], t["byd"], t["bb"], offs_b, float(n), estimator)
-    return hab, haa, hbb
+    return hab, haa, hbb, t["na"], t["nb"]
 
 
 # -- public functions ----------------------------------------------------------------
@@ -777,10 +809,10 @@ def cka_matrix(feats_a, feats_b=None, *, kernel: str = "linear", estimator: str 
     zero_b = zero_a if same else zero(lb, centred_b)
     if kernel == "linear":
         ka = torch.stack([c @ c.T for c in centred_a])
-        kb = ka if same else torch.stack([c @ c.T for c in centred_b])
+        kb = None if same else torch.stack([c @ c.T for c in centred_b])
     else:
         ka = torch.stack([gram_rbf(c, threshold) for c in centred_a])
-        kb = ka if same else torch.stack([gram_rbf(c, threshold) for c in centred_b])
+        kb = None if same else torch.stack([gram_rbf(c, threshold) for c in centred_b])
     hab, haa, hbb = _grams_hsic(ka, kb, estimator)
     return _ratio(hab, haa, hbb, zero_a, zero_b, na_, nb_)
 
