@@ -661,6 +661,30 @@ void cie_impl(const TB* base, int64_t kb, const TC* comp, int64_t kc, int64_t m,
   });
 }
 
+// hist[x][c] = #{r : preds[r][x] == c} into a zeroed int32 (M x C) buffer;
+// each thread owns whole rows of hist, so no atomics.
+template <typename T>
+void histogram_impl(const T* preds, int64_t k, int64_t m, int64_t c, int32_t* hist, int threads) {
+  const int64_t n_blocks = (m + kPopBlock - 1) / kPopBlock;
+  parallel_for(n_blocks, threads, 4, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t m0 = blk * kPopBlock, len = std::min(kPopBlock, m - m0);
+      for (int64_t r = 0; r < k; ++r) {
+        const T* row = preds + r * m + m0;
+        for (int64_t e = 0; e < len; ++e) ++hist[(m0 + e) * c + static_cast<int64_t>(row[e])];
+      }
+    }
+  });
+}
+
+void label_histogram(uintptr_t preds, bool is64, int64_t k, int64_t m, int64_t c, uintptr_t hist,
+                     int threads) {
+  if (k <= 0 || m <= 0 || c <= 0) throw std::invalid_argument("label_histogram: empty input");
+  auto* h = reinterpret_cast<int32_t*>(hist);
+  if (is64) histogram_impl(reinterpret_cast<const int64_t*>(preds), k, m, c, h, threads);
+  else histogram_impl(reinterpret_cast<const int32_t*>(preds), k, m, c, h, threads);
+}
+
 void modal_labels(uintptr_t preds, bool is64, int64_t k, int64_t m, int64_t c, uintptr_t out,
                   int threads) {
   if (k <= 0 || m <= 0 || c <= 0) throw std::invalid_argument("modal_labels: empty input");
@@ -704,6 +728,10 @@ void register_agreement(py::module_& m) {
         py::arg("m"), py::arg("num_classes"), py::arg("out"), py::arg("threads"),
         py::call_guard<py::gil_scoped_release>(),
         "Most frequent label per example over K rows (ties: smallest label) into int64 out[M].");
+  m.def("agreement_label_histogram", &label_histogram, py::arg("preds"), py::arg("is64"),
+        py::arg("k"), py::arg("m"), py::arg("num_classes"), py::arg("hist"), py::arg("threads"),
+        py::call_guard<py::gil_scoped_release>(),
+        "Adds label counts of (K, M) predictions into a zeroed int32 (M, C) buffer.");
   m.def("agreement_cie_scores", &cie_scores, py::arg("base"), py::arg("base64"), py::arg("kb"),
         py::arg("comp"), py::arg("comp64"), py::arg("kc"), py::arg("m"), py::arg("num_classes"),
         py::arg("out"), py::arg("threads"), py::call_guard<py::gil_scoped_release>(),

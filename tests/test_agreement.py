@@ -165,6 +165,8 @@ def test_native_populations_match_reference(k, m, c):
     comp = torch.randint(0, c, (k + 2, m), generator=g, dtype=torch.int64)
     comp[:, : m // 2] = base[0, : m // 2].long()
     assert torch.equal(ops.modal_labels(base, c, backend="native"), ops.modal_labels_reference(base, c))
+    for t in (base, comp):
+        assert torch.equal(ops.label_histogram(t, c).long(), ops.label_histogram_reference(t, c))
     s = ops.cie_scores(base, comp, c, backend="native")
     assert torch.allclose(s, ops.cie_scores_reference(base, comp, c), rtol=0, atol=1e-14)
     # the integer Taxicab sum of the torch path is bit-identical to the native one

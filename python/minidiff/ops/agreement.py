@@ -277,12 +277,21 @@ def _histogram_torch(preds, num_classes):
     return label_histogram_reference(preds, num_classes)
 
 
+def _histogram_native(preds, num_classes):
+    k, m = preds.shape
+    h = torch.zeros((m, num_classes), dtype=torch.int32)
+    cpu_core().agreement_label_histogram(preds.data_ptr(), preds.dtype == torch.int64, k, m,
+                                         num_classes, h.data_ptr(), num_threads())
+    return h
+
+
 _PAIR_IMPLS: dict[str, Callable] = {
     "cuda": _pair_counts_cuda, "triton": _pair_counts_triton,
     "torch": lambda p, l, nb, nc=0: pair_counts_reference(p, l),
 }
 _HIST_IMPLS: dict[str, Callable] = {
     "cuda": _histogram_cuda, "triton": _histogram_triton, "torch": _histogram_torch,
+    "native": _histogram_native,
 }
 
 
@@ -497,8 +506,15 @@ def cie_scores(base: torch.Tensor, comp: torch.Tensor, num_classes: int, *,
     return _cie_impl(base, comp, num_classes, backend)
 
 
-def label_histogram(preds: torch.Tensor, num_classes: int, *, backend: str = "triton") -> torch.Tensor:
-    """``(M, C)`` label counts with the named kernel ("triton", "cuda" or "torch")."""
+def label_histogram(preds: torch.Tensor, num_classes: int, *, backend: str = "auto") -> torch.Tensor:
+    """``(M, C)`` label counts ``H[x, c] = #{k : preds[k, x] == c}`` of a validated
+    population ``preds (K, M)`` (values in ``[0, num_classes)``): int32 from the
+    kernels, int64 from "torch". ``backend`` "auto" picks the native core on CPU
+    and the measured CUDA/Triton choice on GPU."""
+    if backend == "auto":
+        backend = cuda_backend(preds.device) if preds.is_cuda else "native"
     if backend not in _HIST_IMPLS:
-        raise ValueError(f"backend={backend!r}: use one of {sorted(_HIST_IMPLS)}")
+        raise ValueError(f"backend={backend!r}: use one of {sorted(_HIST_IMPLS)} or 'auto'")
+    if backend == "native" and preds.device.type != "cpu":
+        raise ValueError("backend='native' needs CPU tensors")
     return _HIST_IMPLS[backend](preds, num_classes)
