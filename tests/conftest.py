@@ -1,12 +1,19 @@
 """Test configuration.
 
 TRITON_INTERPRET must be set before any Triton kernel module is imported, so
-that every Triton kernel runs (on CPU tensors) under the interpreter here.
+that on a machine without CUDA every Triton kernel runs (on CPU tensors) under
+the interpreter. On a GPU machine the kernels compile for real (the
+interpreter-only tests then skip and the ``gpu`` tests run); force either mode
+by setting TRITON_INTERPRET yourself.
 """
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+if "TRITON_INTERPRET" not in os.environ:
+    import torch as _torch  # importing torch does not import triton
+
+    if not _torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
