@@ -409,3 +409,12 @@ def test_zero_variance_gives_nan_and_names_the_layer():
 def test_public_exports():
     assert minidiff.cka is cka and minidiff.cka_matrix is cka_matrix and minidiff.CKAAccumulator is CKAAccumulator
     assert issubclass(CKAAccumulator, minidiff.Accumulator)
+
+
+def test_reset_and_reuse():
+    fa, fb = _related(n=200)
+    acc = _stream(CKAAccumulator([12, 20, 8], [15, 9]), fa, fb, [100])
+    acc.reset()
+    assert acc.n == 0
+    _stream(acc, fa, fb, [120, 80])
+    torch.testing.assert_close(acc.compute(), cka_matrix(fa, fb), atol=1e-6, rtol=0)

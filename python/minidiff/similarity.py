@@ -283,6 +283,7 @@ class CKAAccumulator(Accumulator):
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_n = 0
         self._scratch: dict[str, torch.Tensor] = {}
+        self._counted = False  # this accumulator's own part is in `parts` / `shift_check`
         if estimator not in ACC_ESTIMATORS:
             raise ValueError(f"estimator must be one of {ACC_ESTIMATORS}, got {estimator!r}")
         self.dims_a = self._check_dims(dims_a, "dims_a")
@@ -297,6 +298,8 @@ class CKAAccumulator(Accumulator):
         self.da, self.db = self.offs_a[-1], self.offs_b[-1]
         self._ia = layer_index(self.offs_a, self.device)
         self._ib = layer_index(self.offs_b, self.device)
+        self._nonfinite_a = torch.zeros(self.la, dtype=torch.int64, device=self.device)
+        self._nonfinite_b = torch.zeros(self.lb, dtype=torch.int64, device=self.device)
         z = lambda *shape: torch.zeros(shape, dtype=torch.float64, device=self.device)  # noqa: E731
         self.add_state("n", z(), "sum")
         if estimator == "minibatch":
@@ -433,7 +436,12 @@ class CKAAccumulator(Accumulator):
         zb = za if self.same else self._shifted(lb, shift_b.to(dtype), dtype, "b")
         t = dict(zip(("sx", "sy", "na", "nb", "ay", "bx", "ab", "axd", "byd", "aa", "bb"),
                      batch_terms(za, zb, self.offs_a, self.offs_b)))
-        if not bool(torch.isfinite(t["na"]).all() & torch.isfinite(t["nb"]).all()):
+        if za.device.type != "cpu":
+            # no host round-trip per batch on a GPU: remember which layers saw a non-finite
+            # norm and refuse in compute()
+            self._nonfinite_a = self._nonfinite_a + ~torch.isfinite(t["na"])
+            self._nonfinite_b = self._nonfinite_b + ~torch.isfinite(t["nb"])
+        elif not bool(torch.isfinite(t["na"]).all() & torch.isfinite(t["nb"]).all()):
             for side, layers, names in (("a", la, self.names_a), ("b", lb, self.names_b)):
                 dims = self.dims_a if side == "a" else self.dims_b
                 offs = _offsets(dims) if len(layers) == 1 else None
@@ -442,9 +450,11 @@ class CKAAccumulator(Accumulator):
                     _check_finite(x, f"layer {name}")
             raise ValueError("the shifted features overflowed float32 in the squared norms; pass float64 features")
         self.shift_a, self.shift_b = shift_a, shift_b
-        if int(self.parts) == 0:
-            self.parts += 1
-            self.shift_check += self.shift_a.sum() + (0 if self.same else self.shift_b.sum())
+        if not self._counted:
+            self._counted = True
+            if float(self.parts) == 0:
+                self.parts += 1
+                self.shift_check += self.shift_a.sum() + (0 if self.same else self.shift_b.sum())
         self.n += b
         self._gemm("C", za.T, zb)
         if not self.same:
@@ -587,6 +597,18 @@ class CKAAccumulator(Accumulator):
                 other = copy
         return super().merge(other)
 
+    def reset(self) -> None:
+        self._discard_pending()
+        super().reset()
+        self._counted = False
+        self._nonfinite_a.zero_()
+        self._nonfinite_b.zero_()
+
+    def _discard_pending(self) -> None:
+        for buf in self._pending.values():
+            buf.zero_()
+        self._pending_n = 0
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = super().state_dict()
         if self.estimator != "minibatch":
@@ -596,6 +618,7 @@ class CKAAccumulator(Accumulator):
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self._discard_pending()
         state = dict(state)
         if self.estimator != "minibatch":
             sa, sb = state.pop("shift_a", None), state.pop("shift_b", None)
@@ -617,6 +640,12 @@ class CKAAccumulator(Accumulator):
                 raise ValueError("no samples seen: call update() before compute()")
             zero_a, zero_b = self.ss_a <= self.raw_a, self.ss_b <= self.raw_b
             return _ratio(self.hsic_ab, self.hsic_aa, self.hsic_bb, zero_a, zero_b, self.names_a, self.names_b)
+        bad = [self.names_a[i] for i in torch.nonzero(self._nonfinite_a).flatten().tolist()]
+        bad += [self.names_b[i] for i in torch.nonzero(self._nonfinite_b).flatten().tolist()]
+        if bad:
+            raise ValueError(f"layer(s) {', '.join(dict.fromkeys(bad))} received non-finite values (NaN or "
+                             "Inf) in an update on the GPU; the sums are invalid: check the model outputs "
+                             "and start a new accumulator")
         need = 4 if self.estimator == "unbiased" else 2
         if n < need:
             raise ValueError(f"the {self.estimator} estimator needs at least {need} samples, got {int(n)}")
