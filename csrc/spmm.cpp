@@ -61,6 +61,7 @@ struct Csr {
 
 constexpr int64_t kNC = 64;  // output channels per task
 
+
 // ----------------------------------------------------------------- AVX-512 ---
 MD_AVX512 inline void transpose16(__m512 r[16]) {
   __m512 t[16];
@@ -128,8 +129,9 @@ MD_AVX512 void spmm_block_avx512(const float* xt, int64_t mvalid, const Csr& w, 
       for (int i = 0; i < RI; ++i) {
 #pragma GCC unroll 4
         for (int v = 0; v < V; ++v) acc[i][v] = _mm512_setzero_ps();
-        const int64_t n = nt + nl + i;
-        const int32_t b = nl + i < nv ? w.rp[n] : 0, e = nl + i < nv ? w.rp[n + 1] : 0;
+        const int64_t o = nl + i;
+        const int64_t n = nt + o;
+        const int32_t b = o < nv ? w.rp[n] : 0, e = o < nv ? w.rp[n + 1] : 0;
         vp[i] = w.val + b;
         cp[i] = w.ci + b;
         len[i] = e - b;
@@ -221,8 +223,9 @@ MD_AVX2 void spmm_block_avx2(const float* xt, int64_t mvalid, const Csr& w, int6
       int32_t common = INT32_MAX;
       for (int i = 0; i < RI; ++i) {
         for (int v = 0; v < V; ++v) acc[i][v] = _mm256_setzero_ps();
-        const int64_t n = nt + nl + i;
-        const int32_t b = nl + i < nv ? w.rp[n] : 0, e = nl + i < nv ? w.rp[n + 1] : 0;
+        const int64_t o = nl + i;
+        const int64_t n = nt + o;
+        const int32_t b = o < nv ? w.rp[n] : 0, e = o < nv ? w.rp[n + 1] : 0;
         vp[i] = w.val + b;
         cp[i] = w.ci + b;
         len[i] = e - b;
@@ -279,6 +282,72 @@ void spmm_block_scalar(const float* xt, int64_t MB, int64_t mvalid, const Csr& w
   }
 }
 
+// ------------------------------------------------------- few-token path ---
+// For M <= kFewRows the token-vectorized kernel would use 1-4 of 16 lanes, so each
+// row of Y is computed as dot products that vectorize over a CSR row instead:
+// lane j (of 16) accumulates nonzeros start + 16 i + j as an fma chain, then the
+// 16 partial sums are added in a fixed tree (j + 8, + 4, + 2, + 1), then + bias.
+// The AVX-512 (gather), AVX2 (two 8-lane gathers) and scalar versions follow the
+// same order, so they agree bitwise here too.
+constexpr int64_t kFewRows = 4;
+
+inline float tree16(const float* a) {
+  float r8[8], r4[4], r2[2];
+  for (int j = 0; j < 8; ++j) r8[j] = a[j] + a[j + 8];
+  for (int j = 0; j < 4; ++j) r4[j] = r8[j] + r8[j + 4];
+  for (int j = 0; j < 2; ++j) r2[j] = r4[j] + r4[j + 2];
+  return r2[0] + r2[1];
+}
+
+void dot_rows_scalar(const float* x, const Csr& w, int64_t n0, int64_t n1, const float* bias, float* y) {
+  for (int64_t n = n0; n < n1; ++n) {
+    float acc[16] = {0.f};
+    const int32_t b = w.rp[n], e = w.rp[n + 1];
+    for (int32_t p = b; p < e; ++p) {
+      const int j = (p - b) & 15;
+      acc[j] = std::fma(w.val[p], x[w.ci[p]], acc[j]);
+    }
+    y[n] = tree16(acc) + (bias ? bias[n] : 0.f);
+  }
+}
+
+MD_AVX2 void dot_rows_avx2(const float* x, const Csr& w, int64_t n0, int64_t n1, const float* bias, float* y) {
+  alignas(32) float acc[16];
+  for (int64_t n = n0; n < n1; ++n) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    const int32_t b = w.rp[n], e = w.rp[n + 1];
+    int32_t p = b;
+    for (; p + 16 <= e; p += 16) {
+      const __m256i i0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.ci + p));
+      const __m256i i1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.ci + p + 8));
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w.val + p), _mm256_i32gather_ps(x, i0, 4), a0);
+      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w.val + p + 8), _mm256_i32gather_ps(x, i1, 4), a1);
+    }
+    _mm256_store_ps(acc, a0);
+    _mm256_store_ps(acc + 8, a1);
+    for (int j = 0; p < e; ++p, ++j) acc[j] = std::fma(w.val[p], x[w.ci[p]], acc[j]);
+    y[n] = tree16(acc) + (bias ? bias[n] : 0.f);
+  }
+}
+
+MD_AVX512 void dot_rows_avx512(const float* x, const Csr& w, int64_t n0, int64_t n1, const float* bias,
+                               float* y) {
+  alignas(64) float acc[16];
+  for (int64_t n = n0; n < n1; ++n) {
+    __m512 a = _mm512_setzero_ps();
+    const int32_t b = w.rp[n], e = w.rp[n + 1];
+    for (int32_t p = b; p < e; p += 16) {
+      const int32_t r = std::min<int32_t>(16, e - p);
+      const __mmask16 m = static_cast<__mmask16>(r == 16 ? 0xFFFFu : ((1u << r) - 1u));
+      const __m512i idx = _mm512_maskz_loadu_epi32(m, w.ci + p);
+      const __m512 xv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, x, 4);
+      a = _mm512_mask3_fmadd_ps(_mm512_maskz_loadu_ps(m, w.val + p), xv, a, m);
+    }
+    _mm512_store_ps(acc, a);
+    y[n] = tree16(acc) + (bias ? bias[n] : 0.f);
+  }
+}
+
 // ------------------------------------------------------------------ driver ---
 struct PackState {
   std::vector<float> buf;
@@ -291,10 +360,22 @@ std::atomic<uint64_t> g_call{0};
 void spmm(Level lv, const float* x, int64_t M, int64_t K, const Csr& w, int64_t N, const float* bias,
           float* out, int threads) {
   if (M <= 0 || N <= 0) return;
+  if (M <= kFewRows) {
+    const int64_t grain = std::max<int64_t>(64, N * 4096 / std::max<int64_t>(w.rp[N] * M, 1));
+    parallel_for(N, threads, grain, [&](int64_t nb, int64_t ne) {
+      for (int64_t m = 0; m < M; ++m) {
+        if (lv == Level::kAvx512) dot_rows_avx512(x + m * K, w, nb, ne, bias, out + m * N);
+        else if (lv == Level::kAvx2) dot_rows_avx2(x + m * K, w, nb, ne, bias, out + m * N);
+        else dot_rows_scalar(x + m * K, w, nb, ne, bias, out + m * N);
+      }
+    });
+    return;
+  }
   const int64_t lanes = lv == Level::kAvx512 ? 16 : 8;
-  // Token block MB = lanes * V: V = 2 (32 tokens with AVX-512) measured best on
-  // Zen4 for M >= 32 (V = 4 halves the independent fma chains per nonzero and
-  // doubles the X^T panel; V = 1 pays the index/broadcast loads per 16 tokens).
+  // Token block MB = lanes * V: V = 2 (32 tokens with AVX-512, 4 channels
+  // interleaved) measured best on Zen4 for M > 16; V = 4 halves the independent fma
+  // chains per nonzero and doubles the X^T panel; V = 1 (8 channels interleaved)
+  // pays the index/broadcast loads per 16 tokens and was slower for K = 384 too.
   const int64_t V = M > lanes ? 2 : 1;
   const int64_t MB = lanes * V;
   const int64_t mblocks = (M + MB - 1) / MB, nchunks = (N + kNC - 1) / kNC;

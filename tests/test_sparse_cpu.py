@@ -30,7 +30,7 @@ def _check(y, ref):
 
 
 @pytest.mark.parametrize("density", [0.0, 0.1, 0.3, 1.0])
-@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (1, 33, 3), (17, 1, 17), (33, 70, 385), (70, 130, 64)])
+@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (1, 33, 3), (3, 40, 100), (17, 1, 17), (33, 70, 385), (70, 130, 64)])
 def test_matches_float64_reference(level, density, m, n, k):
     w = _sparse(n, k, density)
     x = torch.randn(m, k)
@@ -53,9 +53,10 @@ def test_empty_rows_give_bias(level):
     _check(y, x.double() @ w.double().T + b.double())
 
 
-def test_levels_are_bitwise_identical(monkeypatch):
-    w = _sparse(100, 300, 0.15)
-    x = torch.randn(45, 300)
+@pytest.mark.parametrize("m,k", [(2, 300), (45, 300), (40, 1000)])  # few-row path, both block widths
+def test_levels_are_bitwise_identical(monkeypatch, m, k):
+    w = _sparse(100, k, 0.15)
+    x = torch.randn(m, k)
     csr = S.to_csr(w)
     outs = []
     for lv in LEVELS:

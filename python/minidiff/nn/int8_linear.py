@@ -120,11 +120,12 @@ class Int8Linear(nn.Module):
             raise ValueError(f"input dtype {x.dtype} is not supported; use float32, bfloat16 or float16")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        args = (x2, self.weight_int8, self.weight_scale, self.bias)
+        bufs = self._buffers  # one dict lookup instead of nn.Module.__getattr__ per buffer
+        args = (x2, bufs["weight_int8"], bufs["weight_scale"], bufs.get("bias"))
         compiling = torch.compiler.is_compiling()
         if self.mode == "w8a8":
             cpu = x2.device.type == "cpu"
-            packed = (self._w_packed, self._w_colsum) if cpu else (None, None)
+            packed = (bufs["_w_packed"], bufs["_w_colsum"]) if cpu else (None, None)
             # the module's buffers are consistent by construction: skip the op-level checks
             fn = int8_ops._int8_linear_op if compiling else int8_ops._int8_linear_impl
             y = fn(*args, *packed, self.out_dtype)

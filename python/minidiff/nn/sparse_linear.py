@@ -162,18 +162,19 @@ class SparseLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features in its last dimension; "
                              f"this SparseLinear expects {self.in_features}")
-        if self.weight.numel():  # dense fallback
-            return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(self.out_dtype)
+        bufs = self._buffers  # one dict lookup instead of nn.Module.__getattr__ per buffer
+        weight = bufs["weight"]
+        if weight.numel():  # dense fallback
+            return F.linear(x.to(weight.dtype), weight, bufs.get("bias")).to(self.out_dtype)
         if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"input dtype {x.dtype} is not supported; use float32, bfloat16 or float16")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
+        args = (x2, bufs["row_ptr"], bufs["col"], bufs["values"], bufs.get("bias"), self.in_features, self.out_dtype)
         if torch.compiler.is_compiling():
-            y = sparse_ops._sparse_linear_op(x2, self.row_ptr, self.col, self.values, self.bias, self.in_features,
-                                             self.out_dtype)
+            y = sparse_ops._sparse_linear_op(*args)
         else:  # buffers were validated when built/loaded: go straight to the kernel
-            y = sparse_ops._sparse_linear_impl(x2, self.row_ptr, self.col, self.values, self.bias,
-                                               self.in_features, self.out_dtype)
+            y = sparse_ops._sparse_linear_impl(*args)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
