@@ -418,3 +418,11 @@ def test_reset_and_reuse():
     assert acc.n == 0
     _stream(acc, fa, fb, [120, 80])
     torch.testing.assert_close(acc.compute(), cka_matrix(fa, fb), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_streaming_equal_widths_batched_path(dtype):
+    fa, fb = _related(n=300, widths_a=(8, 8, 8), widths_b=(6, 6), dtype=dtype, mean=1.0)
+    acc = _stream(CKAAccumulator([8, 8, 8], [6, 6]), fa, fb, [100, 150, 50])
+    ref = _reference_matrix([f.double() for f in fa], [f.double() for f in fb], "unbiased")
+    torch.testing.assert_close(acc.compute(), ref, atol=1e-6, rtol=0)
