@@ -169,10 +169,13 @@ def bench_words(dev, repeats, n_sentences):
     # the attack itself runs once: its query count, not its repetition, sets the cost here
     t_attack, res = timed(lambda: attack(cfg.batch_size), dev, 1)
     queries = sum(res.queries)
-    # floor: the same number of queries as plain forward passes of the clean sentences
-    # (length-sorted batches, as the attack sends them)
+    # floor: the attack's queries as plain forward passes. Cost ~ tokens: measure MiniLM's
+    # tokens/s on the clean sentences (length-sorted batches, as the attack sends them) and
+    # charge every query the token count of its clean sentence.
     t_clean, _ = timed(lambda: tm.logits(test.inputs, cfg.batch_size), dev, repeats)
-    t_floor = queries / n * t_clean
+    ntok = [int(m.sum()) for m in tm.encode(test.inputs)[1]]
+    tok_per_s = sum(ntok) / t_clean
+    t_floor = sum(q * t for q, t in zip(res.queries, ntok)) / tok_per_s
     k = 16
     t_batched_k, _ = timed(lambda: attack(cfg.batch_size, k), dev, 1)
     t_one, _ = timed(lambda: attack(1, k), dev, 1)
@@ -186,12 +189,13 @@ def bench_words(dev, repeats, n_sentences):
     print(f"{'what':58s} {'median s':>9s} {'examples/s':>11s} {'vs ours':>8s}")
     for name, t, cnt in [("candidates (once, shared by all models)", t_cand, n),
                          (f"minidiff word substitution (batched queries), {n} sentences", t_attack, n),
-                         (f"floor: {queries} queries as batched MiniLM forwards", t_floor, n),
+                         (f"floor: {queries} queries as MiniLM forwards (token-weighted)", t_floor, n),
                          (f"minidiff word substitution (batched), first {k} sentences", t_batched_k, k),
                          (f"minidiff word substitution, one at a time, first {k}", t_one, k),
                          (f"run_adversarial (candidates + attack + results), first {k}", t_full, k)]:
         print(f"{name:58s} {t:9.3f} {cnt / t:11.1f} {(cnt / t) / (n / t_attack):8.2f}")
-    print(f"queries/s during the attack: {queries / t_attack:.0f}; plain forward: {n / t_clean:.0f}; "
+    print(f"queries/s during the attack: {queries / t_attack:.1f}; plain forward of the clean sentences: "
+          f"{n / t_clean:.1f} sentences/s = {tok_per_s:.0f} tokens/s; "
           f"ours / floor time: {t_attack / t_floor:.2f}; batched / one-at-a-time speed-up on the same "
           f"{k} sentences: {t_one / t_batched_k:.2f}x")
 
@@ -203,6 +207,7 @@ def main():
     ap.add_argument("--sentences", type=int, default=256)
     ap.add_argument("--quick", action="store_true", help="fewer repeats and sentences (smoke run)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--part", choices=["all", "pgd", "words"], default="all")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: on a shared 2-core machine two OpenMP threads "
                          "contend and small ops run up to 100x slower)")
@@ -217,8 +222,10 @@ def main():
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}"
           + (f", GPU {torch.cuda.get_device_name()}" if dev.type == "cuda" else ""))
-    bench_pgd(dev, args.repeats, args.models)
-    bench_words(dev, args.repeats, args.sentences)
+    if args.part in ("all", "pgd"):
+        bench_pgd(dev, args.repeats, args.models)
+    if args.part in ("all", "words"):
+        bench_words(dev, args.repeats, args.sentences)
 
 
 if __name__ == "__main__":

@@ -370,6 +370,26 @@ def test_embedding_pgd_runs_and_is_marked_unrealizable(tiny_text):
             assert big["per_model"][name]["mean_perturbation"] <= 0.5 + 1e-5
     assert "not a realizable text" in render_section(res)
 
+    class NoGradText(nn.Module):  # a text model whose forward has no backward
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.tokenizer = inner, inner.tokenizer
+
+        def tokenize(self, texts, max_length=128):
+            return self.inner.tokenize(texts, max_length)
+
+        def input_embeddings(self):
+            return self.inner.input_embeddings()
+
+        def forward(self, **kw):
+            with torch.no_grad():
+                return self.inner(**kw)
+
+    cfg = AdversarialConfig(attacks=["embedding-pgd"], embedding_epsilon=[0.5], steps=3, bootstrap=0)
+    res = run_adversarial({"base": models["base"], "q": NoGradText(models["var"])}, data, cfg, base="base")
+    pm = res["attacks"]["embedding-pgd eps=0.5"]["per_model"]
+    assert pm["base"]["gradient"] == "own" and pm["q"]["gradient"] == "surrogate:base"
+
 
 def test_mlm_candidates_are_whole_words(tiny_text, tmp_path):
     from transformers import BertConfig, BertForMaskedLM

@@ -66,7 +66,8 @@ def render_section(results: dict) -> str:
     gradient source), the transfer matrix as a heatmap, the Jaccard overlaps, and for the
     word-substitution attack a few adversarial texts with the changed words highlighted."""
     base = results.get("base", "")
-    out = ['<section class="minidiff-adversarial">', "<h2>Adversarial vulnerability</h2>"]
+    # no <h2>: the study report puts its own section heading above this fragment
+    out = ['<section class="minidiff-adversarial">']
     cfg = results.get("config", {})
     out.append(
         "<p>Every model is attacked with the same budget and the same random starts "
