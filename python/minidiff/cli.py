@@ -52,6 +52,11 @@ def _fail(msg: str, code: int) -> int:
     return code
 
 
+def _quiet() -> None:
+    # transformers and huggingface_hub read this when first imported (model-loading bars)
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+
+
 def _threads(n: int) -> None:
     if n and n > 0:
         import torch
@@ -87,6 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "run":
             _threads(args.threads)
+            if args.quiet:
+                _quiet()
             cfg = load_config(args.study)
             from minidiff.study.build import build_study
             cache = Path(args.cache) if args.cache else Path(args.out) / "cache"
@@ -98,6 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "demo":
             _threads(args.threads)
+            if args.quiet:
+                _quiet()
             from minidiff.study.demo import run_demo
             res = run_demo(args.out, quick=args.quick, only=args.only, progress=not args.quiet)
             _print_summary(res, args.out, time.perf_counter() - t0)

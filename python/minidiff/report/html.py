@@ -41,7 +41,7 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}
 table.summary td{min-width:130px} .legend{font-size:12px;color:#444;background:#fafafa;border:1px solid #eee;
      padding:8px 12px;margin:8px 0 0} .legend li{margin:2px 0}
 .figs{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start} .figs img{border:1px solid #eee;max-width:100%}
-.skip{color:#8a6d00} .muted{color:#777;font-size:13px} .pie-text td{max-width:520px}
+.skip{color:#8a6d00;font-size:13px;margin:3px 0} .muted{color:#777;font-size:13px} .pie-text td{max-width:520px}
 code{background:#f4f4f4;padding:0 3px;border-radius:3px}
 """
 
@@ -215,9 +215,11 @@ def _pie_examples(pie: dict[str, Any], var: str) -> str:
                 + '<p class="muted">y: true label, b: base (modal) prediction, v: variant (modal) prediction.</p>')
     rows = "".join(f"<tr><td>{_e(e.get('id', ''))}</td><td>{_e(e.get('text', e.get('display', '')))}</td><td>{_e(e.get('label', ''))}</td>"
                    f"<td>{_e(e.get('base_pred', ''))}</td><td>{_e(e.get('variant_pred', ''))}</td>"
-                   f"<td class=num>{_f(e.get('score'), 3)}</td></tr>" for e in ex)
+                   f"<td class=num>{_f(e.get('score'), 3)}</td><td class=num>{_f(e.get('js'), 3)}</td></tr>" for e in ex)
     return (f"<h3>{_e(title)}</h3><table class='pie-text'><tr><th>id</th><th>example</th><th>label</th><th>base</th>"
-            f"<th>variant</th><th>score</th></tr>{rows}</table>")
+            f"<th>variant</th><th>CIE score</th><th>JS</th></tr>{rows}</table>"
+            '<p class="muted">PIEs first, then by CIE score (Taxicab distance of the label histograms), then by '
+            'JS divergence of the predictive distributions.</p>')
 
 
 def _representation(res: dict[str, Any], var: str) -> str:
@@ -287,6 +289,10 @@ def _adversarial(res: dict[str, Any]) -> str:
         return f'<p class="muted">not measured: {_e(adv.get("not_measured", "no [adversarial] table in the study"))}</p>'
     try:
         from minidiff.adversarial import render_section
+        if "attacks" not in adv:  # an index over several studies: one section each
+            return "".join(f"<h3>{_e(tag)}</h3>" + (render_section(a) if a and not a.get("not_measured")
+                                                    else f'<p class="muted">not measured: {_e((a or {}).get("not_measured", ""))}</p>')
+                           for tag, a in adv.items())
         return render_section(adv)
     except Exception as e:  # the adversarial fragment must not take the whole report down
         return f'<p class="skip">adversarial section could not be rendered: {_e(type(e).__name__)}: {_e(e)}</p>'

@@ -285,12 +285,21 @@ class Analysis:
                         "acc_base_non_pie": _jsonable(nacc[:nb].mean()),
                         "acc_variant_non_pie": _jsonable(nacc[nb:].mean()),
                         "per_model_pie_accuracy": _jsonable(pacc), "per_model_non_pie_accuracy": _jsonable(nacc)})
+        # order: PIEs first, then CIE score, then the mean per-example JS divergence of the seed
+        # pairs (with one model per side every changed example has CIE 2: JS ranks them)
+        import importlib
+        pr = importlib.import_module("minidiff.metrics.prediction")
+        js = torch.stack([pr.per_example_divergence(self.probs[a], self.probs[b], "js")
+                          for a, b in self._pairs(var)]).mean(0).numpy()
+        m = js.shape[0]
+        order = np.lexsort((np.arange(m), -js, -ps.cie.double().numpy(), ~ps.pie.numpy()))
+        top = order[: self.cfg.pie_examples].tolist()
         ex = []
-        for i in ps.top.tolist():
+        for i in top:
             if float(ps.cie[i]) <= 0 and not bool(ps.pie[i]):
                 break
             e: dict[str, Any] = {"index": i, "id": self.ids[i] if i < len(self.ids) else str(i),
-                                 "pie": bool(ps.pie[i]), "score": float(ps.cie[i]),
+                                 "pie": bool(ps.pie[i]), "score": float(ps.cie[i]), "js": float(js[i]),
                                  "base_pred": self._cname(int(ps.modal_base[i])),
                                  "variant_pred": self._cname(int(ps.modal_variant[i]))}
             if self.labels is not None:

@@ -312,6 +312,12 @@ def build_study(cfg: StudyConfig | str | Path, *, cache_dir: str | Path | None =
         cache_root = Path(tempfile.mkdtemp(prefix="minidiff-build-"))
     cache = StudyCache(cache_root)
     show = cfg.study.progress if progress is None else progress
+    # under torchrun, rank 0 trains/compresses and caches; the other ranks then load from the cache
+    from minidiff.distributed import DistContext
+    ctx = DistContext.from_env()
+    if ctx.is_distributed and not ctx.is_main:
+        ctx.barrier()
+        show = False
     b = Builder(cfg, train, ev, cache, show)
     seeds = cfg.base.seeds
     total = len(seeds) * (1 + len(cfg.variants))
@@ -334,6 +340,8 @@ def build_study(cfg: StudyConfig | str | Path, *, cache_dir: str | Path | None =
         variants[vc.name] = mods
         notes_by_group[vc.name] = {k: v for k, v in meta.items() if k in ("recipe", "achieved_sparsity")}
     bar.close()
+    if ctx.is_distributed and ctx.is_main:
+        ctx.barrier()
     tok = getattr(base[0], "tokenizer", None)
     max_length = getattr(cfg.base, "max_length", 128)
     study = Study(base, variants, ev, ood=ood, name=cfg.study.name, layers=cfg.layers.capture,

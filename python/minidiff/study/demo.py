@@ -63,14 +63,14 @@ def minilm_config(quick: bool = False) -> StudyConfig:
         "data": {"source": "builtin", "name": "chatterbot-en", "eval_fraction": 0.5, "limit": 96 if quick else 0,
                  "train_limit": 160 if quick else 0},
         "ood": {"source": "builtin", "name": "chatterbot-ood", "limit": 40 if quick else 0},
-        "base": {"kind": "minilm", "seeds": [0], "max_length": 24 if quick else 48, "pooling": "mean",
+        "base": {"kind": "minilm", "seeds": [0], "max_length": 24 if quick else 32, "pooling": "mean",
                  "head": {"epochs": 30 if quick else 80, "lr": 0.01, "batch_size": 64}},
         "variants": [
             {"name": "prune-50", "recipe": "prune", "sparsity": 0.5, "scope": "layer"},
             {"name": "prune-2:4", "recipe": "prune-2:4"},
             {"name": "int8", "recipe": "int8"},
             {"name": "distill-3L", "recipe": "distill", "student": {"layers": 3}, "temperature": 2.0,
-             "train": {"epochs": 1 if quick else 3, "lr": 1e-4, "batch_size": 32}},
+             "train": {"epochs": 1 if quick else 2, "lr": 1e-4, "batch_size": 32}},
         ],
         "layers": {"capture": "auto", "token_mode": "mean"},
         "metrics": {"knn_k": 10, "ood_k": 10, "pie_examples": 12, "bootstrap": 1000},
@@ -103,7 +103,10 @@ def merge_results(parts: dict[str, dict[str, Any]], name: str) -> dict[str, Any]
                     "population": max(p["study"]["population"] for p in parts.values()),
                     "data": {"name": datasets, "num_eval": sum(p["study"]["data"]["num_eval"] for p in parts.values()),
                              "has_labels": True},
-                    "ood": None, "notes": [f"{tag}: full report in {tag}/report.html" for tag in parts]}
+                    "ood": {"name": " + ".join(p["study"]["ood"]["name"] for p in parts.values() if p["study"]["ood"]),
+                            "num_examples": sum(p["study"]["ood"]["num_examples"] for p in parts.values()
+                                                if p["study"]["ood"])} if any(p["study"]["ood"] for p in parts.values())
+                    else None, "notes": [f"{tag}: full report in {tag}/report.html" for tag in parts]}
     return out
 
 

@@ -256,10 +256,10 @@ class Study:
                               ctx=ctx, progress=self.progress)
                 ood_emb = oo.embeddings
                 timing["ood_pass_s"] = time.perf_counter() - t
-            adv = self._adversarial(groups, cache, ctx, timing)
             self.last_run = {"forward_chunks": dict(ev.forward_chunks), "corrupt_entries": list(cache.corrupt_entries)}
-            if not ctx.is_main:
+            if not ctx.is_main:  # rank 0 attacks, analyses and writes
                 return {}
+            adv = self._adversarial(groups, cache, ctx, timing)
             t = time.perf_counter()
             cka = self._cka_matrices(ev, pairs)
             results = self._analyse(groups, ev, cka, ood_emb, ood_reason, adv)
@@ -295,7 +295,7 @@ class Study:
     def _adversarial(self, groups: dict[str, list[Member]], cache: StudyCache, ctx: DistContext,
                      timing: dict[str, float]) -> dict[str, Any]:
         if self.adversarial is None:
-            return {"not_measured": "no [adversarial] table in the study (see the README's adversarial section)"}
+            return {"not_measured": "no [adversarial] table in the study"}
         key = hash_json({"models": {g: ms[0].key for g, ms in groups.items()}, "data": self.data.fingerprint(),
                          "config": self.adversarial.model_dump(mode="json")})[:32]
         got = cache.load_json(f"adversarial/{key}.json")
