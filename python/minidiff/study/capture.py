@@ -118,6 +118,9 @@ class Member:
     info: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # None: decide per batch by identity; set by probe_layers when the embedding duplicates
+        # the last captured layer numerically (e.g. mean pooling of the last block)
+        self.append_embedding: bool | None = None
         if not self.layers:
             self.layers = auto_layers(self.module)
         names = dict(self.module.named_modules())
@@ -160,7 +163,10 @@ class Member:
                     raise ValueError(f"model {self.name!r}: layer {n!r} was not called in forward")
                 layers.append(reduce_tokens(raw[n], token_mode, mask).float())
             # the embedding is a layer too, unless it is the last captured output itself
-            if not self.layers or raw[self.layers[-1]] is not embedding:
+            append = self.append_embedding
+            if append is None:
+                append = not self.layers or raw[self.layers[-1]] is not embedding
+            if append:
                 layers.append(reduce_tokens(embedding, token_mode, mask).float())
         embedding = reduce_tokens(embedding, token_mode, mask).float()
         return logits, layers, embedding

@@ -60,11 +60,19 @@ def _batch_inputs(data: Any, start: int, stop: int) -> Any:
 
 def probe_layers(member: Member, data: Any, token_mode: str, device: str) -> tuple[list[int], list[str]]:
     """Widths and names of a member's captured representations (one 2-example forward)."""
-    n = min(2, len(data))
-    _, layers, _ = member.forward(_batch_inputs(data, 0, n), token_mode, device)
+    n = min(4, len(data))
+    member.append_embedding = None
+    _, layers, emb = member.forward(_batch_inputs(data, 0, n), token_mode, device)
     names = list(member.layers)
     if len(layers) == len(names) + 1:
-        names.append("embedding")
+        if len(layers) >= 2 and layers[-2].shape == emb.shape and torch.allclose(layers[-2], emb, rtol=1e-5, atol=1e-6):
+            member.append_embedding = False  # the head reads the last captured layer as it is
+            layers = layers[:-1]
+        else:
+            member.append_embedding = True
+            names.append("embedding")
+    else:
+        member.append_embedding = False
     member.info["layer_names"] = names
     return [int(t.shape[1]) for t in layers], names
 
