@@ -86,17 +86,21 @@ def worker(args) -> None:
     ctx = DistContext.from_env(timeout_s=600)
     torch.set_num_threads(args.threads)
     rss0 = _maxrss_mb()
-    pool = make_pool(DIMS_A, DIMS_B, args.pool, args.batch, seed=1)  # same pool on every rank
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")  # under torchrun with CUDA: this rank's GPU (LOCAL_RANK)
+    pool = make_pool(DIMS_A, DIMS_B, args.pool, args.batch, seed=1, device=device)  # same pool on every rank
     pool_mb = sum(a.numel() * 4 + b.numel() * 4 for a, b in pool) / 2 ** 20
     rss_pool = _maxrss_mb()
     start, stop = ctx.shard_range(args.samples, align=args.batch)
-    acc = CKAAccumulator(DIMS_A, DIMS_B, estimator="unbiased")
+    acc = CKAAccumulator(DIMS_A, DIMS_B, estimator="unbiased", device=device)
     ctx.barrier()
     t0 = time.perf_counter()
     for s in range(start, stop, args.batch):  # global batch s // batch: the samples a single process sees
         a, b = pool[(s // args.batch) % len(pool)]
         n = min(args.batch, stop - s)
         acc.update(a[:n], b[:n])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     t_local = time.perf_counter() - t0
     rss_acc = _maxrss_mb()  # peak while streaming: must not depend on the number of samples
     t1 = time.perf_counter()
@@ -117,7 +121,7 @@ def launch(nproc: int, samples: int, threads: int, args) -> list[dict]:
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), GLOO_SOCKET_IFNAME="lo")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                __file__, "--worker", "--out", tmp, "--samples", str(samples), "--threads", str(threads),
-               "--batch", str(args.batch), "--pool", str(args.pool)]
+               "--batch", str(args.batch), "--pool", str(args.pool), "--device", args.device]
         t0 = time.perf_counter()
         subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         wall = time.perf_counter() - t0
@@ -207,6 +211,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=2048, help="token vectors per update")
     p.add_argument("--pool", type=int, default=4, help="distinct random batches cycled through")
     p.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="cores shared by the processes")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu",
+                   help="where the multi-process runs keep features and accumulators (auto: cuda if present)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default="", help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
