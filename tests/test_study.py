@@ -317,3 +317,21 @@ def test_adversarial_section_is_run_cached_and_keyed_by_config(tiny, tmp_path, m
     assert calls["n"] == 2  # another config is another key
     no = _study(tiny, cache_dir=tmp_path / "c").run()
     assert no["verdicts"]["int8"]["adversarial"]["verdict"] == "not_measured"
+
+
+def test_rbf_cka_on_the_first_examples(tiny):
+    """RBF CKA is not streaming: it uses the first rbf_max_examples rows of every layer."""
+    from minidiff.similarity import cka_matrix
+    from minidiff.study.capture import Member, tensor_prepare
+    res = _study(tiny, metrics={"bootstrap": 50, "cka_kernel": "rbf", "rbf_max_examples": 40,
+                                "rbf_threshold": 0.5}).run()
+    got = np.asarray(res["representation"]["int8"]["cka"]["matrix"])
+    assert res["representation"]["int8"]["cka"]["kernel"] == "rbf"
+    x = tiny["data"].inputs[:40]
+    mats = []
+    for i in (0, 1):
+        _, la, _ = Member("b", "base", i, tiny["base"][i], tensor_prepare).forward(x, "cls")
+        _, lb, _ = Member("v", "int8", i, tiny["variants"]["int8"][i], tensor_prepare).forward(x, "cls")
+        mats.append(cka_matrix([t.double() for t in la], [t.double() for t in lb], kernel="rbf", threshold=0.5,
+                               estimator="unbiased").numpy())
+    np.testing.assert_allclose(got, np.mean(mats, axis=0), rtol=1e-6, atol=1e-8)
