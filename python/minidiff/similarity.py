@@ -423,9 +423,7 @@ class CKAAccumulator(Accumulator):
             return
         dtype = _compute_dtype(*(t.dtype for t in la + lb))
         if self.estimator == "minibatch":
-            za = torch.cat([t.to(device=self.device, dtype=dtype) for t in la], dim=1)
-            zb = za if self.same else torch.cat([t.to(device=self.device, dtype=dtype) for t in lb], dim=1)
-            self._update_minibatch(za, zb, b)
+            self._update_minibatch(la, lb, b, dtype)
             return
         shift_a, shift_b = self.shift_a, self.shift_b
         if shift_a is None:  # first batch: its column means, rounded to float32 (see module docstring)
@@ -509,15 +507,29 @@ class CKAAccumulator(Accumulator):
             buf.zero_()
         self._pending_n = 0
 
-    def _update_minibatch(self, za: torch.Tensor, zb: torch.Tensor, b: int) -> None:
+    def _update_minibatch(self, la: list[torch.Tensor], lb: list[torch.Tensor], b: int, dtype: torch.dtype) -> None:
         if b < 4:
             raise ValueError(f"the minibatch estimator needs batches of at least 4 samples, got {b}")
         # each batch is centred on its own means (HSIC_1 is translation invariant)
-        ca = za.mean(0)
-        cb = ca if self.same else zb.mean(0)
-        za = za - ca
-        zb = za if self.same else zb - cb
-        hab, haa, hbb, ssa, ssb = _batch_hsic(za, zb, self.offs_a, self.offs_b, self.same, "unbiased")
+        la = [t.to(device=self.device, dtype=dtype) for t in la]
+        lb = la if self.same else [t.to(device=self.device, dtype=dtype) for t in lb]
+        if len(la) == 1 and self.la > 1:  # stacked input
+            la = [la[0][:, a:c] for a, c in zip(self.offs_a, self.offs_a[1:])]
+        if not self.same and len(lb) == 1 and self.lb > 1:
+            lb = [lb[0][:, a:c] for a, c in zip(self.offs_b, self.offs_b[1:])]
+        centres_a = [t.mean(0) for t in la]
+        centres_b = centres_a if self.same else [t.mean(0) for t in lb]
+        if _use_gram_form(b, self.dims_a, self.dims_b, self.same, torch.finfo(dtype).bits // 8):
+            # per layer, no stacking: K_l = X_l X_l^T of the centred layer
+            ka = _linear_grams([t - c for t, c in zip(la, centres_a)])
+            kb = None if self.same else _linear_grams([t - c for t, c in zip(lb, centres_b)])
+            ssa = torch.diagonal(ka, dim1=1, dim2=2).sum(1).double()
+            ssb = ssa if self.same else torch.diagonal(kb, dim1=1, dim2=2).sum(1).double()
+            hab, haa, hbb = _grams_hsic(ka, kb, "unbiased")
+        else:
+            za = torch.cat(la, 1).sub_(torch.cat(centres_a))
+            zb = za if self.same else torch.cat(lb, 1).sub_(torch.cat(centres_b))
+            hab, haa, hbb, ssa, ssb = _feature_hsic(za, zb, self.offs_a, self.offs_b, self.same, "unbiased")
         self.hsic_ab += hab
         self.hsic_aa += haa
         self.hsic_bb += hbb
@@ -527,9 +539,9 @@ class CKAAccumulator(Accumulator):
         self.ss_b += ssb
         # a constant column centres to 0 up to a few ulps of its value: zero variance means
         # ss <= b * ||centre||^2 * (64 eps)^2 in the compute dtype
-        tol = b * (64 * torch.finfo(za.dtype).eps) ** 2
-        self.raw_a.index_add_(0, self._ia, tol * ca.double() ** 2)
-        self.raw_b.index_add_(0, self._ib, tol * cb.double() ** 2)
+        tol = b * (64 * torch.finfo(dtype).eps) ** 2
+        self.raw_a += tol * torch.stack([(c.double() ** 2).sum() for c in centres_a])
+        self.raw_b += tol * torch.stack([(c.double() ** 2).sum() for c in centres_b])
 
     # -- shift handling -------------------------------------------------------------
     def align_shift(self, shift_a, shift_b=None) -> None:
@@ -729,9 +741,9 @@ def _grams_hsic(ka: torch.Tensor, kb: torch.Tensor | None, estimator: str):
     fa = ka.reshape(ka.shape[0], -1)
     fb = fa if kb is None else kb.reshape(kb.shape[0], -1)
     # float32 Grams: torch's cascaded sums and float32 GEMMs, finished in float64
-    ta, tb = fa.sum(1).double(), fb.sum(1).double()
-    ca = ka.sum(1)
-    cb = ca if kb is None else kb.sum(1)
+    ca = ka.sum(2)  # K~ is symmetric: row sums = column sums, and the contiguous reduction is faster
+    cb = ca if kb is None else kb.sum(2)
+    ta, tb = ca.sum(1).double(), cb.sum(1).double()
 
     def h(tr, sk, sl, kl1):
         return (tr + sk * sl / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * kl1) / (n * (n - 3))
@@ -747,37 +759,32 @@ def _sqnorms(rows: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(rows, dim=1).double() ** 2
 
 
-def _linear_grams(z: torch.Tensor, offs: list[int]) -> torch.Tensor:
-    """Stacked ``X_l X_l^T`` in z's dtype, written straight into one buffer."""
-    out = torch.empty(len(offs) - 1, z.shape[0], z.shape[0], dtype=z.dtype, device=z.device)
-    for l, (a, b) in enumerate(zip(offs, offs[1:])):
-        torch.mm(z[:, a:b], z[:, a:b].T, out=out[l])
+def _linear_grams(layers: list[torch.Tensor]) -> torch.Tensor:
+    """Stacked ``X_l X_l^T`` in the layers' dtype, written straight into one buffer."""
+    n = layers[0].shape[0]
+    out = torch.empty(len(layers), n, n, dtype=layers[0].dtype, device=layers[0].device)
+    for l, x in enumerate(layers):
+        torch.mm(x, x.T, out=out[l])
     return out
 
 
-def _batch_hsic(za: torch.Tensor, zb: torch.Tensor, offs_a: list[int], offs_b: list[int], same: bool,
-                estimator: str):
-    """HSIC of every layer pair for one batch held in memory (rows centred), by the
-    cheaper of the feature form and the Gram form. Also returns each layer's sum
-    of squares (zero-variance detection). float32 batches are computed in float32
-    GEMMs (like pytorch-cka, but on centred data) and reduced in float64."""
+def _use_gram_form(n: int, dims_a, dims_b, same: bool, itemsize: int) -> bool:
+    gram_bytes = itemsize * n * n * (len(dims_a) + (0 if same else len(dims_b)))
+    return (_gram_cost(n, dims_a, dims_b, same) < _feature_cost(n, dims_a, dims_b, same)
+            and gram_bytes <= _GRAM_MEMORY_LIMIT)
+
+
+def _feature_hsic(za: torch.Tensor, zb: torch.Tensor, offs_a: list[int], offs_b: list[int], same: bool,
+                  estimator: str):
+    """HSIC of every layer pair for one batch in feature form (rows centred), plus each
+    layer's sum of squares. GEMMs in the batch's dtype, everything after in float64."""
     n = za.shape[0]
-    dims_a = [b - a for a, b in zip(offs_a, offs_a[1:])]
-    dims_b = [b - a for a, b in zip(offs_b, offs_b[1:])]
-    fc, gc = _feature_cost(n, dims_a, dims_b, same), _gram_cost(n, dims_a, dims_b, same)
-    gram_bytes = za.element_size() * n * n * (len(dims_a) + (0 if same else len(dims_b)))
-    if gc < fc and gram_bytes <= _GRAM_MEMORY_LIMIT:
-        ka = _linear_grams(za, offs_a)
-        kb = None if same else _linear_grams(zb, offs_b)
-        ssa = torch.diagonal(ka, dim1=1, dim2=2).sum(1).double()
-        ssb = ssa if same else torch.diagonal(kb, dim1=1, dim2=2).sum(1).double()
-        return (*_grams_hsic(ka, kb, estimator), ssa, ssb)
+    la, lb = len(offs_a) - 1, len(offs_b) - 1
     ia, ib = layer_index(offs_a, za.device), layer_index(offs_b, zb.device)
-    C = (za.T @ zb).double()
     t = dict(zip(("sx", "sy", "na", "nb", "ay", "bx", "ab", "axd", "byd", "aa", "bb"),
                  batch_terms(za, zb, offs_a, offs_b)))
-    t["C"] = C
-    hab = _hsic_cross(t, float(n), ia, len(dims_a), ib, len(dims_b), estimator)
+    t["C"] = (za.T @ zb).double()
+    hab = _hsic_cross(t, float(n), ia, la, ib, lb, estimator)
     if same:
         haa = hbb = torch.diagonal(hab).clone()
     else:
