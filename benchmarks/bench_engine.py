@@ -75,7 +75,15 @@ class _PytorchCKAState:
 
 
 def stream(method: str, batches, n: int, b: int, dims_a, dims_b):
-    """Run one method over n samples; returns (total seconds, per-batch seconds, result)."""
+    """Run one method over n samples; returns (total seconds, per-batch seconds, result,
+    process CPU seconds). With one thread the CPU time is the work done, insensitive
+    to other jobs on a shared machine."""
+    c0 = time.process_time()
+    total, per, res = _stream(method, batches, n, b, dims_a, dims_b)
+    return total, per, res, time.process_time() - c0
+
+
+def _stream(method: str, batches, n: int, b: int, dims_a, dims_b):
     steps = n // b
     per = []
     if method == "floor":
@@ -156,11 +164,13 @@ def run(quick: bool, ns, sizes, methods_large_n) -> list[dict]:
                     methods = [m for m in methods if m in methods_large_n]
                 res = {}
                 for m in methods:
-                    total, per, out = stream(m, batches, n, b, dims_a, dims_b)
-                    res[m] = (total, statistics.median(per), out)
+                    total, per, out, cpu = stream(m, batches, n, b, dims_a, dims_b)
+                    res[m] = (total, statistics.median(per), out, cpu)
                     print(f"  {name:17s} n={n:6d} b={b:5d} {m:16s} {total:8.2f} s  "
-                          f"(median batch {1e3 * statistics.median(per):7.1f} ms)", flush=True)
-                row = {"config": name, "n": n, "batch": b, **{m: res[m][0] for m in methods}}
+                          f"(median batch {1e3 * statistics.median(per):7.1f} ms, process CPU {cpu:8.2f} s)",
+                          flush=True)
+                row = {"config": name, "n": n, "batch": b, **{m: res[m][0] for m in methods},
+                       "cpu": {m: res[m][3] for m in methods}}
                 if "minibatch" in res and "pytorch-cka" in res:
                     # pytorch-cka clamps to [0, 1]; on this data every value is inside, so they must agree
                     row["mb_vs_pcka_maxdiff"] = float((res["minibatch"][2] - res["pytorch-cka"][2].double()).abs().max())
@@ -168,8 +178,10 @@ def run(quick: bool, ns, sizes, methods_large_n) -> list[dict]:
     return rows
 
 
-def print_table(rows: list[dict]) -> None:
-    print("\nStreaming all-pairs linear CKA, CPU, seconds for the whole stream (incl. compute())")
+def print_table(rows: list[dict], key: str = "wall") -> None:
+    if key == "cpu":
+        rows = [{**r, **r["cpu"]} for r in rows]
+    print(f"\nStreaming all-pairs linear CKA, CPU, {key} seconds for the whole stream (incl. compute())")
     head = (f"{'config':17s} {'n':>6s} {'batch':>5s} {'floor':>7s} {'exact':>7s} {'stacked':>7s} {'minib.':>7s} "
             f"{'pt-cka':>7s} | {'exact/floor':>11s} {'stack/floor':>11s} {'pt-cka/exact':>12s} "
             f"{'pt-cka/minib':>12s}")
@@ -191,22 +203,35 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: n=2048, batches 512 and 1024")
     ap.add_argument("--skip-agreement", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of the configurations")
+    ap.add_argument("--n", default=None, help="comma-separated sample counts (default 16384,65536)")
+    ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--large-n-methods", default="floor,exact,exact (stacked)",
                     help="methods also run at the larger n (per-batch cost does not depend on n)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for name in list(CONFIGS):
+        if name not in args.configs.split(","):
+            del CONFIGS[name]
     print(f"minidiff bench_engine | {platform.processor() or platform.machine()} | torch {torch.__version__} | "
           f"threads {torch.get_num_threads()} | python {platform.python_version()}")
     if args.quick:
         ns, sizes = [2048], [512, 1024]
     else:
         ns, sizes = [16384, 65536], [1024, 4096]
+    if args.n:
+        ns = [int(v) for v in args.n.split(",")]
     rows = run(args.quick, ns, sizes, args.large_n_methods.split(","))
     print_table(rows)
-    print("\nPeak memory of the exact accumulator (fresh process per n, 7x384 vs 7x384, batch 1024):")
-    for n in ([2048, 8192] if args.quick else [16384, 65536]):
-        m = peak_memory([384] * 7, [384] * 7, n, 1024)
-        print(f"  n={n:6d}: peak RSS {m['peak_mib']:7.1f} MiB (after the first batch {m['after_first_batch_mib']:7.1f} MiB),"
-              f" accumulator state {m['state_mib']:.1f} MiB")
+    print_table(rows, "cpu")
+    if not args.skip_memory:
+        print("\nPeak memory of the exact accumulator (fresh process per n, 7x384 vs 7x384, batch 1024):")
+        for n in ([2048, 8192] if args.quick else [16384, 65536]):
+            m = peak_memory([384] * 7, [384] * 7, n, 1024)
+            print(f"  n={n:6d}: peak RSS {m['peak_mib']:7.1f} MiB (after the first batch {m['after_first_batch_mib']:7.1f} MiB),"
+                  f" accumulator state {m['state_mib']:.1f} MiB")
     if not args.skip_agreement:
         path = Path(__file__).resolve().parent / "engine_agreement.py"
         if path.exists():
