@@ -22,12 +22,11 @@ DENSE_CROSSOVER_DENSITY = 0.4
 Measured with ``benchmarks/bench_linear.py --crossover`` on the development machine
 (2-core AMD EPYC Zen4, AVX-512, 1 thread, fp32 ``F.linear`` = oneDNN sgemm), M = 512,
 ratio SparseLinear time / dense time, median (worst) over the five MiniLM/BERT shapes:
-density 0.1: 0.27 (0.33), 0.2: 0.48 (0.52), 0.3: 0.58 (0.68), 0.4: 0.69 (0.84),
-0.5: 0.84 (0.96), 0.6: 0.95 (1.11). An earlier run on the same (shared, noisy) machine
-gave 0.82 (0.87) at 0.4 and 0.95 (1.15) at 0.5, so 0.4 is the largest density at which
-every shape gained in both runs.
-Caveat: at M = 1 (memory/latency bound) the CSR kernel is 0.67-1.67x dense at density
-0.1 and 0.33-1.03x at 0.3 (benchmarks/RESULTS.md); the rule is tuned for batches."""
+density 0.1: 0.28 (0.33), 0.2: 0.46 (0.51), 0.3: 0.60 (0.62), 0.4: 0.71 (0.74),
+0.5: 0.87 (0.95), 0.6: 0.96 (1.05). Two earlier runs on the same (shared, noisy) machine
+gave worst shapes of 0.84-0.87 at 0.4 and 0.96-1.15 at 0.5, so 0.4 is the largest density
+at which every shape gained in every run. At M = 1 (gather-based path) sparse is
+0.9-3.3x dense at density 0.1 but 0.55-1.28x at 0.3: the rule is tuned for batches."""
 
 
 class SparseLinear(nn.Module):
