@@ -184,6 +184,8 @@ def test_bad_inputs_are_value_errors():
         Int8Linear.from_linear(nn.Conv1d(1, 1, 1))
     with pytest.raises(ValueError, match="dtype"):
         I.int8_linear(torch.randn(2, 8).double(), q.weight_int8, q.weight_scale)
+    with pytest.raises(ValueError, match="on meta"):
+        q(torch.randn(2, 8, device="meta"))
 
 
 def test_state_dict_round_trip():

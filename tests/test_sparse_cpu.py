@@ -77,6 +77,8 @@ def test_csr_round_trip_and_validation():
             S.validate_csr(rp, bad, val, 9, 13)
     with pytest.raises(ValueError, match="row_ptr"):
         S.sparse_linear(torch.randn(2, 13), rp.long(), col, val)
+    with pytest.raises(ValueError, match="one device"):
+        S.sparse_linear(torch.randn(2, 13), rp, col, val.to("meta"))
 
 
 def _pruned_linear(k, n, sparsity, bias=True):
@@ -134,6 +136,12 @@ def test_corrupt_state_dict_is_refused():
     sd["col"][0] = 1000
     with pytest.raises(ValueError, match="column indices"):
         SparseLinear(30, 20).load_state_dict(sd)
+
+
+def test_input_on_other_device_is_refused():
+    sp = SparseLinear.from_linear(_pruned_linear(16, 8, 0.9))
+    with pytest.raises(ValueError, match="on meta"):
+        sp(torch.randn(3, 16, device="meta"))
 
 
 def test_bf16_layer_keeps_dtype():

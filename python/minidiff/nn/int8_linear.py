@@ -121,6 +121,9 @@ class Int8Linear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         bufs = self._buffers  # one dict lookup instead of nn.Module.__getattr__ per buffer
+        if x2.device != bufs["weight_int8"].device:
+            raise ValueError(f"input is on {x2.device} but this Int8Linear is on {bufs['weight_int8'].device}; "
+                             "move one of them (module.to(device) or x.to(device))")
         args = (x2, bufs["weight_int8"], bufs["weight_scale"], bufs.get("bias"))
         compiling = torch.compiler.is_compiling()
         if self.mode == "w8a8":

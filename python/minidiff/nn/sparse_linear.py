@@ -167,6 +167,9 @@ class SparseLinear(nn.Module):
             return F.linear(x.to(weight.dtype), weight, bufs.get("bias")).to(self.out_dtype)
         if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"input dtype {x.dtype} is not supported; use float32, bfloat16 or float16")
+        if x.device != bufs["row_ptr"].device:
+            raise ValueError(f"input is on {x.device} but this SparseLinear is on {bufs['row_ptr'].device}; "
+                             "move one of them (module.to(device) or x.to(device))")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         args = (x2, bufs["row_ptr"], bufs["col"], bufs["values"], bufs.get("bias"), self.in_features, self.out_dtype)

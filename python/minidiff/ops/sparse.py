@@ -119,6 +119,9 @@ def sparse_linear(x: torch.Tensor, row_ptr: torch.Tensor, col: torch.Tensor, val
     _check_csr(row_ptr, col, val, n, k)
     if bias is not None and bias.shape != (n,):
         raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    devices = {t.device for t in (x, row_ptr, col, val) + (() if bias is None else (bias,))}
+    if len(devices) != 1:
+        raise ValueError(f"x, the CSR arrays and bias must be on one device, got {sorted(map(str, devices))}")
     if torch.compiler.is_compiling():
         return _sparse_linear_op(x, row_ptr, col, val, bias, k, out_dtype)
     # eager: skip the custom-op dispatcher (~15 us per call), same implementation
