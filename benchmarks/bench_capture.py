@@ -143,10 +143,43 @@ class PeakRSS:
         self.peak = max(self.peak, self.rss())
 
 
-def memory_child(mode: str, n: int, bs: int, ml: int, threads: int) -> None:
-    """Run in a fresh process; print JSON with the peak RSS above the post-setup baseline."""
+def breakdown(torch, M, base, variant, tokenizer, texts, bs, ml, rounds: int = 3) -> dict[str, float]:
+    """Per-batch medians (same process, interleaved): two bare forwards; two forwards with
+    capture hooks + pooling; one CKAAccumulator.update on the captured features."""
+    import minidiff
+
+    data = list(batches(tokenizer, texts, bs, ml))
+    models = {"base": base, "variant": variant}
+    w = M.probe_widths(models, data[0], layers="hidden_states")
+    acc = minidiff.CKAAccumulator(w["base"], w["variant"])
+    t_bare, t_cap, t_upd = [], [], []
+    for _ in range(rounds):
+        for b in data:
+            t = time.perf_counter()
+            with torch.no_grad():
+                base(**b)
+                variant(**b)
+            t_bare.append(time.perf_counter() - t)
+            got = []
+            t = time.perf_counter()
+            M.capture_stream(models, [b], layers="hidden_states", consumers=[lambda fa, fb: got.append((fa, fb))])
+            t_cap.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            acc.update(list(got[0][0].values()), list(got[0][1].values()))
+            t_upd.append(time.perf_counter() - t)
+    return {"bare": statistics.median(t_bare), "capture": statistics.median(t_cap),
+            "update": statistics.median(t_upd)}
+
+
+def memory_child(mode: str, n: int, bs: int, ml: int, threads: int, unique: int) -> None:
+    """Run in a fresh process; print JSON with the peak RSS above the post-setup baseline.
+
+    The ``n`` sentences are the first ``unique`` ones repeated, so every run sees the same
+    batch shapes (the transient activation memory of a batch depends on its longest
+    sentence) and only the number of sentences changes.
+    """
     torch, M, tok, base, variant = setup(threads)
-    texts = sentences(n)
+    texts = (sentences(unique) * (-(-n // unique)))[:n]
     import minidiff
 
     warm = next(batches(tok, texts[:bs], bs, ml))
@@ -183,14 +216,17 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--mem-base", type=int, default=512, help="memory runs use 1x, 2x, 4x this many sentences")
+    ap.add_argument("--mem-base", type=int, default=512,
+                    help="memory runs use these many sentences repeated 1x, 2x, 4x")
+    ap.add_argument("--no-timing", action="store_true", help="only the memory runs")
     ap.add_argument("--no-pytorch-cka", action="store_true")
-    ap.add_argument("--_child", nargs=2, metavar=("MODE", "N"), help=argparse.SUPPRESS)
+    ap.add_argument("--_child", nargs=3, metavar=("MODE", "N", "UNIQUE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.quick:
         args.sentences, args.repeats, args.mem_base = 128, 1, 64
     if args._child:
-        memory_child(args._child[0], int(args._child[1]), args.batch_size, args.max_length, args.threads)
+        memory_child(args._child[0], int(args._child[1]), args.batch_size, args.max_length, args.threads,
+                     int(args._child[2]))
         return
 
     torch, M, tok, base, variant = setup(args.threads)
@@ -199,12 +235,16 @@ def main() -> None:
     import minidiff
 
     texts = sentences(args.sentences)
+    if args.no_timing:
+        texts = texts[:args.batch_size]
     ntok = sum(int(b["attention_mask"].sum()) for b in batches(tok, texts, args.batch_size, args.max_length))
     print(f"# bench_capture: {len(texts)} sentences ({ntok} tokens), batch {args.batch_size}, "
           f"{args.threads} thread(s); torch {torch.__version__}, transformers {transformers.__version__}, "
           f"minidiff {minidiff.__version__}, python {platform.python_version()}, {platform.machine()}")
     run_bare(torch, base, variant, tok, texts[:args.batch_size], args.batch_size, args.max_length)  # warm-up
     bare, stream, ref = [], [], []
+    if args.no_timing:
+        args.repeats = 0
     cka = None
     for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits all alike
         bare.append(run_bare(torch, base, variant, tok, texts, args.batch_size, args.max_length))
@@ -216,21 +256,32 @@ def main() -> None:
             except Exception as exc:  # noqa: BLE001 - the comparison tool is optional
                 print(f"# pytorch-cka failed: {exc!r}")
                 args.no_pytorch_cka = True
-    mb, ms = statistics.median(bare), statistics.median(stream)
-    print(f"two bare forward passes        : {mb:8.2f} s (median of {len(bare)})")
-    print(f"capture + streaming CKA (7x7)  : {ms:8.2f} s   ratio to bare {ms / mb:.3f}x  (target <= 1.3x)")
-    if ref:
-        mr = statistics.median(ref)
-        print(f"pytorch-cka 1.1 (6x6, minibatch): {mr:8.2f} s   ratio to bare {mr / mb:.3f}x")
-    print("CKA(base layer l, variant layer l), l = embeddings, block 1..6:",
-          " ".join(f"{v:.4f}" for v in cka.diagonal().tolist()))
+    if bare:
+        mb, ms = statistics.median(bare), statistics.median(stream)
+        print(f"two bare forward passes        : {mb:8.2f} s (median of {len(bare)})")
+        print(f"capture + streaming CKA (7x7)  : {ms:8.2f} s   ratio to bare {ms / mb:.3f}x  (target <= 1.3x)")
+        if ref:
+            mr = statistics.median(ref)
+            print(f"pytorch-cka 1.1 (6x6, minibatch): {mr:8.2f} s   ratio to bare {mr / mb:.3f}x")
+        print("CKA(base layer l, variant layer l), l = embeddings, block 1..6:",
+              " ".join(f"{v:.4f}" for v in cka.diagonal().tolist()), flush=True)
 
-    print("# peak resident memory above the post-setup baseline (fresh process per run)")
+    if not args.no_timing:
+        n_bd = min(len(texts), 8 * args.batch_size)
+        bd = breakdown(torch, M, base, variant, tok, texts[:n_bd], args.batch_size, args.max_length)
+        print(f"per batch of {args.batch_size} (median, {n_bd} sentences x 3, interleaved): two bare forwards "
+              f"{bd['bare'] * 1e3:.1f} ms; with hooks + mean pooling {bd['capture'] * 1e3:.1f} ms "
+              f"({bd['capture'] / bd['bare']:.3f}x); CKAAccumulator.update (7x7 layers, 2688 x 2688) "
+              f"{bd['update'] * 1e3:.1f} ms ({bd['update'] / bd['bare']:.3f} of the forwards); "
+              f"capture + update = {(bd['capture'] + bd['update']) / bd['bare']:.3f}x", flush=True)
+
+    print(f"# peak resident memory above the post-setup baseline (fresh process per run; the first "
+          f"{args.mem_base} sentences repeated 1x, 2x, 4x)")
     here = str(pathlib.Path(__file__).resolve())
     for mode in ("stream", "collect"):
         for mult in (1, 2, 4):
             n = args.mem_base * mult
-            cmd = [sys.executable, here, "--_child", mode, str(n), "--batch-size", str(args.batch_size),
+            cmd = [sys.executable, here, "--_child", mode, str(n), str(args.mem_base), "--batch-size", str(args.batch_size),
                    "--max-length", str(args.max_length), "--threads", str(args.threads)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             r = json.loads(out)
