@@ -28,7 +28,7 @@ Every model is attacked with the same budget and the same random starts (a gener
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch

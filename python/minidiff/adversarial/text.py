@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
-from torch import Tensor
 
 from .textmodel import TextModel
 
