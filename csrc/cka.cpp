@@ -20,6 +20,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -207,6 +208,9 @@ void batch_terms(uintptr_t x, uintptr_t y, int64_t b, int64_t dx, int64_t dy, co
   if (s.lx < 1 || s.ly < 1 || ox.back() != dx || oy.back() != dy)
     throw std::invalid_argument("cka_batch_terms: offsets do not match the widths");
   double* o = reinterpret_cast<double*>(out);
+  // Zeroed here, single-threaded: a separate parallel fill in torch right after the
+  // GEMMs costs more (thread hand-off) than the write itself.
+  std::fill(o, o + Packed(s).total, 0.0);
   if (dtype == "float32") {
     run_terms(reinterpret_cast<const float*>(x), reinterpret_cast<const float*>(y), s, o, threads);
   } else if (dtype == "float64") {
@@ -228,7 +232,7 @@ void register_cka(py::module_& m) {
         py::arg("b"), py::arg("dx"), py::arg("dy"), py::arg("offs_x"), py::arg("offs_y"), py::arg("out"),
         py::arg("dtype"), py::arg("threads"),
         "Per-sample norm and vector terms of streaming linear CKA for one batch, accumulated in float64 into "
-        "the packed buffer `out` (order: sx, sy, na, nb, ay, bx, ab, axd, byd, aa, bb). Raw addresses; the "
+        "the packed buffer `out` (zeroed first; order: sx, sy, na, nb, ay, bx, ab, axd, byd, aa, bb). Raw addresses; the "
         "caller (minidiff.ops.cka) validates shapes and dtypes.");
   m.def("cka_packed_size", &packed_size, py::arg("dx"), py::arg("dy"), py::arg("lx"), py::arg("ly"),
         "Number of float64 elements of cka_batch_terms' packed output.");

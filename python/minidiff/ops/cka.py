@@ -103,10 +103,11 @@ def _batch_terms_native(x: torch.Tensor, y: torch.Tensor, offs_x: list[int], off
     b, dx = x.shape
     dy = y.shape[1]
     lx, ly = len(offs_x) - 1, len(offs_y) - 1
-    out = torch.zeros(C.cka_packed_size(dx, dy, lx, ly), dtype=torch.float64)
-    if b:
-        C.cka_batch_terms(x.data_ptr(), y.data_ptr(), b, dx, dy, offs_x, offs_y, out.data_ptr(),
-                          str(x.dtype).replace("torch.", ""), num_threads())
+    out = torch.empty(C.cka_packed_size(dx, dy, lx, ly), dtype=torch.float64)  # zeroed by _C
+    if b == 0:
+        return out.zero_()
+    C.cka_batch_terms(x.data_ptr(), y.data_ptr(), b, dx, dy, offs_x, offs_y, out.data_ptr(),
+                      str(x.dtype).replace("torch.", ""), num_threads())
     return out
 
 
