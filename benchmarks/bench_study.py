@@ -10,7 +10,7 @@ The MiniLM study of ``minidiff demo`` (all-MiniLM-L6-v2 + head on chatterbot-en 
    same models over the same examples with the same batches (``model(**tokens)`` under
    ``no_grad``, tokenization included in both). Target: ratio <= 1.5. The HTML report
    rendering is timed separately (it depends on the number of figures, not on data).
-2. memory: peak RSS growth during ``Study.run()`` (over the RSS with the models loaded)
+2. memory: peak RSS during ``Study.run()`` (sampled every 20 ms) minus the RSS with the models loaded,
    for 1x and 4x the evaluation data, each in a fresh process. What must grow is only
    the cached per-example outputs (logits + final embeddings of each model).
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -36,7 +35,32 @@ import torch
 
 
 def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """Current resident set size (Linux /proc), MB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+class PeakRSS:
+    """Samples the current RSS every 20 ms in a thread; ``peak`` is the largest seen."""
+
+    def __init__(self) -> None:
+        import threading
+        self.peak = _rss_mb()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, _rss_mb())
+
+    def __enter__(self) -> "PeakRSS":
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, _rss_mb())
 
 
 def _cfg(quick: bool):
@@ -91,9 +115,12 @@ def child(args) -> None:
     study.data, study.ood = full_data.subset(range(study.batch_size)), full_ood.subset(range(8))
     bare_forward(study)  # warm up kernels and the allocator on one batch
     study.data, study.ood = full_data, full_ood
+    import gc
+    gc.collect()
     before = _rss_mb()
-    t, res = whole_study(study)
-    after = _rss_mb()
+    with PeakRSS() as peak:
+        t, res = whole_study(study)
+    after = peak.peak
     n = len(study.data)
     models = 1 + sum(len(v) for v in study.variants.values())
     assert res["representation"]["int8"]["cka"]["matrix"]  # the study really ran every metric
