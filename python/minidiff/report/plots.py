@@ -30,6 +30,17 @@ def _png(fig: "plt.Figure") -> str:
 
 
 def _short(names: Sequence[str], width: int = 18) -> list[str]:
+    """Layer names without their common dotted prefix (``encoder.encoder.layer.3`` -> ``layer.3``)."""
+    names = [str(n) for n in names]
+    dotted = [n for n in names if "." in n]
+    if len(dotted) >= 2:
+        import os.path
+        pre = os.path.commonprefix(dotted)
+        pre = pre[: pre.rfind(".") + 1] if "." in pre else ""
+        parts = pre.split(".")
+        if len(parts) > 2:  # keep the last component of the prefix ("layer.") for readability
+            pre = ".".join(parts[:-2]) + "."
+            names = [n[len(pre):] if n.startswith(pre) else n for n in names]
     return [n if len(n) <= width else "…" + n[-(width - 1):] for n in names]
 
 
