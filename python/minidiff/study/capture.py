@@ -17,6 +17,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from minidiff.models.capture import first_tensor, pool
+
 _ACTIVATIONS = (nn.ReLU, nn.GELU, nn.Tanh, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Sigmoid, nn.Mish, nn.Hardtanh)
 _BLOCK_RE = re.compile(r"(^|\.)(layer|layers|h|block|blocks)\.\d+$")
 
@@ -51,39 +53,12 @@ def last_parametrised_leaf(module: nn.Module) -> str:
     return last
 
 
-def reduce_tokens(t: torch.Tensor, mode: str, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """A ``(b, d)`` view of one layer output.
-
-    ``(b, t, d)`` sequences: first token (``"cls"``) or attention-mask-aware mean
-    (``"mean"``; ``"flatten"`` flattens all tokens, only sensible for fixed length).
-    ``(b, c, h, w)`` maps: spatial mean, or flattened with ``"flatten"``.
-    """
-    if t.ndim == 2:
-        return t
-    if t.ndim == 3:
-        if mode == "cls":
-            return t[:, 0]
-        if mode == "mean":
-            if attention_mask is None or attention_mask.shape != t.shape[:2]:
-                return t.mean(dim=1)
-            m = attention_mask.to(t.dtype).unsqueeze(-1)
-            return torch.where(m > 0, t, torch.zeros((), dtype=t.dtype, device=t.device)).sum(1) / m.sum(1).clamp_min(1.0)
-        return t.reshape(t.shape[0], -1)
-    if t.ndim == 4 and mode != "flatten":
-        return t.mean(dim=(2, 3))
-    return t.reshape(t.shape[0], -1)
-
-
-def _first_tensor(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
+def _logits_of(out: Any) -> torch.Tensor:
+    """The logits in a model's output: ``.logits`` of a ``ModelOutput``, else the
+    first tensor (see :func:`minidiff.models.capture.first_tensor`)."""
     if hasattr(out, "logits") and isinstance(out.logits, torch.Tensor):
         return out.logits
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    if hasattr(out, "last_hidden_state"):
-        return out.last_hidden_state
-    raise ValueError(f"cannot find a tensor in a module output of type {type(out).__name__}")
+    return first_tensor(out)
 
 
 @dataclass
@@ -145,30 +120,34 @@ class Member:
             if capture:
                 for n in self.layers:
                     handles.append(names[n].register_forward_hook(
-                        lambda m, i, o, n=n: raw.__setitem__(n, _first_tensor(o))))
+                        lambda m, i, o, n=n: raw.__setitem__(n, first_tensor(o))))
             handles.append(names[self.embedding_module].register_forward_pre_hook(
                 lambda m, i: emb.append(i[0])))
             out = self.module(**args) if isinstance(args, dict) else self.module(args)
         finally:
             for h in handles:
                 h.remove()
-        logits = _first_tensor(out).float()
+        logits = _logits_of(out).float()
         if not emb:
             raise ValueError(f"model {self.name!r}: module {self.embedding_module!r} was not called in forward")
         embedding = emb[-1]
+        # "tokens" makes every non-padding token a sample of the layers; the
+        # embedding (kNN overlap, OOD) stays one vector per example: masked mean
+        emb_mode = "mean" if token_mode == "tokens" else token_mode
         layers = []
         if capture:
             for n in self.layers:
                 if n not in raw:
                     raise ValueError(f"model {self.name!r}: layer {n!r} was not called in forward")
-                layers.append(reduce_tokens(raw[n], token_mode, mask).float())
+                layers.append(pool(raw[n], token_mode, mask).float())
             # the embedding is a layer too, unless it is the last captured output itself
+            # or (token mode) it has one row per example where the layers have one per token
             append = self.append_embedding
             if append is None:
                 append = not self.layers or raw[self.layers[-1]] is not embedding
-            if append:
-                layers.append(reduce_tokens(embedding, token_mode, mask).float())
-        embedding = reduce_tokens(embedding, token_mode, mask).float()
+            if append and (token_mode != "tokens" or embedding.ndim == 3):
+                layers.append(pool(embedding, token_mode, mask).float())
+        embedding = pool(embedding, emb_mode, mask).float()
         return logits, layers, embedding
 
     def layer_names(self) -> list[str]:

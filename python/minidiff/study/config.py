@@ -44,8 +44,9 @@ Format (every key except ``[data]`` and ``[base]`` is optional)::
 
     [layers]
     capture = "auto"         # or a list of module names
-    token_mode = "cls"       # cls | mean | flatten (sequences: first token or masked mean;
-                             # image maps: flatten, else spatial mean)
+    token_mode = "cls"       # cls | mean | tokens | flatten (sequences: first token, masked
+                             # mean, every non-padding token a sample; image maps: flatten,
+                             # else spatial mean)
 
     [metrics]
     cka_kernel = "linear"    # linear | rbf
@@ -218,7 +219,7 @@ class LayerConfig(_Strict):
     """``[layers]``: which hidden representations feed CKA."""
 
     capture: Literal["auto"] | list[str] = "auto"
-    token_mode: Literal["cls", "mean", "flatten"] = "cls"
+    token_mode: Literal["cls", "mean", "tokens", "flatten"] = "cls"
 
 
 class MetricsConfig(_Strict):

@@ -31,6 +31,7 @@ import minidiff
 from minidiff.distributed import DistContext
 from minidiff.study.analysis import THRESHOLDS, Analysis
 from minidiff.study.cache import StudyCache, hash_json, hash_module
+from minidiff.models.capture import TOKEN_MODES
 from minidiff.study.capture import Member, tensor_prepare, text_prepare
 from minidiff.study.config import MetricsConfig
 from minidiff.study.results import SCHEMA, write_output
@@ -79,7 +80,10 @@ class Study:
         Out-of-distribution examples; without it OOD agreement is "not measured".
     name : str
     layers : "auto" or list of module names (the same names must exist in every model)
-    token_mode : "cls", "mean" or "flatten"
+    token_mode : "cls", "mean", "tokens" or "flatten"
+        How a sequence layer becomes samples for CKA (see :func:`minidiff.models.capture.pool`);
+        with "tokens" every non-padding token is a sample, and the per-example embedding
+        used by kNN overlap and OOD is the attention-masked mean.
     metrics : MetricsConfig or dict
     adversarial : AdversarialConfig or dict, optional
         Runs :func:`minidiff.adversarial.run_adversarial` when given.
@@ -121,8 +125,8 @@ class Study:
             raise ValueError(f"the evaluation data has {len(data)} examples; a study needs at least 4")
         if not variants:
             raise ValueError("give at least one variant to compare with the base")
-        if token_mode not in ("cls", "mean", "flatten"):
-            raise ValueError(f"token_mode must be 'cls', 'mean' or 'flatten', got {token_mode!r}")
+        if token_mode not in TOKEN_MODES:
+            raise ValueError(f"token_mode must be one of {TOKEN_MODES}, got {token_mode!r}")
         self.base = _as_list(base)
         self.variants = {str(k): _as_list(v) for k, v in variants.items()}
         for k, v in self.variants.items():
