@@ -73,6 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _parser().print_help(sys.stderr)
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from minidiff.distributed import DistributedRunError
     from minidiff.study.cache import CacheCorruptionWarning
     from minidiff.study.config import StudyFileError, load_config
     from minidiff.study.results import OutputWriteError
@@ -113,6 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
     except StudyFileError as e:
         return _fail(str(e), 2)
+    except DistributedRunError as e:  # another torchrun rank died or hung: say so on every rank
+        return _fail(f"DistributedRunError: {e}", 1)
     except OutputWriteError as e:
         return _fail(str(e), 1)
     except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
