@@ -242,6 +242,33 @@ def test_model_without_gradient_uses_labelled_surrogate(tabular):
     assert pm["int8"]["n_success"] > 0
 
 
+class ResidualCut(nn.Module):
+    """A residual block whose branch has no backward (like an int8 Linear inside a
+    transformer layer): the input gradient is non-zero but misses the branch."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.branch = NoGrad(nn.Linear(16, 16))
+
+    def forward(self, x):
+        return self.inner(x + self.branch(x))
+
+
+def test_incomplete_gradient_behind_a_residual_is_not_used_silently(tabular):
+    models, data = tabular
+    cut = ResidualCut(models["var"])
+    x, y = data.inputs[:8], data.labels[:8]
+    g = C.autograd_gradient(cut)(x, y)
+    assert bool(g.ne(0).any())  # the gradient itself looks fine ...
+    reason = C.probe_gradient(cut, x, y)  # ... but a module cut the graph
+    assert reason is not None and "branch.inner" not in reason and "branch (NoGrad)" in reason
+    assert C.probe_gradient(models["var"], x, y) is None
+    cfg = AdversarialConfig(attacks=["pgd-linf"], epsilon=[0.2], steps=3, bootstrap=0)
+    pm = run_adversarial({"base": models["base"], "cut": cut}, data, cfg, base="base")["attacks"]["pgd-linf eps=0.2"]["per_model"]
+    assert pm["cut"]["gradient"] == "surrogate:base" and "incomplete" in pm["cut"]["gradient_note"]
+
+
 def test_bad_input_is_a_clear_error(tabular):
     models, data = tabular
     cfg = AdversarialConfig(bootstrap=0)

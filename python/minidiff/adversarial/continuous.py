@@ -23,8 +23,9 @@ random +-1 directions ``u_k``, from queries alone. A zero gradient is never used
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +71,45 @@ class GradientUnavailable(RuntimeError):
     """Raised when a model has no usable input gradient (no backward, or identically zero)."""
 
 
+@contextmanager
+def graph_breaks(model: nn.Module, found: list[str]) -> Iterator[None]:
+    """Record submodules that cut the autograd graph during a forward pass.
+
+    A module whose input requires grad but whose floating-point outputs do not
+    (an int8 kernel without backward, a ``.detach()``) removes its path from the
+    input gradient. Behind a residual connection the gradient is then not zero but
+    incomplete, which no check on the gradient itself can see; the names of such
+    modules are appended to ``found``.
+    """
+    def hook(name: str) -> Callable:
+        def record(mod: nn.Module, inputs: tuple, output) -> None:
+            if not torch.is_grad_enabled():
+                return
+            if not any(isinstance(t, Tensor) and t.requires_grad for t in inputs):
+                return
+            outs = output if isinstance(output, (tuple, list)) else (output,)
+            floats = [t for t in outs if isinstance(t, Tensor) and t.is_floating_point()]
+            if floats and not any(t.requires_grad for t in floats):
+                found.append(f"{name} ({type(mod).__name__})")
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def graph_break_reason(found: list[str]) -> Optional[str]:
+    """The probe's message for modules found by :func:`graph_breaks`, or None."""
+    if not found:
+        return None
+    more = f" and {len(found) - 1} more" if len(found) > 1 else ""
+    return (f"module {found[0]}{more} has no backward (its output does not depend differentiably on its "
+            "input), so autograd would return an incomplete input gradient")
+
+
 def probe_gradient(model: nn.Module, x: Tensor, y: Tensor) -> Optional[str]:
     """Check that ``model`` has a usable input gradient on a probe batch.
 
@@ -77,10 +117,13 @@ def probe_gradient(model: nn.Module, x: Tensor, y: Tensor) -> Optional[str]:
     (e.g. computed under ``no_grad`` or by an int8 kernel without backward), backward
     raises, or the gradient is identically zero or not finite on every probe example
     (e.g. a rounding step with zero derivative), which would make a gradient attack
-    silently do nothing.
+    silently do nothing; or a submodule cuts the graph (see :func:`graph_breaks`),
+    which would make it silently weaker.
     """
+    found: list[str] = []
     try:
-        g = autograd_gradient(model)(x, y)
+        with graph_breaks(model, found):
+            g = autograd_gradient(model)(x, y)
     except GradientUnavailable as exc:
         return str(exc)
     except (RuntimeError, NotImplementedError) as exc:  # backward not implemented
@@ -89,7 +132,7 @@ def probe_gradient(model: nn.Module, x: Tensor, y: Tensor) -> Optional[str]:
         return "the input gradient has non-finite values"
     if not bool(g.ne(0).any()):
         return "the input gradient is identically zero on the probe batch"
-    return None
+    return graph_break_reason(found)
 
 
 def loss_of(model: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:

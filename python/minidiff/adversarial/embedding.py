@@ -22,7 +22,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from .continuous import GradientUnavailable, per_example_loss
+from .continuous import GradientUnavailable, graph_break_reason, graph_breaks, per_example_loss
 from .textmodel import TextModel
 
 EmbGradFn = Callable[[Tensor, Tensor], Tensor]  # (delta, y) -> grad wrt delta
@@ -111,10 +111,12 @@ def predict_with_delta(model: TextModel, batch: EmbeddingBatch, delta: Tensor) -
 
 def probe_embedding_gradient(model: TextModel, batch: EmbeddingBatch, y: Tensor) -> Optional[str]:
     """``None`` when ``model`` has a usable gradient w.r.t. its input embeddings, else why not."""
+    found: list[str] = []
     try:
-        g = autograd_embedding_gradient(model, batch, y)(
-            torch.zeros(batch.ids.shape + (model.embed(batch.ids[:1, :1]).shape[-1],),
-                        device=batch.ids.device), y)
+        with graph_breaks(model.model, found):
+            g = autograd_embedding_gradient(model, batch, y)(
+                torch.zeros(batch.ids.shape + (model.embed(batch.ids[:1, :1]).shape[-1],),
+                            device=batch.ids.device), y)
     except GradientUnavailable as exc:
         return str(exc)
     except (RuntimeError, NotImplementedError) as exc:
@@ -123,4 +125,4 @@ def probe_embedding_gradient(model: TextModel, batch: EmbeddingBatch, y: Tensor)
         return "the embedding gradient has non-finite values"
     if not bool((g * batch.perturbable).ne(0).any()):
         return "the embedding gradient is identically zero on the probe batch"
-    return None
+    return graph_break_reason(found)
