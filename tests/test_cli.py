@@ -143,6 +143,7 @@ def test_demo_quick(tmp_path, capsys):
             assert sub["verdicts"][v]["prediction_errors"]["verdict"] in ("same", "minor", "differs")
             assert "jaccard" in sub["distribution"][v]["ood"]  # both studies have an OOD set
             assert sub["representation"][v]["cka"]["matrix"]
+            assert sub["verdicts"][v]["adversarial"]["verdict"] in ("same", "minor", "differs")
     digits = json.loads((out / "digits" / "results.json").read_text())
     assert digits["prediction_errors"]["prune-90"]["pie"]["population"] is True
     assert digits["prediction_errors"]["prune-90"]["per_class"]["p_value"]
@@ -150,4 +151,7 @@ def test_demo_quick(tmp_path, capsys):
     assert minilm["models"]["base"]["accuracy"]["mean"] > 0.3  # 19 topics: chance is ~0.05
     assert minilm["prediction_errors"]["int8"]["pie"]["examples"] == [] or \
         "text" in minilm["prediction_errors"]["int8"]["pie"]["examples"][0]
+    # the int8 MiniLM has no backward: attacked through the float base's gradient, and labelled so
+    emb = next(v for k, v in minilm["adversarial"]["attacks"].items() if k.startswith("embedding-pgd"))
+    assert emb["per_model"]["int8"]["gradient"] == "surrogate:base"
     assert (out / "report.html").is_file() and (out / "minilm" / "report.html").is_file()

@@ -53,6 +53,9 @@ def digits_config(quick: bool = False) -> StudyConfig:
                  "train": {"epochs": epochs, "lr": 0.005, "batch_size": 64}},
         "variants": variants,
         "metrics": {"knn_k": 10, "ood_k": 10, "pie_examples": 12, "bootstrap": 1000},
+        # pixels lie in [0, 1]; eps 0.1 = a tenth of the range per pixel (L-inf)
+        "adversarial": {"attacks": ["fgsm", "pgd-linf"], "epsilon": [0.1], "steps": 10, "clip_min": 0.0,
+                        "clip_max": 1.0, "max_examples": 150 if quick else 450, "bootstrap": 500},
     }, source="embedded digits study")
 
 
@@ -74,6 +77,10 @@ def minilm_config(quick: bool = False) -> StudyConfig:
         ],
         "layers": {"capture": "auto", "token_mode": "mean"},
         "metrics": {"knn_k": 10, "ood_k": 10, "pie_examples": 12, "bootstrap": 1000},
+        # word substitution costs tens of model queries per sentence on CPU: a small sample
+        "adversarial": {"attacks": ["embedding-pgd", "word-substitution"], "steps": 10,
+                        "max_examples": 8 if quick else 48, "word_budget": 0.25, "query_budget": 400,
+                        "max_length": 24 if quick else 32, "bootstrap": 500},
     }, source="embedded MiniLM study")
 
 
@@ -96,7 +103,7 @@ def merge_results(parts: dict[str, dict[str, Any]], name: str) -> dict[str, Any]
                                "data": res["study"]["data"]["name"], "timing": res.get("timing")}
     adv = out["adversarial"]
     if all((a or {}).get("not_measured") for a in adv.values()):
-        out["adversarial"] = {"not_measured": "the demo runs no attacks (add an [adversarial] table to a study file)"}
+        out["adversarial"] = {"not_measured": "no attacks were run (add an [adversarial] table to a study file)"}
     datasets = " + ".join(f"{p['study']['data']['name']} ({p['study']['data']['num_eval']} examples)"
                           for p in parts.values())
     out["study"] = {"name": name, "seed": first["study"]["seed"], "minidiff_version": first["study"]["minidiff_version"],
