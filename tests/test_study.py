@@ -125,7 +125,6 @@ def test_resume_after_interrupt_recomputes_nothing_finished(tiny, tmp_path):
     st = _study(tiny, cache_dir=tmp_path / "c")
     with pytest.raises(Boom):
         st.run(on_chunk=stop_after_2)
-    assert st.last_run == {} or True  # the crash left no result
     st2 = _study(tiny, cache_dir=tmp_path / "c")
     res = st2.run()
     n_chunks = 5  # 150 examples / 32 per chunk
