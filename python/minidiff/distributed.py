@@ -272,7 +272,13 @@ class DistContext:
             self._collective("barrier", dist.barrier)
 
     def close(self) -> None:
+        """Leave the process group. A barrier first, so that rank 0 (which hosts the
+        rendezvous store) cannot tear the group down while another rank is still using
+        it; without it a late rank can abort with ``terminate called without an active
+        exception``."""
         if self.initialized_here and dist.is_initialized():
+            if self.is_distributed:
+                self.barrier()
             dist.destroy_process_group()
 
     # -- failures -----------------------------------------------------------------
