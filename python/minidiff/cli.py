@@ -100,6 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             cache = Path(args.cache) if args.cache else Path(args.out) / "cache"
             study = build_study(cfg, cache_dir=cache, progress=not args.quiet and cfg.study.progress)
             res = study.run(out=args.out)
+            from minidiff.distributed import shutdown
+            shutdown()  # under torchrun: every rank leaves the group together
             if not res:  # a non-zero torchrun rank: rank 0 writes
                 return 0
             _print_summary(res, args.out, time.perf_counter() - t0)

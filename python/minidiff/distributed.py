@@ -276,10 +276,8 @@ class DistContext:
         rendezvous store) cannot tear the group down while another rank is still using
         it; without it a late rank can abort with ``terminate called without an active
         exception``."""
-        if self.initialized_here and dist.is_initialized():
-            if self.is_distributed:
-                self.barrier()
-            dist.destroy_process_group()
+        if self.initialized_here:
+            shutdown()
 
     # -- failures -----------------------------------------------------------------
     def _collective(self, what: str, fn) -> Any:
@@ -387,3 +385,14 @@ class LayerSplitCKA:
     def compute(self) -> torch.Tensor:
         """The full ``(La, Lb)`` float64 CKA matrix (on every rank)."""
         return self.ctx.gather_columns(self.acc.compute())
+
+
+def shutdown() -> None:
+    """Leave the default process group cleanly after a successful run (no-op when
+    there is none): barrier, then destroy. See :meth:`DistContext.close`."""
+    if not dist.is_initialized():
+        return
+    ctx = DistContext(rank=dist.get_rank(), world_size=dist.get_world_size())
+    if ctx.is_distributed:
+        ctx.barrier()
+    dist.destroy_process_group()
