@@ -23,7 +23,6 @@ upcast). Kernels know nothing of modules: tensors in, tensors out.
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
@@ -36,50 +35,20 @@ __all__ = [
     "INTERPRET",
 ]
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from ._autotune import INTERPRET, tile_configs
 
 
 def _gemm_configs() -> list[triton.Config]:
-    """Autotune space. The interpreter gets one small config (it does not
-    benchmark, and tiles below 32 are very slow there); on H100/H200 the list
-    covers large square tiles for big M and narrow ones for skinny shapes."""
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4},
-                              num_warps=4, num_stages=1)]
-    cfgs = []
-    for bm, bn, bk, warps, stages in [
-        (128, 256, 128, 8, 3),
-        (256, 128, 128, 8, 3),
-        (128, 128, 128, 8, 4),
-        (128, 128, 64, 4, 4),
-        (128, 64, 128, 4, 4),
-        (64, 128, 128, 4, 4),
-        (64, 64, 128, 4, 5),
-        (32, 64, 128, 4, 5),
-        (16, 64, 256, 4, 4),
-    ]:
-        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                                  num_warps=warps, num_stages=stages))
-    return cfgs
+    """Autotune space: large square tiles for big M, narrow ones for skinny shapes (H100/H200)."""
+    return tile_configs([(128, 256, 128, 8, 3), (256, 128, 128, 8, 3), (128, 128, 128, 8, 4),
+                         (128, 128, 64, 4, 4), (128, 64, 128, 4, 4), (64, 128, 128, 4, 4),
+                         (64, 64, 128, 4, 5), (32, 64, 128, 4, 5), (16, 64, 256, 4, 4)])
 
 
 def _wo_configs() -> list[triton.Config]:
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4},
-                              num_warps=4, num_stages=1)]
-    cfgs = []
-    for bm, bn, bk, warps, stages in [
-        (128, 256, 64, 8, 3),
-        (128, 128, 64, 8, 4),
-        (128, 128, 32, 4, 4),
-        (64, 128, 64, 4, 4),
-        (64, 64, 64, 4, 5),
-        (32, 64, 128, 4, 4),
-        (16, 64, 128, 4, 4),
-    ]:
-        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                                  num_warps=warps, num_stages=stages))
-    return cfgs
+    return tile_configs([(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 4, 4),
+                         (64, 128, 64, 4, 4), (64, 64, 64, 4, 5), (32, 64, 128, 4, 4),
+                         (16, 64, 128, 4, 4)])
 
 
 @triton.jit

@@ -34,6 +34,8 @@ import torch
 try:  # the 2:4 format helpers below are pure torch and work without Triton
     import triton
     import triton.language as tl
+
+    from ._autotune import tile_configs
 except ImportError:  # pragma: no cover - Triton is an optional dependency
     triton = None
 
@@ -107,23 +109,9 @@ def decompress_24(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
 if triton is not None:
 
     def _configs() -> list[triton.Config]:
-        if INTERPRET:
-            return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4},
-                                  num_warps=4, num_stages=1)]
-        cfgs = []
-        for bm, bn, bk, warps, stages in [
-            (128, 256, 64, 8, 3),
-            (128, 128, 64, 8, 4),
-            (128, 128, 32, 4, 4),
-            (64, 128, 64, 4, 4),
-            (64, 64, 64, 4, 4),
-            (32, 64, 128, 4, 4),
-            (16, 64, 128, 4, 4),
-        ]:
-            cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                                      num_warps=warps, num_stages=stages))
-        return cfgs
-
+        return tile_configs([(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 4, 4),
+                             (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (32, 64, 128, 4, 4),
+                             (16, 64, 128, 4, 4)])
 
     @triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "HAS_BIAS", "IEEE"])
     @triton.jit
