@@ -20,13 +20,7 @@ from minidiff.data import ExampleSet
 
 
 # ---------------------------------------------------------------------- fixtures
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matrices: OpenMP threads only contend on a loaded 2-core machine (30x slower)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mlp(seed, d=16, k=3, hidden=12):
