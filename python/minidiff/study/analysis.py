@@ -225,8 +225,8 @@ class Analysis:
             div[kind] = {"mean": float(per.mean()), "p50": float(q[0]), "p90": float(q[1]), "p99": float(q[2]),
                          "max": float(per.max()), "histogram": _hist(per, 0.0, max(top, 1e-12))}
         out["divergence"] = div
-        from minidiff.metrics._agree import EPS
-        out["epsilon"] = EPS
+        from minidiff.agreement import DEFAULT_EPS
+        out["epsilon"] = DEFAULT_EPS
         if y is None:
             for k in ("accuracy_change", "flips", "error_jaccard", "mcnemar", "calibration", "per_class",
                       "pie_accuracy"):
