@@ -65,8 +65,7 @@ def make_pool(dims_a, dims_b, batches: int, rows: int, seed: int, device="cpu") 
 
 def state_bytes(acc) -> int:
     """Bytes of the accumulator's float64 states plus pending float32 GEMM sums."""
-    total = sum(t.numel() * t.element_size() for t in acc.state_dict().values())
-    return total + sum(t.numel() * t.element_size() for t in acc._pending.values())
+    return acc.nbytes()
 
 
 def formula_bytes(dims_a, dims_b, float32_inputs: bool = True) -> int:

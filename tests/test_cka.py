@@ -426,3 +426,65 @@ def test_streaming_equal_widths_batched_path(dtype):
     acc = _stream(CKAAccumulator([8, 8, 8], [6, 6]), fa, fb, [100, 150, 50])
     ref = _reference_matrix([f.double() for f in fa], [f.double() for f in fb], "unbiased")
     torch.testing.assert_close(acc.compute(), ref, atol=1e-6, rtol=0)
+
+
+# -- upper-block-triangle self Grams (minidiff.ops.selfgram) ---------------------------------
+def test_selfgram_blocks_cover_every_width():
+    from minidiff.ops import selfgram
+
+    for d in (1, 5, 64, 288, 290, 384, 500, 768, 1000, 4096):
+        e = selfgram.block_edges(d)
+        assert e[0] == 0 and e[-1] == d and all(a < b for a, b in zip(e, e[1:]))
+        assert len(e) - 1 <= selfgram.MAX_BLOCKS
+    assert selfgram.block_edges(128) == [0, 128]          # narrow layers: one full GEMM
+    assert len(selfgram.block_edges(768)) - 1 == 4
+    assert selfgram.runs([7, 7, 3, 7, 7, 7]) == [(0, 2, 7), (2, 1, 3), (3, 3, 7)]
+    # about half of sum d^2: (k + 1) / (2k) of it
+    assert selfgram.pending_numel([768] * 13) == 13 * (768 ** 2 + 4 * 192 ** 2) // 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_selfgram_equals_float64_grams(dtype):
+    """Upper blocks added over several batches, mirrored on folding: every X_l^T X_l
+    exactly as the float64 reference, for runs of equal widths, uneven blocks and
+    narrow layers, including a strided (column-sliced) batch."""
+    from minidiff.ops.selfgram import SelfGrams
+
+    dims = [500, 500, 64, 384, 290, 290, 290]
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randn(b, sum(dims), generator=g, dtype=torch.float64) for b in (40, 1, 77)]
+    grams = SelfGrams(dims, dtype, torch.device("cpu"))
+    flat = torch.zeros(sum(d * d for d in dims), dtype=torch.float64)
+    for i, z in enumerate(batches):
+        wide = torch.cat([z, z[:, :3]], 1).to(dtype)[:, :sum(dims)]   # row stride != width
+        grams.add(wide)
+        if i == 1:
+            grams.fold_into(flat)
+    grams.fold_into(flat)
+    assert not grams.buffer.any()
+    z = torch.cat(batches)
+    o, c = 0, 0
+    tol = 1e-12 if dtype == torch.float64 else 2e-4
+    for d in dims:
+        x = z[:, c:c + d]
+        torch.testing.assert_close(flat[o:o + d * d].view(d, d), x.T @ x, atol=tol * z.shape[0], rtol=tol)
+        o, c = o + d * d, c + d
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_streaming_wide_layers_equals_full_data(dtype, monkeypatch):
+    """Widths where the self Grams are split into blocks (k = 2..4), in equal-width runs
+    and alone, across a fold of the partial sums."""
+    monkeypatch.setattr(similarity, "FLUSH_SAMPLES", 150)
+    widths_a, widths_b = (384, 384, 500, 64), (768, 290)
+    fa, fb = _related(n=300, widths_a=widths_a, widths_b=widths_b, dtype=dtype, mean=2.0)
+    for estimator in ("unbiased", "biased"):
+        acc = _stream(CKAAccumulator(widths_a, widths_b, estimator=estimator), fa, fb, [100, 120, 80])
+        ref = _reference_matrix([f.double() for f in fa], [f.double() for f in fb], estimator)
+        torch.testing.assert_close(acc.compute(), ref, atol=1e-6, rtol=0)
+    # a batch of another dtype folds the partial sums first, then continues
+    mixed = CKAAccumulator(widths_a, widths_b)
+    mixed.update([f[:150].float() for f in fa], [f[:150].float() for f in fb])
+    mixed.update([f[150:].double() for f in fa], [f[150:].double() for f in fb])
+    ref = _reference_matrix([f.double() for f in fa], [f.double() for f in fb], "unbiased")
+    torch.testing.assert_close(mixed.compute(), ref, atol=1e-6, rtol=0)

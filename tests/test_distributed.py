@@ -172,18 +172,19 @@ def test_memory_formula_is_the_accumulator_state_layout():
     from minidiff.distributed import LayerSplitCKA, cka_state_bytes
     from minidiff.similarity import CKAAccumulator
 
-    def held(acc):
-        pending = getattr(acc, "_pending", {})  # float32 GEMM partial sums
-        return sum(t.numel() * t.element_size() for t in [*acc.state_dict().values(), *pending.values()])
+    def held(acc):  # states, pending float32 sums of C, pending upper-block Gram sums
+        owned = [*acc.state_dict().values(), *acc._pending.values(), *(g.buffer for g in acc._grams.values())]
+        return sum(t.numel() * t.element_size() for t in owned)
     g = torch.Generator().manual_seed(0)
-    for dims_a, dims_b in (([3, 5], [4, 2, 6]), ([7, 7, 7], None)):
+    for dims_a, dims_b in (([3, 5], [4, 2, 6]), ([7, 7, 7], None), ([400, 400, 64, 768], [384, 300])):
         for dtype in (torch.float32, torch.float64):
             acc = CKAAccumulator(dims_a, dims_b)
             for n in (9, 50):
                 a = [torch.randn(n, d, generator=g, dtype=dtype) for d in dims_a]
                 acc.update(a) if dims_b is None else acc.update(a, [torch.randn(n, d, generator=g, dtype=dtype)
                                                                     for d in dims_b])
-                assert held(acc) == cka_state_bytes(dims_a, dims_b, float32_inputs=dtype == torch.float32)
+                expect = cka_state_bytes(dims_a, dims_b, float32_inputs=dtype == torch.float32)
+                assert held(acc) == acc.nbytes() == expect
     split = LayerSplitCKA([3, 5], [4, 2, 6])  # one process: one block holding every layer
     assert split.block == [0, 1, 2]
 

@@ -34,15 +34,23 @@ class Accumulator:
 
     def __init__(self) -> None:
         self._reductions: dict[str, Reduction] = {}
-        self._defaults: dict[str, torch.Tensor] = {}
+        self._defaults: dict[str, torch.Tensor | tuple] = {}
 
     # -- declaration ---------------------------------------------------------
     def add_state(self, name: str, default: torch.Tensor, reduce: Reduction) -> None:
+        """Declare a state; it starts as a copy of ``default``, which ``reset`` restores."""
         if reduce not in _REDUCTIONS:
             raise ValueError(f"unknown reduction {reduce!r} for state {name!r}; use one of {_REDUCTIONS}")
         self._reductions[name] = reduce
-        self._defaults[name] = default.detach().clone()
-        setattr(self, name, default.detach().clone())
+        default = default.detach()
+        flat = default.reshape(-1)
+        if flat.numel() > 0 and bool((flat == flat[0]).all()):
+            # a constant default (zeros, -inf) is kept as its fill value, not as a second
+            # copy of a state that may be hundreds of MB (the CKA cross-product)
+            self._defaults[name] = (tuple(default.shape), default.dtype, flat[0].item())
+        else:
+            self._defaults[name] = default.clone()
+        setattr(self, name, default.clone())
 
     @property
     def reductions(self) -> dict[str, Reduction]:
@@ -62,7 +70,12 @@ class Accumulator:
 
     def reset(self) -> None:
         for name, default in self._defaults.items():
-            setattr(self, name, default.clone().to(getattr(self, name).device))
+            device = getattr(self, name).device
+            if isinstance(default, tuple):
+                shape, dtype, fill = default
+                setattr(self, name, torch.full(shape, fill, dtype=dtype, device=device))
+            else:
+                setattr(self, name, default.clone().to(device))
 
     def merge(self, other: "Accumulator") -> "Accumulator":
         """Fold ``other``'s states into this one (in place) and return self.

@@ -306,24 +306,30 @@ def _is_shifted(acc: Any) -> bool:
 def cka_state_bytes(dims_a: Sequence[int], dims_b: Sequence[int] | None = None, *,
                     float32_inputs: bool = True) -> int:
     """Bytes a :class:`~minidiff.similarity.CKAAccumulator` (exact estimators) holds,
-    independent of the number of samples.
+    independent of the number of samples (``CKAAccumulator.nbytes()`` after an update).
 
     Two models, ``D = sum(d)`` the stacked width and ``L`` the layer count::
 
         8 * (D_a D_b + sum_a d^2 + sum_b d^2                       # C and the per-layer Grams
              + L_a D_b + L_b D_a + L_a L_b + 3 D_a + 3 D_b + 2 L_a + 2 L_b + 3)
-        + 4 * (D_a D_b + sum_a d^2 + sum_b d^2)    # pending float32 GEMM sums (float32 inputs)
+        + 4 * D_a D_b                              # pending float32 sums of C (float32 features)
+        + s * (T_a + T_b)                          # pending upper-block Gram sums
 
+    with ``s`` the input's item size (4 for float32, 8 for float64) and ``T`` about
+    ``sum d^2 / 2`` (exactly ``minidiff.ops.selfgram.pending_numel``).
     One model with itself (``dims_b=None``): ``8 (D^2 + L D + L^2 + 3 D + L + 3) + 4 D^2``.
     Per update add the shifted stacked batch, ``b (D_a + D_b)`` values of the input dtype.
     """
+    from minidiff.ops.selfgram import pending_numel
+
     da, la = sum(int(d) for d in dims_a), len(dims_a)
     if dims_b is None:
         return 8 * (da * da + la * da + la * la + 3 * da + la + 3) + (4 * da * da if float32_inputs else 0)
     db, lb = sum(int(d) for d in dims_b), len(dims_b)
     big = da * db + sum(int(d) ** 2 for d in dims_a) + sum(int(d) ** 2 for d in dims_b)
     small = la * db + lb * da + la * lb + 3 * da + 3 * db + 2 * la + 2 * lb + 3
-    return 8 * (big + small) + (4 * big if float32_inputs else 0)
+    grams = (4 if float32_inputs else 8) * (pending_numel(dims_a) + pending_numel(dims_b))
+    return 8 * (big + small) + (4 * da * db if float32_inputs else 0) + grams
 
 
 def layer_blocks(dims: Sequence[int], parts: int) -> list[list[int]]:

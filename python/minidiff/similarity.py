@@ -72,6 +72,7 @@ import torch
 
 from minidiff.accumulate import Accumulator
 from minidiff.ops.cka import batch_terms, gram_rbf, layer_index
+from minidiff.ops.selfgram import SelfGrams
 
 KERNELS = ("linear", "rbf")
 ESTIMATORS = ("biased", "unbiased")
@@ -149,14 +150,34 @@ def _offsets(dims: Sequence[int]) -> list[int]:
 
 
 # -- HSIC from sums --------------------------------------------------------------
-def _seg2(M: torch.Tensor, ia: torch.Tensor, la: int, ib: torch.Tensor, lb: int) -> torch.Tensor:
-    """Block sums of M (rows grouped by ia, columns by ib) -> (la, lb)."""
-    rows = M.new_zeros(la, M.shape[1]).index_add_(0, ia, M)
-    return rows.new_zeros(la, lb).index_add_(1, ib, rows)
+def _indicator(idx: torch.Tensor, count: int, like: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``(count, D)`` matrix with ``E[idx[j], j] = 1`` (or ``scale[j]``): block sums as GEMMs."""
+    E = like.new_zeros(count, idx.numel())
+    E[idx, torch.arange(idx.numel(), device=idx.device)] = 1.0 if scale is None else scale.to(like.dtype)
+    return E
 
 
-def _seg_cols(M: torch.Tensor, ib: torch.Tensor, lb: int) -> torch.Tensor:
-    return M.new_zeros(M.shape[0], lb).index_add_(1, ib, M)
+def _seg_cols(M: torch.Tensor, ib: torch.Tensor, lb: int, v: torch.Tensor | None = None) -> torch.Tensor:
+    """Column-block sums of ``M_ij v_j`` -> ``(rows, lb)``; one pass over M, no M-sized temporary."""
+    return M @ _indicator(ib, lb, M, v).T
+
+
+def _seg2(M: torch.Tensor, ia: torch.Tensor, la: int, ib: torch.Tensor, lb: int,
+          u: torch.Tensor | None = None, v: torch.Tensor | None = None) -> torch.Tensor:
+    """Block sums of ``u_i M_ij v_j`` (rows grouped by ia, columns by ib) -> (la, lb)."""
+    return _indicator(ia, la, M, u) @ _seg_cols(M, ib, lb, v)
+
+
+def _seg2_squares(M: torch.Tensor, ia: torch.Tensor, la: int, ib: torch.Tensor, lb: int,
+                  rows: int = 1024) -> torch.Tensor:
+    """Block sums of ``M_ij^2`` -> (la, lb), squaring ``rows`` rows at a time (M may be
+    hundreds of MB; a full ``M * M`` temporary cost more than the arithmetic)."""
+    Eb = _indicator(ib, lb, M).T
+    out = M.new_zeros(la, lb)
+    for r in range(0, M.shape[0], rows):
+        chunk = M[r:r + rows]
+        out.index_add_(0, ia[r:r + rows], (chunk * chunk) @ Eb)
+    return out
 
 
 def _finish(num: torch.Tensor, sk: torch.Tensor, sl: torch.Tensor, kl1: torch.Tensor, n: float,
@@ -169,15 +190,15 @@ def _finish(num: torch.Tensor, sk: torch.Tensor, sl: torch.Tensor, kl1: torch.Te
 def _hsic_cross(st: dict, n: float, ia, la, ib, lb, estimator: str) -> torch.Tensor:
     """HSIC for every (l, m) block from the cross sums (see the module docstring)."""
     C, sx, sy = st["C"], st["sx"], st["sy"]
-    normc2 = _seg2(C * C, ia, la, ib, lb)
-    scs = _seg2(sx[:, None] * C * sy[None, :], ia, la, ib, lb)
+    normc2 = _seg2_squares(C, ia, la, ib, lb)
+    scs = _seg2(C, ia, la, ib, lb, sx, sy)
     sx2 = torch.zeros(la, dtype=C.dtype, device=C.device).index_add_(0, ia, sx * sx)
     sy2 = torch.zeros(lb, dtype=C.dtype, device=C.device).index_add_(0, ib, sy * sy)
     if estimator == "biased":
         return (normc2 - 2.0 * scs / n + sx2[:, None] * sy2[None, :] / n ** 2) / (n - 1) ** 2
     ab = st["ab"]
-    say = _seg_cols(st["ay"] * sy[None, :], ib, lb)        # s_y . sum a_il y_i over block m
-    sbx = _seg_cols(st["bx"] * sx[None, :], ia, la).T      # s_x . sum b_im x_i over block l
+    say = _seg_cols(st["ay"], ib, lb, sy)        # s_y . sum a_il y_i over block m
+    sbx = _seg_cols(st["bx"], ia, la, sx).T      # s_x . sum b_im x_i over block l
     kl1 = scs - say - sbx + ab
     return _finish(normc2 - ab, (sx2 - st["na"])[:, None], (sy2 - st["nb"])[None, :], kl1, n, estimator)
 
@@ -280,8 +301,10 @@ class CKAAccumulator(Accumulator):
                  estimator: str = "unbiased", device=None, names_a: Sequence[str] | None = None,
                  names_b: Sequence[str] | None = None, shift_a=None, shift_b=None) -> None:
         super().__init__()
-        self._pending: dict[str, torch.Tensor] = {}
+        self._pending: dict[str, torch.Tensor] = {}   # float32 partial sums of C
+        self._grams: dict[str, SelfGrams] = {}         # partial sums of the self Grams
         self._pending_n = 0
+        self._dirty = False  # partial sums not yet folded into the float64 states
         self._scratch: dict[str, torch.Tensor] = {}
         self._counted = False  # this accumulator's own part is in `parts` / `shift_check`
         if estimator not in ACC_ESTIMATORS:
@@ -468,45 +491,45 @@ class CKAAccumulator(Accumulator):
             getattr(self, k).add_(t[k])
 
     def _self_grams(self, name: str, z: torch.Tensor, dims: tuple[int, ...]) -> None:
-        """Add every X_l^T X_l: one batched GEMM on strided views when all widths are
-        equal (no copy; one call instead of L, which matters on a busy machine)."""
-        if len(set(dims)) == 1 and len(dims) > 1:
-            state = self.__dict__["_state_" + name]
-            if z.dtype == torch.float64:
-                target = state
-            else:
-                target = self._pending.setdefault(name, torch.zeros(state.shape, dtype=z.dtype, device=state.device))
-            v = z.view(z.shape[0], len(dims), dims[0]).permute(1, 2, 0)
-            target.view(len(dims), dims[0], dims[0]).baddbmm_(v, v.transpose(1, 2))
-            return
-        offs, goffs = _offsets(dims), self._gram_offsets(name)
-        for l in range(len(dims)):
-            x = z[:, offs[l]:offs[l + 1]]
-            self._gemm(name, x.T, x, block=(goffs[l], x.shape[1]))
+        """Add every X_l^T X_l: the upper block triangle only (``minidiff.ops.selfgram``),
+        as partial sums in the input's precision, mirrored and folded in by ``_flush``."""
+        grams = self._grams.get(name)
+        if grams is None or grams.buffer.dtype != z.dtype:
+            if grams is not None:
+                self._flush()
+            grams = self._grams[name] = SelfGrams(dims, z.dtype, self.device)
+        grams.add(z)
+        self._dirty = True
 
-    def _gram_offsets(self, name: str) -> list[int]:
-        dims = self.dims_a if name == "gram_a" else self.dims_b
-        return [0] + np.cumsum([d * d for d in dims]).tolist()
-
-    def _gemm(self, name: str, x: torch.Tensor, y: torch.Tensor, block: tuple[int, int] | None = None) -> None:
-        """state[name] (or one square block of it) += x @ y, float32 partial sums pending."""
+    def _gemm(self, name: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        """state[name] += x @ y; float32 (or half) products as pending partial sums."""
         state = self.__dict__["_state_" + name]
         if x.dtype == torch.float64:
-            target = state
-        else:
-            if name not in self._pending:
-                self._pending[name] = torch.zeros(state.shape, dtype=x.dtype, device=state.device)
-            target = self._pending[name]
-        if block is not None:
-            o, w = block
-            target = target[o:o + w * w].view(w, w)
-        target.addmm_(x, y)
+            state.addmm_(x, y)
+            return
+        pending = self._pending.get(name)
+        if pending is None or pending.dtype != x.dtype:
+            if pending is not None:
+                self._flush()
+            pending = self._pending[name] = torch.zeros(state.shape, dtype=x.dtype, device=state.device)
+        pending.addmm_(x, y)
+        self._dirty = True
 
     def _flush(self) -> None:
-        for name, buf in self._pending.items():
-            self.__dict__["_state_" + name].add_(buf)
-            buf.zero_()
+        if self._dirty:
+            for name, buf in self._pending.items():
+                self.__dict__["_state_" + name].add_(buf)
+                buf.zero_()
+            for name, grams in self._grams.items():
+                grams.fold_into(self.__dict__["_state_" + name])
         self._pending_n = 0
+        self._dirty = False
+
+    def nbytes(self) -> int:
+        """Bytes held: the states plus the partial-sum buffers (independent of n; the
+        formula is ``minidiff.distributed.cka_state_bytes``)."""
+        held = [*self.state_dict().values(), *self._pending.values(), *(g.buffer for g in self._grams.values())]
+        return sum(t.numel() * t.element_size() for t in held)
 
     def _update_minibatch(self, la: list[torch.Tensor], lb: list[torch.Tensor], b: int, dtype: torch.dtype) -> None:
         if b < 4:
@@ -568,10 +591,10 @@ class CKAAccumulator(Accumulator):
         cl, cm = seg(d * d, ia, la), seg(e * e, ib, lb)
         ds, es = seg(d * sx, ia, la), seg(e * sy, ib, lb)
         P = torch.zeros(la, self.db, dtype=torch.float64, device=C.device).index_add_(0, ia, d[:, None] * C)
-        Q = _seg_cols(C * e[None, :], ib, lb).T                       # (lb, da)
-        dCe = _seg2(d[:, None] * C * e[None, :], ia, la, ib, lb)
-        ay_e = _seg_cols(ay * e[None, :], ib, lb)                    # sum_i a_il (e_m . y_im)
-        bx_d = _seg_cols(bx * d[None, :], ia, la).T                   # sum_i (d_l . x_il) b_im
+        Q = _seg_cols(C, ib, lb, e).T                                 # (lb, da)
+        dCe = _seg2(C, ia, la, ib, lb, d, e)
+        ay_e = _seg_cols(ay, ib, lb, e)                              # sum_i a_il (e_m . y_im)
+        bx_d = _seg_cols(bx, ia, la, d).T                             # sum_i (d_l . x_il) b_im
         new_ab = (ab - 2 * ay_e + na[:, None] * cm[None, :] - 2 * bx_d + 4 * dCe - 2 * ds[:, None] * cm[None, :]
                   + cl[:, None] * nb[None, :] - 2 * cl[:, None] * es[None, :] + n * cl[:, None] * cm[None, :])
         new_ay = (ay - na[:, None] * e[None, :] - 2 * P + 2 * ds[:, None] * e[None, :]
@@ -633,9 +656,10 @@ class CKAAccumulator(Accumulator):
         self._nonfinite_b.zero_()
 
     def _discard_pending(self) -> None:
-        for buf in self._pending.values():
+        for buf in [*self._pending.values(), *(g.buffer for g in self._grams.values())]:
             buf.zero_()
         self._pending_n = 0
+        self._dirty = False
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = super().state_dict()
