@@ -128,21 +128,27 @@ def _stream(method: str, batches, n: int, b: int, dims_a, dims_b):
 
 
 _MEMORY_CHILD = r"""
-import json, resource, sys, torch
+import json, sys, torch
 sys.path.insert(0, {root!r})
 from bench_engine import make_batches
 from minidiff.similarity import CKAAccumulator
+
+def peak_kib():
+    # VmHWM belongs to this process image; ru_maxrss survives exec() and would report
+    # the (much larger) benchmark parent's peak at fork time
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
 dims_a, dims_b, n, b = json.loads(sys.argv[1])
 batches = make_batches(dims_a, dims_b, b)
 acc = CKAAccumulator(dims_a, dims_b)
 acc.update(*batches[0][:2])
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = peak_kib()
 for i in range(1, n // b):
     acc.update(*batches[i % 2][:2])
 acc.compute()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-state = sum(t.numel() * t.element_size() for t in acc.state_dict().values())
-print(json.dumps({{"after_first_batch_mib": base / 1024, "peak_mib": peak / 1024, "state_mib": state / 2**20}}))
+peak = peak_kib()
+print(json.dumps({{"after_first_batch_mib": base / 1024, "peak_mib": peak / 1024, "state_mib": acc.nbytes() / 2**20}}))
 """
 
 

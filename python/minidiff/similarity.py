@@ -451,9 +451,9 @@ class CKAAccumulator(Accumulator):
             return
         shift_a, shift_b = self.shift_a, self.shift_b
         if shift_a is None:  # first batch: its column means, rounded to float32 (see module docstring)
-            shift_a = torch.cat([t.to(self.device).double().mean(0) for t in la]).float().double()
+            shift_a = torch.cat([t.to(self.device).mean(0, dtype=torch.float64) for t in la]).float().double()
             shift_b = shift_a if self.same else \
-                torch.cat([t.to(self.device).double().mean(0) for t in lb]).float().double()
+                torch.cat([t.to(self.device).mean(0, dtype=torch.float64) for t in lb]).float().double()
         za = self._shifted(la, shift_a.to(dtype), dtype, "a")
         zb = za if self.same else self._shifted(lb, shift_b.to(dtype), dtype, "b")
         t = dict(zip(("sx", "sy", "na", "nb", "ay", "bx", "ab", "axd", "byd", "aa", "bb"),
