@@ -482,6 +482,10 @@ def test_streaming_wide_layers_equals_full_data(dtype, monkeypatch):
         acc = _stream(CKAAccumulator(widths_a, widths_b, estimator=estimator), fa, fb, [100, 120, 80])
         ref = _reference_matrix([f.double() for f in fa], [f.double() for f in fb], estimator)
         torch.testing.assert_close(acc.compute(), ref, atol=1e-6, rtol=0)
+        # a model with itself: Z^T Z as its upper block triangle (7 blocks of the stacked 1332)
+        ref_self = _reference_matrix([f.double() for f in fa], [f.double() for f in fa], estimator)
+        self_acc = _stream(CKAAccumulator(widths_a, estimator=estimator), fa, None, [100, 120, 80])
+        torch.testing.assert_close(self_acc.compute(), ref_self, atol=1e-6, rtol=0)
     # a batch of another dtype folds the partial sums first, then continues
     mixed = CKAAccumulator(widths_a, widths_b)
     mixed.update([f[:150].float() for f in fa], [f[:150].float() for f in fb])

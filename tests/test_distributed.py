@@ -176,7 +176,8 @@ def test_memory_formula_is_the_accumulator_state_layout():
         owned = [*acc.state_dict().values(), *acc._pending.values(), *(g.buffer for g in acc._grams.values())]
         return sum(t.numel() * t.element_size() for t in owned)
     g = torch.Generator().manual_seed(0)
-    for dims_a, dims_b in (([3, 5], [4, 2, 6]), ([7, 7, 7], None), ([400, 400, 64, 768], [384, 300])):
+    for dims_a, dims_b in (([3, 5], [4, 2, 6]), ([7, 7, 7], None), ([400, 400, 64, 768], [384, 300]),
+                           ([400, 400, 64], None)):
         for dtype in (torch.float32, torch.float64):
             acc = CKAAccumulator(dims_a, dims_b)
             for n in (9, 50):

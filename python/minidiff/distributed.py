@@ -317,14 +317,17 @@ def cka_state_bytes(dims_a: Sequence[int], dims_b: Sequence[int] | None = None, 
 
     with ``s`` the input's item size (4 for float32, 8 for float64) and ``T`` about
     ``sum d^2 / 2`` (exactly ``minidiff.ops.selfgram.pending_numel``).
-    One model with itself (``dims_b=None``): ``8 (D^2 + L D + L^2 + 3 D + L + 3) + 4 D^2``.
+    One model with itself (``dims_b=None``): ``8 (D^2 + L D + L^2 + 3 D + L + 3) + 4 T``
+    with float32 features, ``T ~ D^2 / 2`` the upper block triangle of ``Z^T Z``
+    (``pending_numel([D], STACKED_MAX_BLOCKS)``); float64 features add into ``C`` directly.
     Per update add the shifted stacked batch, ``b (D_a + D_b)`` values of the input dtype.
     """
-    from minidiff.ops.selfgram import pending_numel
+    from minidiff.ops.selfgram import STACKED_MAX_BLOCKS, pending_numel
 
     da, la = sum(int(d) for d in dims_a), len(dims_a)
     if dims_b is None:
-        return 8 * (da * da + la * da + la * la + 3 * da + la + 3) + (4 * da * da if float32_inputs else 0)
+        pending = 4 * pending_numel([da], STACKED_MAX_BLOCKS) if float32_inputs else 0
+        return 8 * (da * da + la * da + la * la + 3 * da + la + 3) + pending
     db, lb = sum(int(d) for d in dims_b), len(dims_b)
     big = da * db + sum(int(d) ** 2 for d in dims_a) + sum(int(d) ** 2 for d in dims_b)
     small = la * db + lb * da + la * lb + 3 * da + 3 * db + 2 * la + 2 * lb + 3

@@ -72,7 +72,7 @@ import torch
 
 from minidiff.accumulate import Accumulator
 from minidiff.ops.cka import batch_terms, gram_rbf, layer_index
-from minidiff.ops.selfgram import SelfGrams
+from minidiff.ops.selfgram import STACKED_MAX_BLOCKS, SelfGrams
 
 KERNELS = ("linear", "rbf")
 ESTIMATORS = ("biased", "unbiased")
@@ -269,8 +269,8 @@ class CKAAccumulator(Accumulator):
     ----------
     dims_a : widths ``d_l`` of model a's layers (features are flattened per sample).
     dims_b : widths of model b's layers, or None to compare model a with itself
-        (then ``update`` takes only ``batch_a`` and one GEMM ``Z_a^T Z_a`` per batch
-        gives every term).
+        (then ``update`` takes only ``batch_a`` and the upper block triangle of the
+        symmetric ``Z_a^T Z_a`` per batch gives every term).
     estimator : ``"unbiased"`` (HSIC_1, exact over all samples seen), ``"biased"``
         (HSIC_0, exact over all samples) or ``"minibatch"`` (Nguyen et al. 2021:
         mean of per-batch HSIC_1, then the ratio; every batch needs >= 4 rows).
@@ -478,7 +478,11 @@ class CKAAccumulator(Accumulator):
                 self.parts += 1
                 self.shift_check += self.shift_a.sum() + (0 if self.same else self.shift_b.sum())
         self.n += b
-        self._gemm("C", za.T, zb)
+        if self.same and za.dtype != torch.float64:
+            # Z^T Z is symmetric: its upper block triangle, like the self Grams
+            self._self_grams("C", za, (self.da,), STACKED_MAX_BLOCKS)
+        else:
+            self._gemm("C", za.T, zb)
         if not self.same:
             for name, z, dims in (("gram_a", za, self.dims_a), ("gram_b", zb, self.dims_b)):
                 self._self_grams(name, z, dims)
@@ -490,14 +494,15 @@ class CKAAccumulator(Accumulator):
         for k in names:
             getattr(self, k).add_(t[k])
 
-    def _self_grams(self, name: str, z: torch.Tensor, dims: tuple[int, ...]) -> None:
+    def _self_grams(self, name: str, z: torch.Tensor, dims: tuple[int, ...], max_blocks: int | None = None) -> None:
         """Add every X_l^T X_l: the upper block triangle only (``minidiff.ops.selfgram``),
         as partial sums in the input's precision, mirrored and folded in by ``_flush``."""
         grams = self._grams.get(name)
         if grams is None or grams.buffer.dtype != z.dtype:
             if grams is not None:
                 self._flush()
-            grams = self._grams[name] = SelfGrams(dims, z.dtype, self.device)
+            extra = {} if max_blocks is None else {"max_blocks": max_blocks}
+            grams = self._grams[name] = SelfGrams(dims, z.dtype, self.device, **extra)
         grams.add(z)
         self._dirty = True
 
@@ -521,7 +526,7 @@ class CKAAccumulator(Accumulator):
                 self.__dict__["_state_" + name].add_(buf)
                 buf.zero_()
             for name, grams in self._grams.items():
-                grams.fold_into(self.__dict__["_state_" + name])
+                grams.fold_into(self.__dict__["_state_" + name].view(-1))
         self._pending_n = 0
         self._dirty = False
 

@@ -28,11 +28,12 @@ import torch
 
 BLOCK = 192       # target block width (columns)
 MAX_BLOCKS = 8    # cap on blocks per layer: k (k + 1) / 2 calls per run of layers
+STACKED_MAX_BLOCKS = 16  # cap for a model's whole stacked width (Z^T Z of a model with itself)
 
 
-def block_edges(d: int) -> list[int]:
+def block_edges(d: int, max_blocks: int = MAX_BLOCKS) -> list[int]:
     """Column boundaries of the ``k`` blocks of a width-``d`` layer (``k = 1`` below ~290)."""
-    k = min(MAX_BLOCKS, max(1, round(d / BLOCK)))
+    k = min(max_blocks, max(1, round(d / BLOCK)))
     return [d * i // k for i in range(k + 1)]
 
 
@@ -52,12 +53,12 @@ def _pairs(edges: list[int]) -> list[tuple[int, int]]:
     return [(i, j) for i in range(k) for j in range(i, k)]
 
 
-def pending_numel(dims: Sequence[int]) -> int:
+def pending_numel(dims: Sequence[int], max_blocks: int = MAX_BLOCKS) -> int:
     """Entries of the partial-sum buffer: ``sum_l sum_{i<=j} w_i w_j`` (about half of
     ``sum_l d_l^2``)."""
     total = 0
     for _, count, d in runs(dims):
-        e = block_edges(d)
+        e = block_edges(d, max_blocks)
         total += count * sum((e[i + 1] - e[i]) * (e[j + 1] - e[j]) for i, j in _pairs(e))
     return total
 
@@ -69,11 +70,14 @@ class SelfGrams:
     ----------
     dims : layer widths, in the order the layers are stacked in ``z``.
     dtype, device : of the partial sums (the GEMMs' input precision).
+    max_blocks : cap on the blocks per layer (a model compared with itself passes its
+        whole stacked width as one "layer" with a higher cap).
     """
 
-    def __init__(self, dims: Sequence[int], dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, dims: Sequence[int], dtype: torch.dtype, device: torch.device,
+                 max_blocks: int = MAX_BLOCKS) -> None:
         self.dims = tuple(int(d) for d in dims)
-        self.buffer = torch.zeros(pending_numel(self.dims), dtype=dtype, device=device)
+        self.buffer = torch.zeros(pending_numel(self.dims, max_blocks), dtype=dtype, device=device)
         col = [0]
         for d in self.dims:
             col.append(col[-1] + d)
@@ -84,7 +88,7 @@ class SelfGrams:
         self._plan = []
         o = 0
         for first, count, d in runs(self.dims):
-            e = block_edges(d)
+            e = block_edges(d, max_blocks)
             blocks = []
             for i, j in _pairs(e):
                 wi, wj = e[i + 1] - e[i], e[j + 1] - e[j]
