@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include "cpu_features.h"
+#include "parallel.h"
 #include "registry.h"
 
 namespace py = pybind11;
@@ -26,6 +27,9 @@ PYBIND11_MODULE(_C, m) {
     d["avxvnni"] = f.avxvnni;
     return d;
   });
+  m.def("parallel_backend", &minidiff::parallel_backend,
+        "Parallel backend of the CPU kernels: 'openmp' (the process's OpenMP runtime, shared with "
+        "torch) or 'threadpool' (builds without GNU OpenMP).");
   minidiff::register_cka(m);
   minidiff::register_agreement(m);
   minidiff::register_int8(m);

@@ -1,6 +1,79 @@
 #include "parallel.h"
 
+#include <pthread.h>
+
+#include <atomic>
+#include <exception>
+
+#ifdef MINIDIFF_OPENMP
+#include <omp.h>
+#endif
+
 namespace minidiff {
+
+namespace {
+
+std::vector<std::pair<int64_t, int64_t>> split(int64_t n, int parts) {
+  std::vector<std::pair<int64_t, int64_t>> chunks;
+  int64_t base = n / parts, rem = n % parts, start = 0;
+  for (int i = 0; i < parts; ++i) {
+    int64_t len = base + (i < rem ? 1 : 0);
+    chunks.emplace_back(start, start + len);
+    start += len;
+  }
+  return chunks;
+}
+
+// A fork()ed child inherits the parent's thread-pool bookkeeping but none of its
+// threads: the first parallel region there would wait forever (libgomp and our pool
+// alike; torch's own ops hang the same way unless the child sets 1 thread). The
+// kernels run single-threaded in a forked child instead.
+std::atomic<bool> g_forked_child{false};
+const int g_atfork = pthread_atfork(nullptr, nullptr, [] { g_forked_child.store(true); });
+
+int count_parts(int64_t n, int threads, int64_t grain) {
+  if (g_forked_child.load(std::memory_order_relaxed)) return 1;
+  grain = std::max<int64_t>(grain, 1);
+  const int64_t max_chunks = (n + grain - 1) / grain;
+  return static_cast<int>(std::min<int64_t>(std::max(threads, 1), max_chunks));
+}
+
+}  // namespace
+
+#ifdef MINIDIFF_OPENMP
+const char* parallel_backend() { return "openmp"; }
+
+void parallel_for(int64_t n, int threads, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
+  if (n <= 0) return;
+  const int parts = count_parts(n, threads, grain);
+  if (parts <= 1 || omp_in_parallel()) {
+    fn(0, n);
+    return;
+  }
+  const auto chunks = split(n, parts);
+  std::exception_ptr error;
+#pragma omp parallel num_threads(parts)
+  {
+    // the runtime may grant fewer threads than asked (OMP_THREAD_LIMIT): cover every chunk
+    const int tid = omp_get_thread_num(), team = omp_get_num_threads();
+    for (int c = tid; c < parts; c += team) {
+      try {
+        fn(chunks[c].first, chunks[c].second);
+      } catch (...) {
+#pragma omp critical(minidiff_parallel_error)
+        if (!error) error = std::current_exception();
+      }
+    }
+  }
+  if (error) std::rethrow_exception(error);
+}
+#else
+const char* parallel_backend() { return "threadpool"; }
+
+void parallel_for(int64_t n, int threads, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
+  ThreadPool::instance().parallel_for(n, threads, grain, fn);
+}
+#endif
 
 ThreadPool& ThreadPool::instance() {
   // Leaked on purpose: joining threads during interpreter shutdown can hang.
@@ -49,34 +122,35 @@ void ThreadPool::worker_loop(int id) {
 void ThreadPool::parallel_for(int64_t n, int threads, int64_t grain,
                               const std::function<void(int64_t, int64_t)>& fn) {
   if (n <= 0) return;
-  grain = std::max<int64_t>(grain, 1);
-  int64_t max_chunks = (n + grain - 1) / grain;
-  int parts = static_cast<int>(std::min<int64_t>(std::max(threads, 1), max_chunks));
+  const int parts = count_parts(n, threads, grain);
   if (parts <= 1) {
     fn(0, n);
     return;
   }
   std::lock_guard<std::mutex> call_lock(call_mutex_);
-  std::vector<std::pair<int64_t, int64_t>> chunks;
-  int64_t base = n / parts, rem = n % parts, start = 0;
-  for (int i = 0; i < parts; ++i) {
-    int64_t len = base + (i < rem ? 1 : 0);
-    chunks.emplace_back(start, start + len);
-    start += len;
-  }
+  std::exception_ptr error;
+  const std::function<void(int64_t, int64_t)> guarded = [&](int64_t b, int64_t e) {
+    try {
+      fn(b, e);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (!error) error = std::current_exception();
+    }
+  };
   {
     std::lock_guard<std::mutex> lock(mutex_);
     ensure_workers(parts - 1);
-    chunks_ = chunks;
-    task_ = &fn;
+    chunks_ = split(n, parts);
+    task_ = &guarded;
     pending_ = parts - 1;
     ++generation_;
   }
   work_cv_.notify_all();
-  fn(chunks[0].first, chunks[0].second);
+  guarded(chunks_[0].first, chunks_[0].second);
   std::unique_lock<std::mutex> lock(mutex_);
   done_cv_.wait(lock, [&] { return pending_ == 0; });
   task_ = nullptr;
+  if (error) std::rethrow_exception(error);
 }
 
 }  // namespace minidiff

@@ -10,6 +10,11 @@ from __future__ import annotations
 import functools
 from types import ModuleType
 
+# Loaded before _C on purpose: torch's libgomp.so.1 is then the process's OpenMP runtime
+# and _C (linked against libgomp.so.1) binds to it, sharing torch's worker threads
+# (csrc/parallel.h).
+import torch  # noqa: F401
+
 
 @functools.lru_cache(maxsize=None)
 def cpu_core() -> ModuleType:
