@@ -20,8 +20,9 @@ Per configuration (layers x width of model a vs model b, n samples, batch size):
 
 Batches: the same activations for every method, two distinct random batches
 (features with a shared low-rank signal plus noise, mean 2) used alternately so
-that large n does not need n x D of memory. Each method streams the whole n once;
-times are the sum over the stream, and the per-batch median is printed as well.
+that large n does not need n x D of memory. Each method streams the whole n three
+times (``--rounds``), the methods taking turns within a round; the median stream time
+is reported, and the per-batch median is printed as well.
 Ratios are from the same run. Peak memory: the exact accumulator is run in a fresh
 subprocess for each n and its peak RSS increase is printed (it must not grow
 with n).
@@ -159,7 +160,10 @@ def peak_memory(dims_a, dims_b, n: int, b: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run(quick: bool, ns, sizes, methods_large_n) -> list[dict]:
+def run(quick: bool, ns, sizes, methods_large_n, rounds: int = 3) -> list[dict]:
+    """Every method streams the same n samples ``rounds`` times, the methods taking turns
+    within each round (so slow drift of the machine hits them alike); the median stream
+    time per method is reported."""
     rows = []
     for name, (dims_a, dims_b) in CONFIGS.items():
         for b in sizes:
@@ -168,14 +172,21 @@ def run(quick: bool, ns, sizes, methods_large_n) -> list[dict]:
                 methods = ["floor", "exact", "exact (stacked)", "minibatch", "pytorch-cka"]
                 if n > min(ns):
                     methods = [m for m in methods if m in methods_large_n]
-                res = {}
                 for m in methods:
                     stream(m, batches, b, b, dims_a, dims_b)  # untimed warm-up: imports, op registration, MKL JIT
-                    total, per, out, cpu = stream(m, batches, n, b, dims_a, dims_b)
-                    res[m] = (total, statistics.median(per), out, cpu)
+                runs: dict[str, list] = {m: [] for m in methods}
+                for _ in range(rounds):
+                    for m in methods:
+                        runs[m].append(stream(m, batches, n, b, dims_a, dims_b))
+                res = {}
+                for m in methods:
+                    total = statistics.median(r[0] for r in runs[m])
+                    per = [t for r in runs[m] for t in r[1]]
+                    cpu = statistics.median(r[3] for r in runs[m])
+                    res[m] = (total, statistics.median(per), runs[m][-1][2], cpu)
                     print(f"  {name:17s} n={n:6d} b={b:5d} {m:16s} {total:8.2f} s  "
-                          f"(median batch {1e3 * statistics.median(per):7.1f} ms, process CPU {cpu:8.2f} s)",
-                          flush=True)
+                          f"(median of {rounds}; median batch {1e3 * statistics.median(per):7.1f} ms, "
+                          f"process CPU {cpu:8.2f} s)", flush=True)
                 row = {"config": name, "n": n, "batch": b, **{m: res[m][0] for m in methods},
                        "cpu": {m: res[m][3] for m in methods}}
                 if "minibatch" in res and "pytorch-cka" in res:
@@ -214,6 +225,7 @@ def main() -> None:
     ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of the configurations")
     ap.add_argument("--n", default=None, help="comma-separated sample counts (default 16384,65536)")
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--rounds", type=int, default=3, help="timed streams per method (median reported)")
     ap.add_argument("--large-n-methods", default="floor,exact,exact (stacked)",
                     help="methods also run at the larger n (per-batch cost does not depend on n)")
     args = ap.parse_args()
@@ -230,7 +242,7 @@ def main() -> None:
         ns, sizes = [16384, 65536], [1024, 4096]
     if args.n:
         ns = [int(v) for v in args.n.split(",")]
-    rows = run(args.quick, ns, sizes, args.large_n_methods.split(","))
+    rows = run(args.quick, ns, sizes, args.large_n_methods.split(","), 1 if args.quick else args.rounds)
     print_table(rows)
     print_table(rows, "cpu")
     if not args.skip_memory:
