@@ -63,11 +63,6 @@ def make_pool(dims_a, dims_b, batches: int, rows: int, seed: int, device="cpu") 
     return pool
 
 
-def state_bytes(acc) -> int:
-    """Bytes of the accumulator's float64 states plus pending float32 GEMM sums."""
-    return acc.nbytes()
-
-
 def formula_bytes(dims_a, dims_b, float32_inputs: bool = True) -> int:
     """The README's formula (``minidiff.distributed.cka_state_bytes``)."""
     from minidiff.distributed import cka_state_bytes
@@ -110,7 +105,7 @@ def worker(args) -> None:
     out = {"rank": ctx.rank, "world": ctx.world_size, "samples": args.samples, "local_samples": stop - start,
            "threads": args.threads, "t_local_s": t_local, "t_sync_s": t_sync, "t_total_s": t_total,
            "maxrss_mb": _maxrss_mb(), "rss_stream_mb": rss_acc, "rss_before_pool_mb": rss0, "rss_after_pool_mb": rss_pool,
-           "pool_mb": pool_mb, "state_mb": state_bytes(acc) / 2 ** 20, "cka": m.tolist()}
+           "pool_mb": pool_mb, "state_mb": acc.nbytes() / 2 ** 20, "cka": m.tolist()}
     Path(args.out, f"rank{ctx.rank}.json").write_text(json.dumps(out))
     ctx.close()
 

@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 from minidiff.accumulate import Accumulator
+from minidiff.ops.selfgram import STACKED_MAX_BLOCKS, pending_numel
 
 DEFAULT_TIMEOUT_S = 300.0
 _MAX_DIMS = 8
@@ -322,8 +323,6 @@ def cka_state_bytes(dims_a: Sequence[int], dims_b: Sequence[int] | None = None, 
     (``pending_numel([D], STACKED_MAX_BLOCKS)``); float64 features add into ``C`` directly.
     Per update add the shifted stacked batch, ``b (D_a + D_b)`` values of the input dtype.
     """
-    from minidiff.ops.selfgram import STACKED_MAX_BLOCKS, pending_numel
-
     da, la = sum(int(d) for d in dims_a), len(dims_a)
     if dims_b is None:
         pending = 4 * pending_numel([da], STACKED_MAX_BLOCKS) if float32_inputs else 0

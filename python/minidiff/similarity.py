@@ -72,7 +72,7 @@ import torch
 
 from minidiff.accumulate import Accumulator
 from minidiff.ops.cka import batch_terms, gram_rbf, layer_index
-from minidiff.ops.selfgram import STACKED_MAX_BLOCKS, SelfGrams
+from minidiff.ops.selfgram import MAX_BLOCKS, STACKED_MAX_BLOCKS, SelfGrams
 
 KERNELS = ("linear", "rbf")
 ESTIMATORS = ("biased", "unbiased")
@@ -303,8 +303,7 @@ class CKAAccumulator(Accumulator):
         super().__init__()
         self._pending: dict[str, torch.Tensor] = {}   # float32 partial sums of C
         self._grams: dict[str, SelfGrams] = {}         # partial sums of the self Grams
-        self._pending_n = 0
-        self._dirty = False  # partial sums not yet folded into the float64 states
+        self._pending_n = 0  # samples whose partial sums are not yet folded into the float64 states
         self._scratch: dict[str, torch.Tensor] = {}
         self._counted = False  # this accumulator's own part is in `parts` / `shift_check`
         if estimator not in ACC_ESTIMATORS:
@@ -494,17 +493,15 @@ class CKAAccumulator(Accumulator):
         for k in names:
             getattr(self, k).add_(t[k])
 
-    def _self_grams(self, name: str, z: torch.Tensor, dims: tuple[int, ...], max_blocks: int | None = None) -> None:
+    def _self_grams(self, name: str, z: torch.Tensor, dims: tuple[int, ...], max_blocks: int = MAX_BLOCKS) -> None:
         """Add every X_l^T X_l: the upper block triangle only (``minidiff.ops.selfgram``),
         as partial sums in the input's precision, mirrored and folded in by ``_flush``."""
         grams = self._grams.get(name)
         if grams is None or grams.buffer.dtype != z.dtype:
             if grams is not None:
                 self._flush()
-            extra = {} if max_blocks is None else {"max_blocks": max_blocks}
-            grams = self._grams[name] = SelfGrams(dims, z.dtype, self.device, **extra)
+            grams = self._grams[name] = SelfGrams(dims, z.dtype, self.device, max_blocks)
         grams.add(z)
-        self._dirty = True
 
     def _gemm(self, name: str, x: torch.Tensor, y: torch.Tensor) -> None:
         """state[name] += x @ y; float32 (or half) products as pending partial sums."""
@@ -518,17 +515,15 @@ class CKAAccumulator(Accumulator):
                 self._flush()
             pending = self._pending[name] = torch.zeros(state.shape, dtype=x.dtype, device=state.device)
         pending.addmm_(x, y)
-        self._dirty = True
 
     def _flush(self) -> None:
-        if self._dirty:
+        if self._pending_n:
             for name, buf in self._pending.items():
                 self.__dict__["_state_" + name].add_(buf)
                 buf.zero_()
             for name, grams in self._grams.items():
                 grams.fold_into(self.__dict__["_state_" + name].view(-1))
         self._pending_n = 0
-        self._dirty = False
 
     def nbytes(self) -> int:
         """Bytes held: the states plus the partial-sum buffers (independent of n; the
@@ -664,7 +659,6 @@ class CKAAccumulator(Accumulator):
         for buf in [*self._pending.values(), *(g.buffer for g in self._grams.values())]:
             buf.zero_()
         self._pending_n = 0
-        self._dirty = False
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = super().state_dict()
