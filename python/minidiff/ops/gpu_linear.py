@@ -27,7 +27,7 @@ CPU tensors are accepted too (tests, references): under ``TRITON_INTERPRET=1``
 they run the Triton kernels in the interpreter (bfloat16 upcast to float32,
 which the interpreter lacks), otherwise the torch path.
 
-W8A8 arithmetic is the one of ``minidiff.ops.int8`` (shared with the CPU kernels):
+W8A8 arithmetic is the one of ``minidiff.quant`` (shared with the CPU kernels):
 ``s_x = absmax / 127`` (float32, IEEE division), ``q = clamp(rint(x / s_x), -127, 127)``
 with ties to even, an all-zero row gives ``s_x = 0``, a row with NaN/Inf gives
 ``s_x = NaN`` (its outputs NaN, as the float layer's would be);
@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -49,6 +50,9 @@ import torch.nn.functional as F
 
 from minidiff._native import cuda_core, triton_available
 from minidiff.ops._validate import check_dtype, check_ndim
+# the per-token quantizer and the int8 references are defined once, in minidiff.quant
+from minidiff.quant.int8 import (int8_linear_reference, int8_matmul_reference,  # noqa: F401 (re-exported)
+                                 int8_weight_only_linear_reference, quantize_per_token_reference)
 
 __all__ = [
     "int8_linear_cuda",
@@ -143,46 +147,12 @@ def _stream(device: torch.device) -> int:
 
 
 # -------------------------------------------------------------------- references
-def quantize_per_token_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row int8 quantization in torch (float32 arithmetic, same device as ``x``);
-    bit-identical to the Triton, CUDA and CPU kernels."""
-    x = x.float()
-    amax = x.abs().amax(dim=1) if x.shape[1] else torch.zeros(x.shape[0], device=x.device)
-    finite = torch.isfinite(x).all(dim=1)
-    scale = torch.where(finite, amax / 127, torch.full_like(amax, float("nan")))
-    ok = scale > 0
-    safe = torch.where(ok, scale, torch.ones_like(scale))
-    q = torch.round(x / safe[:, None]).clamp_(-127, 127)
-    q = torch.where(ok[:, None], q, torch.zeros_like(q)).to(torch.int8)
-    return q, scale
-
-
-def int8_matmul_reference(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Exact ``a (M, K) int8 @ w (N, K) int8 ^T`` as int32, on any device (float64 products
-    of int8 sums are exact below 2**53; CUDA has no integer matmul in torch)."""
-    if a.device.type == "cpu":
-        return a.int() @ w.int().T
-    return (a.double() @ w.double().T).to(torch.int32)
-
-
-def int8_linear_reference(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
-                          bias: torch.Tensor | None = None) -> torch.Tensor:
-    """float64 W8A8 reference: quantize per token, exact product, float64 epilogue."""
-    q, s = quantize_per_token_reference(x)
-    acc = int8_matmul_reference(q, w_int8).double()
-    out = acc * s.double()[:, None] * w_scale.double()[None, :]
-    if bias is not None:
-        out = out + bias.double()[None, :]
-    return out
-
-
 def int8_weight_only_reference(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
                                bias: torch.Tensor | None = None) -> torch.Tensor:
-    """float64 reference ``x (W_q s_w)^T + b``."""
-    out = x.double() @ (w_int8.double() * w_scale.double()[:, None]).T
-    if bias is not None:
-        out = out + bias.double()[None, :]
-    return out
+    """Deprecated alias of :func:`minidiff.quant.int8_weight_only_linear_reference`."""
+    warnings.warn("minidiff.ops.gpu_linear.int8_weight_only_reference is deprecated; use "
+                  "minidiff.quant.int8_weight_only_linear_reference", DeprecationWarning, stacklevel=2)
+    return int8_weight_only_linear_reference(x, w_int8, w_scale, bias)
 
 
 def sparse24_linear_reference(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,

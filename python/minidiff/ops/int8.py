@@ -13,6 +13,10 @@ NaN, as the float layer's would be); an all-zero row gets s_x = 0.
 
 Weight-only (W8A32 / W8A16): Y = X (W_q * s_w)^T + b with X kept in floating point.
 
+The quantizers and the float64 references (``int8_linear_reference``,
+``int8_weight_only_linear_reference``) are defined once in ``minidiff.quant`` and
+re-exported here; this module holds the native ops.
+
 CPU calls go to ``minidiff._C`` (AVX-512 VNNI / AVX2 / scalar, chosen at run time,
 capped by ``MINIDIFF_SIMD``); CUDA calls go to ``minidiff.ops.gpu_linear``. The ops
 are ``torch.library`` custom ops with fake implementations, so they trace under
@@ -21,6 +25,7 @@ are ``torch.library`` custom ops with fake implementations, so they trace under
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -28,6 +33,10 @@ import torch.nn.functional as F
 
 from minidiff._native import cpu_core
 from minidiff.ops._validate import check_dtype, check_ndim, num_threads
+# the arithmetic and its float64/exact references live in the one quantizer module
+from minidiff.quant.int8 import (int8_linear_reference, int8_matmul_reference,  # noqa: F401 (re-exported)
+                                 int8_weight_only_linear_reference, quantize_per_token_reference,
+                                 quantize_weight_int8)
 
 __all__ = [
     "quantize_weight",
@@ -75,33 +84,10 @@ def _check_x(x: torch.Tensor, k: int, name: str = "x") -> None:
 
 # --------------------------------------------------------------------------- weights
 def quantize_weight(weight: torch.Tensor, name: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-output-channel symmetric int8 quantization of a Linear weight.
-
-    ``s[n] = max_k |W[n, k]| / 127`` (float32) and ``W_q = clamp(round(W / s), -127, 127)``
-    computed in float64; all-zero rows get ``s = 0``, ``W_q = 0``.
-
-    Raises
-    ------
-    ValueError
-        If the weight holds NaN or Inf (naming the layer when ``name`` is given).
-    """
-    if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
-        raise ValueError(f"weight must be a 2-D (out_features, in_features) tensor, got {type(weight).__name__}"
-                         + (f" of shape {tuple(weight.shape)}" if isinstance(weight, torch.Tensor) else ""))
-    if not weight.is_floating_point():
-        raise ValueError(f"weight must be floating point to quantize, got {weight.dtype}")
-    w = weight.detach()
-    bad = int((~torch.isfinite(w)).sum().item())
-    if bad:
-        where = f"layer {name!r}" if name else "this layer"
-        raise ValueError(f"cannot quantize {where}: its weight holds {bad} non-finite value(s) (NaN or Inf); "
-                         "fix or re-train the layer before quantizing")
-    w64 = w.to(torch.float64)
-    scale = (w.float().abs().amax(dim=1) / 127).to(torch.float32)
-    safe = torch.where(scale > 0, scale.double(), torch.ones_like(scale, dtype=torch.float64))
-    q = torch.round(w64 / safe[:, None]).clamp_(-127, 127)
-    q = torch.where((scale > 0)[:, None], q, torch.zeros_like(q)).to(torch.int8)
-    return q.contiguous(), scale.contiguous()
+    """Deprecated alias of :func:`minidiff.quant.quantize_weight_int8` (the one weight quantizer)."""
+    warnings.warn("minidiff.ops.int8.quantize_weight is deprecated; use minidiff.quant.quantize_weight_int8",
+                  DeprecationWarning, stacklevel=2)
+    return quantize_weight_int8(weight, name)
 
 
 def pack_weight(w_int8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,16 +123,10 @@ def _check_packed(packed: torch.Tensor, colsum: torch.Tensor, n: int, k: int) ->
 
 # ----------------------------------------------------------------------- activations
 def quantize_rows_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pure-torch per-row int8 quantization, bit-identical to the native kernel."""
-    x = x.float()
-    amax = x.abs().amax(dim=1) if x.shape[1] else torch.zeros(x.shape[0])
-    finite = torch.isfinite(x).all(dim=1)
-    scale = torch.where(finite, amax / 127, torch.full_like(amax, float("nan")))
-    ok = scale > 0
-    safe = torch.where(ok, scale, torch.ones_like(scale))
-    q = torch.round(x / safe[:, None]).clamp_(-127, 127)
-    q = torch.where(ok[:, None], q, torch.zeros_like(q)).to(torch.int8)
-    return q, scale
+    """Deprecated alias of :func:`minidiff.quant.quantize_per_token_reference`."""
+    warnings.warn("minidiff.ops.int8.quantize_rows_reference is deprecated; use "
+                  "minidiff.quant.quantize_per_token_reference", DeprecationWarning, stacklevel=2)
+    return quantize_per_token_reference(x)
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,8 +148,10 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 # ----------------------------------------------------------------------- int8 GEMM
 def int8_gemm_s32_reference(a: torch.Tensor, w_int8: torch.Tensor) -> torch.Tensor:
-    """Exact ``a @ w^T`` in int32 (``a.int() @ w.int().T``)."""
-    return a.int() @ w_int8.int().T
+    """Deprecated alias of :func:`minidiff.quant.int8_matmul_reference` (exact int32 ``a @ w^T``)."""
+    warnings.warn("minidiff.ops.int8.int8_gemm_s32_reference is deprecated; use minidiff.quant.int8_matmul_reference",
+                  DeprecationWarning, stacklevel=2)
+    return int8_matmul_reference(a, w_int8)
 
 
 def int8_gemm_s32(a: torch.Tensor, packed: torch.Tensor, colsum: torch.Tensor, n: int) -> torch.Tensor:
@@ -254,17 +236,6 @@ def int8_linear(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
     return _int8_linear_impl(x, w_int8, w_scale, bias, packed, colsum, out_dtype)
 
 
-def int8_linear_reference(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
-                          bias: torch.Tensor | None = None) -> torch.Tensor:
-    """float64 reference of :func:`int8_linear` (exact int32 product, float64 epilogue)."""
-    q, s = quantize_rows_reference(x.cpu())
-    acc = int8_gemm_s32_reference(q, w_int8.cpu()).double()
-    out = acc * s.double()[:, None] * w_scale.cpu().double()[None, :]
-    if bias is not None:
-        out = out + bias.cpu().double()[None, :]
-    return out
-
-
 # ------------------------------------------------------------- weight-only Linear op
 @torch.library.custom_op("minidiff::int8_linear_weight_only", mutates_args=())
 def _int8_weight_only_op(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
@@ -308,13 +279,3 @@ def int8_weight_only_linear(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torc
     if torch.compiler.is_compiling():
         return _int8_weight_only_op(x, w_int8, w_scale, bias, out_dtype)
     return _int8_weight_only_impl(x, w_int8, w_scale, bias, out_dtype)
-
-
-def int8_weight_only_linear_reference(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
-                                      bias: torch.Tensor | None = None) -> torch.Tensor:
-    """float64 reference of :func:`int8_weight_only_linear`."""
-    w = w_int8.cpu().double() * w_scale.cpu().double()[:, None]
-    out = x.cpu().double() @ w.T
-    if bias is not None:
-        out = out + bias.cpu().double()[None, :]
-    return out
