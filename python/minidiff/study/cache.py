@@ -48,20 +48,18 @@ def hash_json(obj: Any) -> str:
 
 
 def hash_module(module: torch.nn.Module) -> str:
-    """SHA-256 over a module's parameters and buffers (names, dtypes, shapes, bytes)
-    and its class structure, so two different architectures never collide."""
-    h = hashlib.sha256()
-    h.update(repr(module).encode())
-    for name, t in sorted(module.state_dict().items()):
-        if not isinstance(t, torch.Tensor):
-            h.update(f"{name}={t!r}".encode())
-            continue
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        if t.is_quantized:
-            t = t.int_repr()
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    """Exact SHA-256 of a model (see :func:`minidiff.models.fingerprint.fingerprint`): the
+    bytes of every tensor of its state (quantized tensors through their integer
+    representation, scales and zero points; packed ``torch.ao`` weights through
+    ``unpack()``; tensor subclasses through their inner tensors) plus its module structure.
+
+    Raises
+    ------
+    minidiff.models.fingerprint.UnhashableModelError
+        When the state cannot be hashed exactly: such a model must not be cached.
+    """
+    from minidiff.models.fingerprint import fingerprint
+    return fingerprint(module)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
