@@ -28,6 +28,9 @@ _EXPORTS: dict[str, str] = {
     "cie_scores": "minidiff.agreement",
     # accumulators
     "Accumulator": "minidiff.accumulate",
+    # language models: token-level divergence
+    "token_divergence": "minidiff.lm",
+    "TokenDivergenceAccumulator": "minidiff.lm",
     # models and variants
     "Variant": "minidiff.compress",
     "save_variant": "minidiff.compress",
