@@ -207,7 +207,7 @@ def test_quantized_minilm_close_to_float(minilm_clf, method, backend, min_cos):
 def test_minidiff_int8_matches_reference():
     lin = nn.Linear(64, 24)
     x = torch.randn(9, 64)
-    from minidiff.compress.quantization import ReferenceInt8Linear
+    from minidiff.nn import ReferenceInt8Linear
 
     for mode in ("w8a8", "weight_only"):
         ref = ReferenceInt8Linear.from_linear(lin, mode)
@@ -398,7 +398,7 @@ def test_24_to_semistructured_roundtrip(clf, batch, tmp_path):
 
 
 def test_reference_int8_has_straight_through_gradient():
-    from minidiff.compress.quantization import ReferenceInt8Linear
+    from minidiff.nn import ReferenceInt8Linear
 
     lin = nn.Linear(16, 8)
     q = ReferenceInt8Linear.from_linear(lin, "w8a8")

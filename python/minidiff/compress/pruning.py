@@ -27,10 +27,12 @@ import torch
 from torch import nn
 
 from .training import Data, apply_masks, train
-from .variant import Variant, _set_submodule, clone_model, make_manifest
+from .variant import (DEFAULT_EXCLUDE, Variant, _set_submodule, as_linear, clone_model,  # noqa: F401
+                      default_layers, is_conv1d, linear_types, make_manifest, tied_to_embedding)
 
-DEFAULT_EXCLUDE = ("head", "classifier", "lm_head", "score")
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+"""Layer types unstructured pruning applies to (plus transformers' ``Conv1D``, see
+:func:`minidiff.compress.variant.linear_types`)."""
 
 
 def check_sparsity(sparsity: float) -> float:
@@ -56,12 +58,18 @@ def parse_structure(structure: str) -> tuple[str, int, int]:
 def select_layers(model: nn.Module, layers: str | Sequence[str] | None,
                   kinds: tuple[type, ...] = PRUNABLE) -> list[str]:
     """Names of the prunable modules: given names/patterns (validated) or, by default,
-    every Linear/Conv except a classification head named head/classifier/lm_head/score."""
+    every Linear/Conv (and transformers ``Conv1D``) except an output head named
+    head/classifier/lm_head/score and layers whose weight is tied to an embedding.
+
+    A layer tied to an embedding cannot be pruned even when named: its weight *is* the
+    embedding table, so pruning one would prune the other.
+    """
     from minidiff.models.capture import resolve_layers
 
+    kinds = tuple(kinds) + tuple(t for t in linear_types() if t not in kinds and nn.Linear in kinds)
     mods = dict(model.named_modules())
     if layers is None:
-        return [n for n, m in mods.items() if n and type(m) in kinds and n.rsplit(".", 1)[-1] not in DEFAULT_EXCLUDE]
+        return default_layers(model, kinds)
     names: list[str] = []
     for item in ([layers] if isinstance(layers, str) else list(layers)):
         got = resolve_layers(model, item)
@@ -74,6 +82,11 @@ def select_layers(model: nn.Module, layers: str | Sequence[str] | None,
                          "pruned this way")
     if not names:
         raise ValueError(f"no prunable layers selected by {layers!r}")
+    tied = {n: e for n, e in tied_to_embedding(model).items() if n in names}
+    if tied:
+        n, e = next(iter(tied.items()))
+        raise ValueError(f"layer {n!r} shares its weight with the embedding {e!r}: pruning it would prune the "
+                         "embedding too; untie them first (e.g. config.tie_word_embeddings=False) or leave it out")
     return names
 
 
@@ -120,7 +133,8 @@ def magnitude_masks(weights: Mapping[str, torch.Tensor], sparsity: float, scope:
 
 
 def nm_masks(weights: Mapping[str, torch.Tensor], n: int, m: int) -> dict[str, torch.Tensor]:
-    """N:M keep-masks along the last (input) dimension of each 2-D weight."""
+    """N:M keep-masks along the last (input) dimension of each 2-D ``(out, in)`` weight
+    (pass ``weight.T`` for a ``Conv1D`` and transpose the mask back)."""
     masks = {}
     for name, w in weights.items():
         if w.ndim != 2:
@@ -254,9 +268,10 @@ def convert_to_sparse(model: nn.Module, names: Sequence[str], kind: str) -> str:
     if cls is None:
         raise ValueError(f"to_sparse needs minidiff.nn.{cls_name}, which is not available in this installation")
     mods = dict(model.named_modules())
+    kinds = linear_types()
     for n in names:
-        if isinstance(mods[n], nn.Linear):
-            _set_submodule(model, n, cls.from_linear(mods[n], name=n))
+        if type(mods[n]) in kinds:
+            _set_submodule(model, n, cls.from_linear(as_linear(mods[n]), name=n))
     return cls_name
 
 
@@ -329,8 +344,13 @@ def prune(model: nn.Module, *, sparsity: float = 0.5, structure: str = "unstruct
     if kind in ("unstructured", "n:m"):
         names = select_layers(new, layers, PRUNABLE if kind == "unstructured" else (nn.Linear,))
         mods = dict(new.named_modules())
-        weights = {f"{n}.weight": mods[n].weight for n in names}
-        masks = magnitude_masks(weights, s, scope) if kind == "unstructured" else nm_masks(weights, n_keep, m_group)
+        if kind == "unstructured":
+            masks = magnitude_masks({f"{n}.weight": mods[n].weight for n in names}, s, scope)
+        else:  # groups run along in_features: a Conv1D's weight (in, out) is transposed for the ranking
+            conv1d = {n for n in names if is_conv1d(mods[n])}
+            masks = nm_masks({f"{n}.weight": mods[n].weight.T if n in conv1d else mods[n].weight for n in names},
+                             n_keep, m_group)
+            masks = {k: v.T.contiguous() if k[: -len(".weight")] in conv1d else v for k, v in masks.items()}
         apply_masks(new, masks)
         params["layers"] = names
         if kind == "n:m":

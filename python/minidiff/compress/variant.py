@@ -21,6 +21,7 @@ import math
 import os
 import pathlib
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -106,13 +107,76 @@ def _json_safe(value: Any) -> Any:
     return repr(value)
 
 
-def weight_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Modules holding a prunable matrix: ``nn.Linear``/``nn.Conv*`` and minidiff's
-    replacement linears (anything with an ``in_features`` attribute)."""
+DEFAULT_EXCLUDE = ("head", "classifier", "lm_head", "score")
+"""Last name parts of output heads that the recipes leave in floating point by default."""
+
+
+def linear_types() -> tuple[type, ...]:
+    """The layer types the recipes treat as a Linear: ``nn.Linear`` and, when transformers is
+    loaded, its ``pytorch_utils.Conv1D`` (GPT-2's projections: ``y = x W + b`` with ``W``
+    stored ``(in, out)``). Matched by exact type, so ``nn.Linear`` subclasses whose weight
+    other code reads directly (``nn.MultiheadAttention.out_proj``) are not replaced."""
+    pu = sys.modules.get("transformers.pytorch_utils")  # loaded whenever a model holds a Conv1D
+    conv1d = getattr(pu, "Conv1D", None)
+    return (nn.Linear,) if conv1d is None else (nn.Linear, conv1d)
+
+
+def is_conv1d(mod: nn.Module) -> bool:
+    """True for ``transformers.pytorch_utils.Conv1D`` (weight stored transposed)."""
+    types = linear_types()
+    return len(types) > 1 and type(mod) is types[1]
+
+
+def linear_weight(mod: nn.Module) -> torch.Tensor:
+    """The ``(out_features, in_features)`` weight of an ``nn.Linear`` or a ``Conv1D`` (a view)."""
+    return mod.weight.T if is_conv1d(mod) else mod.weight
+
+
+def as_linear(mod: nn.Module) -> nn.Linear:
+    """An ``nn.Linear`` computing what ``mod`` (``nn.Linear`` or ``Conv1D``) computes, with the
+    same weight values (``W^T`` of a Conv1D, copied contiguous) and bias."""
+    if type(mod) is nn.Linear:
+        return mod
+    if not is_conv1d(mod):
+        raise ValueError(f"expected nn.Linear or transformers Conv1D, got {type(mod).__name__}")
+    w = mod.weight.detach()
+    lin = nn.Linear(w.shape[0], w.shape[1], bias=mod.bias is not None, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(w.T)
+        if mod.bias is not None:
+            lin.bias.copy_(mod.bias.detach())
+    return lin
+
+
+def tied_to_embedding(model: nn.Module) -> dict[str, str]:
+    """Modules whose ``weight`` is the very tensor of an ``nn.Embedding`` (a tied LM head):
+    module name -> embedding name."""
+    emb = {id(m.weight): n for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
     out = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        w = getattr(m, "weight", None)
+        if n and not isinstance(m, nn.Embedding) and isinstance(w, torch.Tensor) and id(w) in emb:
+            out[n] = emb[id(w)]
+    return out
+
+
+def default_layers(model: nn.Module, kinds: tuple[type, ...]) -> list[str]:
+    """The layers a recipe compresses by default: every module of exactly one of ``kinds``
+    except output heads (last name part in :data:`DEFAULT_EXCLUDE`) and layers whose weight is
+    tied to an embedding (GPT-2's ``lm_head`` is ``wte``): compressing those would also change,
+    or untie, the input embedding. Name them in ``layers=`` to include them."""
+    tied = tied_to_embedding(model)
+    return [n for n, m in model.named_modules() if n and type(m) in kinds
+            and n.rsplit(".", 1)[-1] not in DEFAULT_EXCLUDE and n not in tied]
+
+
+def weight_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules holding a prunable matrix: ``nn.Linear``/``nn.Conv*``, transformers' ``Conv1D``
+    and minidiff's replacement linears (anything with an ``in_features`` attribute)."""
+    out = {}
+    kinds = (nn.Conv1d, nn.Conv2d, nn.Conv3d) + linear_types()
     for name, mod in model.named_modules():
-        if isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or (
-                name and hasattr(mod, "in_features") and hasattr(mod, "out_features")):
+        if isinstance(mod, kinds) or (name and hasattr(mod, "in_features") and hasattr(mod, "out_features")):
             out[name] = mod
     return out
 
@@ -122,7 +186,8 @@ def _weight_zero_stats(mod: nn.Module) -> tuple[int, int] | None:
         w = getattr(mod, attr, None)
         if isinstance(w, torch.Tensor) and w.ndim >= 2:
             return int((w == 0).sum().item()), int(w.numel())
-    dense = getattr(mod, "to_dense_weight", None) or getattr(mod, "dense_weight", None)
+    dense = (getattr(mod, "to_dense_weight", None) or getattr(mod, "dense_weight", None)
+             or getattr(mod, "dequantized_weight", None))
     if callable(dense):
         try:
             w = dense()
@@ -239,7 +304,8 @@ def module_table(model: nn.Module) -> dict[str, dict[str, Any]]:
     return table
 
 
-_NN_MODULES = {"Int8Linear": "int8_linear", "SparseLinear": "sparse_linear",
+_NN_MODULES = {"Int8Linear": "int8_linear", "ReferenceInt8Linear": "int8_linear",
+               "Int4WeightOnlyLinear": "int4_linear", "SparseLinear": "sparse_linear",
                "SemiStructuredLinear": "semistructured"}
 
 
@@ -258,14 +324,14 @@ def minidiff_nn_class(name: str) -> Any:
 
 
 def _replacement_builders() -> dict[str, Callable[[dict[str, Any]], nn.Module]]:
-    from .quantization import ReferenceInt8Linear
-
     builders: dict[str, Callable[[dict[str, Any]], nn.Module]] = {
         "Linear": lambda e: nn.Linear(e["in_features"], e["out_features"], bias=e["bias"]),
-        "ReferenceInt8Linear": lambda e: ReferenceInt8Linear.empty(e["in_features"], e["out_features"],
-                                                                   e["bias"], e["mode"]),
     }
-    for cls_name in ("Int8Linear", "SparseLinear", "SemiStructuredLinear"):
+    ref = minidiff_nn_class("ReferenceInt8Linear")
+    if ref is not None:
+        builders["ReferenceInt8Linear"] = lambda e: ref.empty(e["in_features"], e["out_features"], e["bias"],
+                                                              e["mode"])
+    for cls_name in ("Int8Linear", "Int4WeightOnlyLinear", "SparseLinear", "SemiStructuredLinear"):
         cls = minidiff_nn_class(cls_name)
         if cls is None:
             continue
@@ -281,6 +347,23 @@ def _replacement_builders() -> dict[str, Callable[[dict[str, Any]], nn.Module]]:
                 return _cls(e["in_features"], e["out_features"], **kw)
             builders[cls_name] = build
     return builders
+
+
+def _cast_inputs_hook(dtype: torch.dtype):
+    def cast(v: Any) -> Any:
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            return v.to(dtype)
+        return v
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
+    return hook
+
+
+def attach_input_cast(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast floating inputs to ``dtype`` on entry, so a half-precision model takes the
+    same float32 batches as its base (integer inputs such as token ids pass as they are)."""
+    model.register_forward_pre_hook(_cast_inputs_hook(dtype), with_kwargs=True)
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -312,6 +395,22 @@ def apply_module_table(model: nn.Module, table: Mapping[str, Mapping[str, Any]])
 
 
 # -- save / load ------------------------------------------------------------------------
+
+def _retie_embeddings(model: nn.Module) -> None:
+    """Re-tie a transformers model's output head to its input embedding after a load with
+    ``assign=True`` (which gives both names their own tensor), when the head is still a
+    float ``nn.Linear`` and the config ties them. The values are equal either way; this
+    restores the shared storage (and the memory the tie saves)."""
+    config = getattr(model, "config", None)
+    get_out = getattr(model, "get_output_embeddings", None)
+    if not (getattr(config, "tie_word_embeddings", False) and callable(get_out)
+            and hasattr(model, "tie_weights")):
+        return
+    head = get_out()
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if type(head) is nn.Linear and isinstance(emb, nn.Embedding) and head.weight.shape == emb.weight.shape \
+            and torch.equal(head.weight, emb.weight):
+        head.weight = emb.weight
 
 def _file_sha256(path: pathlib.Path) -> str:
     h = hashlib.sha256()
@@ -448,9 +547,8 @@ def load_variant(path: str | os.PathLike, *, base: nn.Module | None = None,
         tokenizer = AutoTokenizer.from_pretrained(str(path / TOKENIZER_DIR), local_files_only=True)
         if hasattr(model, "tokenizer"):
             model.tokenizer = tokenizer
+    _retie_embeddings(model)
     if storage.get("half_precision_inputs"):
-        from .quantization import attach_input_cast
-
         attach_input_cast(model, getattr(torch, storage["half_precision_inputs"]))
     if device is not None:
         model = model.to(device)

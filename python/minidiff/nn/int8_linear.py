@@ -4,6 +4,11 @@ W8A8 computes ``Y = (Q(X) W_q^T) s_x s_w^T + b`` with per-token activation scale
 ``s_x`` (computed on the fly, fused into the native call) and per-output-channel
 weight scales ``s_w``; the int8 product accumulates exactly in int32 (see
 ``minidiff.ops.int8``). Weight-only computes ``Y = X (W_q s_w)^T + b``.
+
+The quantization arithmetic (and its edge cases: zero rows, NaN/Inf) is the one of
+``minidiff.quant``. ``ReferenceInt8Linear`` is the same layer in plain torch with an exact
+float64 integer product: the reference the fast module is checked against, and the
+fallback ``minidiff.compress.quantize(..., backend="reference")`` builds.
 """
 
 from __future__ import annotations
@@ -11,9 +16,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from minidiff.ops import int8 as int8_ops
+from typing import Any
 
-__all__ = ["Int8Linear"]
+from minidiff.ops import int8 as int8_ops
+from minidiff.quant import dequantize_weight_int8, quantize_per_token_reference, quantize_weight_int8
+
+__all__ = ["Int8Linear", "ReferenceInt8Linear"]
 
 _MODES = ("w8a8", "weight_only")
 
@@ -76,7 +84,7 @@ class Int8Linear(nn.Module):
         """
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"from_linear expects a torch.nn.Linear, got {type(linear).__name__}")
-        w_int8, scale = int8_ops.quantize_weight(linear.weight, name=name)
+        w_int8, scale = quantize_weight_int8(linear.weight, name=name)
         dtype = linear.weight.dtype if linear.weight.dtype in (torch.bfloat16, torch.float16) else torch.float32
         m = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, mode=mode, dtype=dtype,
                 device=linear.weight.device)
@@ -110,7 +118,7 @@ class Int8Linear(nn.Module):
 
     def dequantized_weight(self) -> torch.Tensor:
         """``W_q * s_w`` as float32 (N, K)."""
-        return self.weight_int8.float() * self.weight_scale[:, None]
+        return dequantize_weight_int8(self.weight_int8, self.weight_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
@@ -140,3 +148,71 @@ class Int8Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, mode={self.mode}, out_dtype={self.out_dtype}")
+
+
+class ReferenceInt8Linear(nn.Module):
+    """Pure-torch int8 Linear: the exact reference of :class:`Int8Linear`'s arithmetic.
+
+    W8A8: ``Y[m, n] = s_x[m] s_w[n] sum_k X_q[m, k] W_q[n, k] + b[n]`` with ``(X_q, s_x)`` from
+    :func:`minidiff.quant.quantize_per_token_reference`, the integer sum accumulated exactly
+    (float64 holds every int8 dot product of ``K < 2**38`` exactly) and the epilogue in float64,
+    rounded once to the input dtype. Weight-only: ``Y = X (s_w W_q)^T + b`` in the input dtype.
+
+    Buffers: ``qweight`` int8 ``(out, in)``, ``weight_scale`` float32 ``(out,)``; parameter
+    ``bias`` (float32, frozen) or None. ``mode`` is ``"w8a8"`` or ``"weight_only"``.
+    """
+
+    def __init__(self, qweight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                 mode: str = "w8a8") -> None:
+        super().__init__()
+        if mode not in _MODES:
+            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+        self.mode = mode
+        self.out_features, self.in_features = int(qweight.shape[0]), int(qweight.shape[1])
+        self.register_buffer("qweight", qweight.to(torch.int8).contiguous())
+        self.register_buffer("weight_scale", weight_scale.to(torch.float32).contiguous())
+        self.bias = nn.Parameter(bias.detach().clone().to(torch.float32), requires_grad=False) \
+            if bias is not None else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, mode: str = "w8a8", name: str | None = None) -> "ReferenceInt8Linear":
+        """Quantize a float ``nn.Linear`` with :func:`minidiff.quant.quantize_weight_int8`
+        (``ValueError`` naming ``name`` if its weight holds NaN/Inf)."""
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"from_linear expects a torch.nn.Linear, got {type(linear).__name__}")
+        q, s = quantize_weight_int8(linear.weight, name=name)
+        return cls(q, s, linear.bias, mode)
+
+    @classmethod
+    def empty(cls, in_features: int, out_features: int, bias: bool, mode: str) -> "ReferenceInt8Linear":
+        """A skeleton with zero weights (to load a state dict into)."""
+        return cls(torch.zeros(out_features, in_features, dtype=torch.int8), torch.zeros(out_features),
+                   torch.zeros(out_features) if bias else None, mode)
+
+    def spec(self) -> dict[str, Any]:
+        return {"mode": self.mode}
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """``W_q * s_w`` as float32 (N, K)."""
+        return dequantize_weight_int8(self.qweight, self.weight_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "weight_only":
+            y = x @ self.dequantized_weight().to(x.dtype).T
+        else:
+            with torch.no_grad():
+                q, r = quantize_per_token_reference(x)
+                acc = q.to(torch.float64) @ self.qweight.to(torch.float64).T  # exact integer sums
+                y = (acc * r.to(torch.float64)[..., None] * self.weight_scale.to(torch.float64)).to(x.dtype)
+            if torch.is_grad_enabled() and x.requires_grad:
+                # straight-through estimator (Bengio et al. 2013) for the activation rounding: the value
+                # stays the exact W8A8 result, the gradient is that of x (s Q)^T, so gradient attacks
+                # (PGD in embedding space) work on quantized models
+                lin = x @ self.dequantized_weight().to(x.dtype).T
+                y = y + (lin - lin.detach())
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}"
