@@ -39,21 +39,13 @@ from minidiff.study.runner import Pair, run_pass
 
 
 def model_info(module: nn.Module) -> dict[str, Any]:
-    """Parameter count, share of non-zero weights (matrices/kernels only) and storage size."""
-    n_params = sum(p.numel() for p in module.parameters())
-    nz = tot = 0
-    size = 0
-    for name, t in module.state_dict().items():
-        if not isinstance(t, torch.Tensor):
-            continue
-        if t.is_quantized:
-            t = t.int_repr()
-        size += t.numel() * t.element_size()
-        if t.ndim >= 2 and name.rsplit(".", 1)[-1] in ("weight", "weight_int8", "qweight", "weight_q", "values"):
-            tot += t.numel()
-            nz += int((t != 0).sum())
-    return {"num_params": int(n_params), "nonzero_fraction": (nz / tot) if tot else None,
-            "size_mb": size / 2 ** 20}
+    """Parameter count, share of non-zero weights (matrices/kernels only) and storage size,
+    counted for the real storage (packed/quantized/sparse/subclass), see
+    :func:`minidiff.models.facts.model_facts`."""
+    from minidiff.models.facts import model_facts
+    f = model_facts(module)
+    return {"num_params": f.num_params, "nonzero_fraction": f.nonzero_fraction, "size_mb": f.size_mb,
+            "bytes": f.bytes, "storage": f.storage}
 
 
 def _as_list(x: Any) -> list[nn.Module]:
