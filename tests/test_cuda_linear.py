@@ -13,6 +13,7 @@ MINIDIFF_GPU_BACKEND and compared with the float64 / exact-integer references.
 import pytest
 import torch
 
+from minidiff import quant as Q
 from minidiff._native import cuda_core
 from minidiff.kernels.sparse24 import compress_24
 from minidiff.nn.semistructured import SemiStructuredLinear, prune_24
@@ -77,7 +78,7 @@ def test_int8_linear_vs_float64(monkeypatch, backend, out_dtype, rtol):
     w, w_s, b = _i8(n, k), torch.rand(n, device="cuda") / 100, torch.randn(n, device="cuda")
     y = G.int8_linear_cuda(x, w, w_s, b, out_dtype=out_dtype)
     assert y.dtype == out_dtype
-    _close64(y.cpu(), G.int8_linear_reference(x.cpu(), w.cpu(), w_s.cpu(), b.cpu()), rtol)
+    _close64(y.cpu(), Q.int8_linear_reference(x.cpu(), w.cpu(), w_s.cpu(), b.cpu()), rtol)
 
 
 @pytest.mark.parametrize("backend", ["cuda", "triton", "torch"])
@@ -92,7 +93,7 @@ def test_quantize_per_token_bit_identical(monkeypatch, backend, dtype):
     x[3, :8] = torch.tensor([127.0, 0.5, 1.5, 2.5, -2.5, -0.5, 126.5, -3.5]).to(dtype)
     x[3, 8:] = 0.0
     q, s = G.quantize_per_token_cuda(x.cuda())
-    qr, sr = G.quantize_per_token_reference(x)
+    qr, sr = Q.quantize_per_token_reference(x)
     assert torch.equal(q.cpu(), qr)
     assert torch.equal(s.cpu().nan_to_num(-1.0), sr.nan_to_num(-1.0))
 
@@ -106,7 +107,7 @@ def test_weight_only_vs_float64(monkeypatch, backend, dtype, rtol):
     w, w_s, b = _i8(n, k), torch.rand(n, device="cuda") / 100, torch.randn(n, device="cuda")
     y = G.int8_weight_only_cuda(x, w, w_s, b)
     assert y.dtype == dtype
-    _close64(y.cpu(), G.int8_weight_only_reference(x.cpu(), w.cpu(), w_s.cpu(), b.cpu()), rtol)
+    _close64(y.cpu(), Q.int8_weight_only_linear_reference(x.cpu(), w.cpu(), w_s.cpu(), b.cpu()), rtol)
 
 
 @pytest.mark.parametrize("backend", ["cuda", "triton", "torch"])
@@ -156,5 +157,5 @@ def test_int8linear_module_on_cuda_uses_this_dispatch():
     layer = nn_mod.Int8Linear.from_linear(lin).cuda()
     x = torch.randn(64, 512)
     y = layer(x.cuda())
-    ref = G.int8_linear_reference(x, layer.weight_int8.cpu(), layer.weight_scale.cpu(), layer.bias.cpu())
+    ref = Q.int8_linear_reference(x, layer.weight_int8.cpu(), layer.weight_scale.cpu(), layer.bias.cpu())
     _close64(y.cpu(), ref, 1e-5)

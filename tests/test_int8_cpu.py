@@ -1,4 +1,4 @@
-"""CPU int8 Linear: exact integers at every SIMD level, float64 references, the module."""
+"""CPU int8 Linear: exact integers at every SIMD level, against the one quantizer (minidiff.quant)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from torch import nn
 
 import minidiff._C as C
 from minidiff.nn import Int8Linear
+from minidiff import quant as Q
 from minidiff.ops import int8 as I
 
 LEVELS = ["avx512_vnni", "avx2", "scalar"]
@@ -34,7 +35,7 @@ def test_gemm_s32_exact(level, m, n, k):
     packed, colsum = I.pack_weight(w)
     out = I.int8_gemm_s32(a, packed, colsum, n)
     assert out.dtype == torch.int32
-    assert torch.equal(out, I.int8_gemm_s32_reference(a, w))
+    assert torch.equal(out, Q.int8_matmul_reference(a, w))
 
 
 def test_gemm_s32_extreme_sums(level):
@@ -46,7 +47,7 @@ def test_gemm_s32_extreme_sums(level):
     w[1] = -128
     packed, colsum = I.pack_weight(w)
     out = I.int8_gemm_s32(a, packed, colsum, 2)
-    assert torch.equal(out, I.int8_gemm_s32_reference(a, w))
+    assert torch.equal(out, Q.int8_matmul_reference(a, w))
     assert out[0, 0].item() == 127 * 127 * k
 
 
@@ -54,7 +55,7 @@ def test_gemm_non_contiguous_activation(level):
     a = torch.randint(-128, 128, (40, 24), dtype=torch.int8).T  # (24, 40) view, not contiguous
     w = torch.randint(-128, 128, (9, 40), dtype=torch.int8)
     packed, colsum = I.pack_weight(w)
-    assert torch.equal(I.int8_gemm_s32(a, packed, colsum, 9), I.int8_gemm_s32_reference(a, w))
+    assert torch.equal(I.int8_gemm_s32(a, packed, colsum, 9), Q.int8_matmul_reference(a, w))
 
 
 @pytest.mark.parametrize("m,k", [(1, 1), (3, 17), (20, 385), (4, 64)])
@@ -62,7 +63,7 @@ def test_activation_quantization_matches_reference_bitwise(level, m, k):
     x = torch.randn(m, k) * 5
     x[0, 0] = 0.5 * (x[0].abs().max() / 127) * 3  # lands near a rounding tie
     q, s = I.quantize_rows(x)
-    qr, sr = I.quantize_rows_reference(x)
+    qr, sr = Q.quantize_per_token_reference(x)
     assert torch.equal(q, qr)
     assert torch.equal(s, sr)
 
@@ -75,7 +76,7 @@ def test_activation_quantization_special_rows(level):
     q, s = I.quantize_rows(x)
     assert s[1].item() == 0 and torch.all(q[1] == 0)
     assert torch.isnan(s[2]) and torch.isnan(s[3])
-    assert torch.equal(q, I.quantize_rows_reference(x)[0])
+    assert torch.equal(q, Q.quantize_per_token_reference(x)[0])
     # ties round half to even: x = 2.5 * s -> 2, 3.5 * s -> 4
     s0 = torch.tensor(127.0) / 127
     row = torch.tensor([[127.0, 2.5 * s0, 3.5 * s0, -2.5 * s0]])
@@ -84,7 +85,7 @@ def test_activation_quantization_special_rows(level):
 
 def test_levels_give_bitwise_identical_linear(monkeypatch):
     x = torch.randn(37, 77)
-    w, s = I.quantize_weight(torch.randn(70, 77))
+    w, s = Q.quantize_weight_int8(torch.randn(70, 77))
     b = torch.randn(70)
     outs = []
     for lv in LEVELS:
@@ -97,10 +98,10 @@ def test_levels_give_bitwise_identical_linear(monkeypatch):
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_w8a8_linear_matches_float64_reference(level, m, n, k, with_bias):
     x = torch.randn(m, k)
-    w, s = I.quantize_weight(torch.randn(n, k))
+    w, s = Q.quantize_weight_int8(torch.randn(n, k))
     b = torch.randn(n) if with_bias else None
     y = I.int8_linear(x, w, s, b)
-    ref = I.int8_linear_reference(x, w, s, b)
+    ref = Q.int8_linear_reference(x, w, s, b)
     # the int32 product is exact; only the float32 epilogue rounds (|err| <= ~2 ulp)
     torch.testing.assert_close(y.double(), ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item())
 
@@ -108,14 +109,14 @@ def test_w8a8_linear_matches_float64_reference(level, m, n, k, with_bias):
 def test_w8a8_nan_row_gives_nan_output():
     x = torch.randn(3, 16)
     x[1, 2] = float("nan")
-    w, s = I.quantize_weight(torch.randn(5, 16))
+    w, s = Q.quantize_weight_int8(torch.randn(5, 16))
     y = I.int8_linear(x, w, s)
     assert torch.isnan(y[1]).all() and torch.isfinite(y[[0, 2]]).all()
 
 
 def test_weight_quantization_hand_case():
     w = torch.tensor([[1.0, -0.5, 0.25], [0.0, 0.0, 0.0], [-254.0, 127.0, 1.0]])
-    q, s = I.quantize_weight(w)
+    q, s = Q.quantize_weight_int8(w)
     assert s.tolist() == pytest.approx([1 / 127, 0.0, 2.0])
     assert q.tolist() == [[127, -64, 32], [0, 0, 0], [-127, 64, 0]]  # 63.5 -> 64, 0.5 -> 0 (half-even)
 
@@ -123,10 +124,10 @@ def test_weight_quantization_hand_case():
 @pytest.mark.parametrize("m", [1, 5, 9, 40])
 def test_weight_only_matches_float64_reference(level, m):
     x = torch.randn(m, 45)
-    w, s = I.quantize_weight(torch.randn(33, 45))
+    w, s = Q.quantize_weight_int8(torch.randn(33, 45))
     b = torch.randn(33)
     y = I.int8_weight_only_linear(x, w, s, b)
-    ref = I.int8_weight_only_linear_reference(x, w, s, b)
+    ref = Q.int8_weight_only_linear_reference(x, w, s, b)
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
 
 
@@ -146,9 +147,9 @@ def test_module_close_to_float_linear(mode, bias):
     # and the module equals its own float64 reference exactly up to float32 rounding
     x2 = x.reshape(-1, 96)
     if mode == "w8a8":
-        exp = I.int8_linear_reference(x2, q.weight_int8, q.weight_scale, q.bias)
+        exp = Q.int8_linear_reference(x2, q.weight_int8, q.weight_scale, q.bias)
     else:
-        exp = I.int8_weight_only_linear_reference(x2, q.weight_int8, q.weight_scale, q.bias)
+        exp = Q.int8_weight_only_linear_reference(x2, q.weight_int8, q.weight_scale, q.bias)
     torch.testing.assert_close(y.reshape(-1, 48).double(), exp, rtol=1e-5, atol=1e-5)
 
 
@@ -158,7 +159,7 @@ def test_module_non_contiguous_input_and_bf16():
     x = torch.randn(32, 6, dtype=torch.bfloat16).T  # (6, 32) non-contiguous
     y = q(x)
     assert y.dtype == torch.bfloat16 and y.shape == (6, 16)
-    ref = I.int8_linear_reference(x.float(), q.weight_int8, q.weight_scale, q.bias.float())
+    ref = Q.int8_linear_reference(x.float(), q.weight_int8, q.weight_scale, q.bias.float())
     torch.testing.assert_close(y.double(), ref, rtol=1e-2, atol=1e-2)
 
 
@@ -204,3 +205,22 @@ def test_torch_compile_fullgraph():
     x = torch.randn(3, 16)
     compiled = torch.compile(q, fullgraph=True, backend="eager")
     assert torch.equal(compiled(x), q(x))
+
+
+def test_ops_names_are_the_one_quantizer():
+    """ops re-exports the references of minidiff.quant (one definition); the old names warn."""
+    from minidiff.ops import gpu_linear as G
+
+    assert I.int8_linear_reference is G.int8_linear_reference is Q.int8_linear_reference
+    assert I.int8_weight_only_linear_reference is Q.int8_weight_only_linear_reference
+    assert G.quantize_per_token_reference is Q.quantize_per_token_reference
+    x, w = torch.randn(3, 8), torch.randn(4, 8)
+    with pytest.warns(DeprecationWarning, match="quantize_weight_int8"):
+        old = I.quantize_weight(w)
+    assert all(torch.equal(a, b) for a, b in zip(old, Q.quantize_weight_int8(w)))
+    with pytest.warns(DeprecationWarning, match="quantize_per_token_reference"):
+        I.quantize_rows_reference(x)
+    with pytest.warns(DeprecationWarning, match="int8_matmul_reference"):
+        I.int8_gemm_s32_reference(torch.ones(2, 3, dtype=torch.int8), torch.ones(1, 3, dtype=torch.int8))
+    with pytest.warns(DeprecationWarning, match="int8_weight_only_linear_reference"):
+        G.int8_weight_only_reference(x, *Q.quantize_weight_int8(w))

@@ -12,6 +12,7 @@ pytest.importorskip("triton")
 from minidiff.kernels.int8_matmul import int8_matmul, int8_weight_only_matmul, quantize_per_token  # noqa: E402
 from minidiff.kernels.sparse24 import compress_24, count_24_violations, decompress_24, sparse24_matmul  # noqa: E402
 from minidiff.nn.semistructured import SemiStructuredLinear, prune_24  # noqa: E402
+from minidiff import quant as Q  # noqa: E402
 from minidiff.ops import gpu_linear as G  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
@@ -81,7 +82,7 @@ def test_quantize_per_token_ties_zero_and_nonfinite_rows():
     assert q[0, :8].tolist() == [127, 0, 2, 2, -2, 0, 126, -4]  # half to even
     assert s[1].item() == 0.0 and not q[1].any()
     assert torch.isnan(s[2]) and torch.isnan(s[3]) and not q[2].any() and not q[3].any()
-    qr, sr = G.quantize_per_token_reference(x)
+    qr, sr = Q.quantize_per_token_reference(x)
     assert torch.equal(q, qr)
     assert torch.equal(s.nan_to_num(-1.0), sr.nan_to_num(-1.0))
 
@@ -90,11 +91,11 @@ def test_quantize_per_token_ties_zero_and_nonfinite_rows():
 def test_quantize_per_token_matches_reference(dtype):
     x = (torch.randn(37, 300) * torch.logspace(-3, 3, 37)[:, None]).to(dtype)
     q, s = quantize_per_token(x)
-    qr, sr = G.quantize_per_token_reference(x)
+    qr, sr = Q.quantize_per_token_reference(x)
     assert torch.equal(q, qr) and torch.equal(s, sr)
-    from minidiff.ops.int8 import quantize_rows_reference  # the CPU path's definition: the same numbers
+    from minidiff.ops.int8 import quantize_rows  # the native CPU kernel: the same numbers
 
-    q3, s3 = quantize_rows_reference(x)
+    q3, s3 = quantize_rows(x)
     assert torch.equal(q, q3) and torch.equal(s, s3)
 
 
@@ -107,7 +108,7 @@ def test_weight_only_vs_float64(dtype, rtol):
     w_s, b = torch.rand(n) / 100, torch.randn(n)
     y = int8_weight_only_matmul(x, w, w_s, b)
     assert y.dtype == dtype
-    _close64(y, G.int8_weight_only_reference(x, w, w_s, b), rtol)
+    _close64(y, Q.int8_weight_only_linear_reference(x, w, w_s, b), rtol)
 
 
 # -------------------------------------------------------------------- 2:4
@@ -169,11 +170,11 @@ def test_dispatch_int8_linear_matches_reference_and_torch_path(monkeypatch):
     w, w_s, b = _i8(n, k), torch.rand(n) / 100, torch.randn(n)
     assert G.select_backend("int8", x, k, w) == "triton"
     y = G.int8_linear_cuda(x, w, w_s, b)
-    ref = G.int8_linear_reference(x, w, w_s, b)
+    ref = Q.int8_linear_reference(x, w, w_s, b)
     _close64(y, ref, 1e-6)
-    from minidiff.ops.int8 import int8_linear_reference  # H3's CPU reference: same definition
+    from minidiff.ops.int8 import int8_linear  # the native CPU kernel, same arithmetic
 
-    _close64(y, int8_linear_reference(x, w, w_s, b), 1e-6)
+    _close64(y, int8_linear(x, w, w_s, b).double(), 1e-6)
     monkeypatch.setenv("MINIDIFF_GPU_BACKEND", "torch")
     assert G.select_backend("int8", x, k, w) == "torch"
     assert torch.equal(G.int8_linear_cuda(x, w, w_s, b), y)
@@ -187,12 +188,12 @@ def test_dispatch_bf16_and_out_dtype():
     w, w_s = _i8(32, 64), torch.rand(32) / 100
     y = G.int8_linear_cuda(x, w, w_s, None)
     assert y.dtype == torch.bfloat16
-    _close64(y, G.int8_linear_reference(x, w, w_s), 1e-2)
+    _close64(y, Q.int8_linear_reference(x, w, w_s), 1e-2)
     y32 = G.int8_linear_cuda(x, w, w_s, None, out_dtype=torch.float32)
-    _close64(y32, G.int8_linear_reference(x, w, w_s), 1e-6)
+    _close64(y32, Q.int8_linear_reference(x, w, w_s), 1e-6)
     yw = G.int8_weight_only_cuda(x, w, w_s, None)
     assert yw.dtype == torch.bfloat16
-    _close64(yw, G.int8_weight_only_reference(x, w, w_s), 1e-2)
+    _close64(yw, Q.int8_weight_only_linear_reference(x, w, w_s), 1e-2)
 
 
 def test_dispatch_int8_matmul_raw_exact_and_k_fallback():
