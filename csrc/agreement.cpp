@@ -31,6 +31,7 @@
 // it, and Python raises the ValueError when the returned (min, max) is out of
 // range. The population functions index histograms by class value: their
 // inputs are range-checked in Python first (agreement_minmax).
+#include <atomic>
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
@@ -588,24 +589,40 @@ std::pair<int64_t, int64_t> pair_counts(uintptr_t preds, uintptr_t labels, bool 
 constexpr int64_t kPopBlock = 256;  // examples per transposed block
 
 // Copies preds[:, m0:m0+len] (row-major K x M) to buf (len x K) so that one
-// example's K predictions are contiguous.
+// example's K predictions are contiguous. Returns false when a value lies outside
+// [0, c): the caller then skips the block (its histograms are indexed by value)
+// and reports the error after the parallel region.
 template <typename T>
-void transpose_block(const T* preds, int64_t k, int64_t m, int64_t m0, int64_t len, int64_t* buf) {
+bool transpose_block(const T* preds, int64_t k, int64_t m, int64_t m0, int64_t len, int64_t c, int64_t* buf) {
+  uint64_t bad = 0;
   for (int64_t r = 0; r < k; ++r) {
     const T* row = preds + r * m + m0;
-    for (int64_t e = 0; e < len; ++e) buf[e * k + r] = static_cast<int64_t>(row[e]);
+    for (int64_t e = 0; e < len; ++e) {
+      const int64_t v = static_cast<int64_t>(row[e]);
+      bad |= static_cast<uint64_t>(v) >= static_cast<uint64_t>(c);
+      buf[e * k + r] = v;
+    }
   }
+  return bad == 0;
+}
+
+void throw_out_of_range(const char* fn) {
+  throw std::invalid_argument(std::string(fn) + ": class index outside [0, num_classes)");
 }
 
 template <typename T>
-void modal_impl(const T* preds, int64_t k, int64_t m, int64_t c, int64_t* out, int threads) {
+bool modal_impl(const T* preds, int64_t k, int64_t m, int64_t c, int64_t* out, int threads) {
   const int64_t n_blocks = (m + kPopBlock - 1) / kPopBlock;
+  std::atomic<bool> ok{true};
   parallel_for(n_blocks, threads, 4, [&](int64_t b0, int64_t b1) {
     std::vector<int64_t> buf(static_cast<size_t>(kPopBlock * k));
     std::vector<int32_t> hist(static_cast<size_t>(c), 0);
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t m0 = blk * kPopBlock, len = std::min(kPopBlock, m - m0);
-      transpose_block(preds, k, m, m0, len, buf.data());
+      if (!transpose_block(preds, k, m, m0, len, c, buf.data())) {
+        ok.store(false, std::memory_order_relaxed);
+        continue;
+      }
       for (int64_t e = 0; e < len; ++e) {
         const int64_t* labs = buf.data() + e * k;
         int32_t best_count = 0;
@@ -623,22 +640,28 @@ void modal_impl(const T* preds, int64_t k, int64_t m, int64_t c, int64_t* out, i
       }
     }
   });
+  return ok.load();
 }
 
 // sum_c |h_c * Kb - h_b * Kc| over classes, divided once by Kb * Kc: equal to
 // sum_c |h_c / Kc - h_b / Kb| with a single rounding.
 template <typename TB, typename TC>
-void cie_impl(const TB* base, int64_t kb, const TC* comp, int64_t kc, int64_t m, int64_t c,
+bool cie_impl(const TB* base, int64_t kb, const TC* comp, int64_t kc, int64_t m, int64_t c,
               double* out, int threads) {
   const int64_t n_blocks = (m + kPopBlock - 1) / kPopBlock;
+  std::atomic<bool> ok{true};
   parallel_for(n_blocks, threads, 4, [&](int64_t b0, int64_t b1) {
     std::vector<int64_t> bbuf(static_cast<size_t>(kPopBlock * kb)), cbuf(static_cast<size_t>(kPopBlock * kc));
     std::vector<int64_t> hb(static_cast<size_t>(c), 0), hc(static_cast<size_t>(c), 0);
     const double denom = static_cast<double>(kb) * static_cast<double>(kc);
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t m0 = blk * kPopBlock, len = std::min(kPopBlock, m - m0);
-      transpose_block(base, kb, m, m0, len, bbuf.data());
-      transpose_block(comp, kc, m, m0, len, cbuf.data());
+      const bool good_b = transpose_block(base, kb, m, m0, len, c, bbuf.data());
+      const bool good_c = transpose_block(comp, kc, m, m0, len, c, cbuf.data());
+      if (!good_b || !good_c) {
+        ok.store(false, std::memory_order_relaxed);
+        continue;
+      }
       for (int64_t e = 0; e < len; ++e) {
         const int64_t* lb = bbuf.data() + e * kb;
         const int64_t* lc = cbuf.data() + e * kc;
@@ -659,52 +682,66 @@ void cie_impl(const TB* base, int64_t kb, const TC* comp, int64_t kc, int64_t m,
       }
     }
   });
+  return ok.load();
 }
 
 // hist[x][c] = #{r : preds[r][x] == c} into a zeroed int32 (M x C) buffer;
 // each thread owns whole rows of hist, so no atomics.
 template <typename T>
-void histogram_impl(const T* preds, int64_t k, int64_t m, int64_t c, int32_t* hist, int threads) {
+bool histogram_impl(const T* preds, int64_t k, int64_t m, int64_t c, int32_t* hist, int threads) {
   const int64_t n_blocks = (m + kPopBlock - 1) / kPopBlock;
+  std::atomic<bool> ok{true};
   parallel_for(n_blocks, threads, 4, [&](int64_t b0, int64_t b1) {
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t m0 = blk * kPopBlock, len = std::min(kPopBlock, m - m0);
       for (int64_t r = 0; r < k; ++r) {
         const T* row = preds + r * m + m0;
-        for (int64_t e = 0; e < len; ++e) ++hist[(m0 + e) * c + static_cast<int64_t>(row[e])];
+        for (int64_t e = 0; e < len; ++e) {
+          const int64_t v = static_cast<int64_t>(row[e]);
+          if (static_cast<uint64_t>(v) >= static_cast<uint64_t>(c)) {  // never index outside the row
+            ok.store(false, std::memory_order_relaxed);
+            continue;
+          }
+          ++hist[(m0 + e) * c + v];
+        }
       }
     }
   });
+  return ok.load();
 }
 
 void label_histogram(uintptr_t preds, bool is64, int64_t k, int64_t m, int64_t c, uintptr_t hist,
                      int threads) {
   if (k <= 0 || m <= 0 || c <= 0) throw std::invalid_argument("label_histogram: empty input");
   auto* h = reinterpret_cast<int32_t*>(hist);
-  if (is64) histogram_impl(reinterpret_cast<const int64_t*>(preds), k, m, c, h, threads);
-  else histogram_impl(reinterpret_cast<const int32_t*>(preds), k, m, c, h, threads);
+  const bool ok = is64 ? histogram_impl(reinterpret_cast<const int64_t*>(preds), k, m, c, h, threads)
+                       : histogram_impl(reinterpret_cast<const int32_t*>(preds), k, m, c, h, threads);
+  if (!ok) throw_out_of_range("label_histogram");
 }
 
 void modal_labels(uintptr_t preds, bool is64, int64_t k, int64_t m, int64_t c, uintptr_t out,
                   int threads) {
   if (k <= 0 || m <= 0 || c <= 0) throw std::invalid_argument("modal_labels: empty input");
   auto* o = reinterpret_cast<int64_t*>(out);
-  if (is64) modal_impl(reinterpret_cast<const int64_t*>(preds), k, m, c, o, threads);
-  else modal_impl(reinterpret_cast<const int32_t*>(preds), k, m, c, o, threads);
+  const bool ok = is64 ? modal_impl(reinterpret_cast<const int64_t*>(preds), k, m, c, o, threads)
+                       : modal_impl(reinterpret_cast<const int32_t*>(preds), k, m, c, o, threads);
+  if (!ok) throw_out_of_range("modal_labels");
 }
 
 void cie_scores(uintptr_t base, bool base64, int64_t kb, uintptr_t comp, bool comp64, int64_t kc,
                 int64_t m, int64_t c, uintptr_t out, int threads) {
   if (kb <= 0 || kc <= 0 || m <= 0 || c <= 0) throw std::invalid_argument("cie_scores: empty input");
   auto* o = reinterpret_cast<double*>(out);
+  bool ok;
   if (base64 && comp64)
-    cie_impl(reinterpret_cast<const int64_t*>(base), kb, reinterpret_cast<const int64_t*>(comp), kc, m, c, o, threads);
+    ok = cie_impl(reinterpret_cast<const int64_t*>(base), kb, reinterpret_cast<const int64_t*>(comp), kc, m, c, o, threads);
   else if (base64)
-    cie_impl(reinterpret_cast<const int64_t*>(base), kb, reinterpret_cast<const int32_t*>(comp), kc, m, c, o, threads);
+    ok = cie_impl(reinterpret_cast<const int64_t*>(base), kb, reinterpret_cast<const int32_t*>(comp), kc, m, c, o, threads);
   else if (comp64)
-    cie_impl(reinterpret_cast<const int32_t*>(base), kb, reinterpret_cast<const int64_t*>(comp), kc, m, c, o, threads);
+    ok = cie_impl(reinterpret_cast<const int32_t*>(base), kb, reinterpret_cast<const int64_t*>(comp), kc, m, c, o, threads);
   else
-    cie_impl(reinterpret_cast<const int32_t*>(base), kb, reinterpret_cast<const int32_t*>(comp), kc, m, c, o, threads);
+    ok = cie_impl(reinterpret_cast<const int32_t*>(base), kb, reinterpret_cast<const int32_t*>(comp), kc, m, c, o, threads);
+  if (!ok) throw_out_of_range("cie_scores");
 }
 
 }  // namespace

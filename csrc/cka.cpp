@@ -199,7 +199,7 @@ void run_terms(const T* X, const T* Y, const Shape& s, double* out, int threads)
     for (int64_t k = 0; k < p.total; ++k) out[k] += buf[k];
 }
 
-// Validated in Python (minidiff.ops.cka): contiguous row-major X (b x dx), Y
+// Validated in Python (minidiff.ops.cka; offsets re-checked here): contiguous row-major X (b x dx), Y
 // (b x dy) of the given dtype, offsets strictly increasing from 0 to dx / dy,
 // out a zeroed float64 buffer of packed_size() elements.
 void batch_terms(uintptr_t x, uintptr_t y, int64_t b, int64_t dx, int64_t dy, const std::vector<int64_t>& ox,
@@ -207,6 +207,14 @@ void batch_terms(uintptr_t x, uintptr_t y, int64_t b, int64_t dx, int64_t dy, co
   Shape s{b, dx, dy, static_cast<int64_t>(ox.size()) - 1, static_cast<int64_t>(oy.size()) - 1, ox.data(), oy.data()};
   if (s.lx < 1 || s.ly < 1 || ox.back() != dx || oy.back() != dy)
     throw std::invalid_argument("cka_batch_terms: offsets do not match the widths");
+  // Defensive: a non-increasing offset list would index outside the packed buffer.
+  for (const auto* offs : {&ox, &oy}) {
+    if ((*offs)[0] != 0) throw std::invalid_argument("cka_batch_terms: offsets must start at 0");
+    for (size_t i = 1; i < offs->size(); ++i)
+      if ((*offs)[i] <= (*offs)[i - 1])
+        throw std::invalid_argument("cka_batch_terms: offsets must be strictly increasing");
+  }
+  if (b < 0) throw std::invalid_argument("cka_batch_terms: negative row count");
   double* o = reinterpret_cast<double*>(out);
   // Zeroed here, single-threaded: a separate parallel fill in torch right after the
   // GEMMs costs more (thread hand-off) than the write itself.

@@ -31,7 +31,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -465,6 +467,14 @@ T* ptr(uintptr_t p) {
   return reinterpret_cast<T*>(p);
 }
 
+// Defensive: sizes that would turn the loops' pointer arithmetic negative, or null
+// operands. Shapes, dtypes and devices are validated by minidiff.ops.int8.
+void check_args(const char* fn, int64_t M, int64_t K, int64_t N, std::initializer_list<uintptr_t> ptrs) {
+  if (M < 0 || K < 0 || N < 0) throw std::invalid_argument(std::string(fn) + ": negative size");
+  for (uintptr_t p : ptrs)
+    if (!p && M > 0) throw std::invalid_argument(std::string(fn) + ": null operand");
+}
+
 }  // namespace
 
 void register_int8(py::module_& m) {
@@ -473,6 +483,7 @@ void register_int8(py::module_& m) {
       "int8_quantize_rows",
       [](uintptr_t x, int64_t M, int64_t K, uintptr_t q, uintptr_t scale, int threads) {
         // q: M x K int8 (signed), scale: M float32
+        check_args("int8_quantize_rows", M, K, 0, {x, q, scale});
         Level lv = current_level();
         const int64_t Kp = (K + 3) / 4 * 4;
         uint8_t* u = scratch(tl_u8, static_cast<size_t>(M * Kp));
@@ -487,6 +498,7 @@ void register_int8(py::module_& m) {
       [](uintptr_t a, int64_t M, int64_t K, uintptr_t wp, int64_t N, uintptr_t colsum, uintptr_t out,
          int threads) {
         // a: M x K int8; out: M x N int32 = a @ W^T exactly.
+        check_args("int8_gemm_s32", M, K, N, {a, wp, colsum, out});
         Level lv = current_level();
         const int64_t Kp = (K + 3) / 4 * 4;
         uint8_t* u = scratch(tl_u8, static_cast<size_t>(M * Kp));
@@ -503,6 +515,7 @@ void register_int8(py::module_& m) {
       "int8_linear_w8a8",
       [](uintptr_t x, int64_t M, int64_t K, uintptr_t wp, int64_t N, uintptr_t colsum, uintptr_t wscale,
          uintptr_t bias, uintptr_t out, int threads) {
+        check_args("int8_linear_w8a8", M, K, N, {x, wp, colsum, wscale, out});
         Level lv = current_level();
         const int64_t Kp = (K + 3) / 4 * 4;
         uint8_t* u = scratch(tl_u8, static_cast<size_t>(M * Kp));
@@ -516,6 +529,7 @@ void register_int8(py::module_& m) {
       "int8_linear_weight_only",
       [](uintptr_t x, int64_t M, int64_t K, uintptr_t w, int64_t N, uintptr_t wscale, uintptr_t bias,
          uintptr_t out, int threads) {
+        check_args("int8_linear_weight_only", M, K, N, {x, w, wscale, out});
         weight_only_small_m(current_level(), ptr<const float>(x), M, K, ptr<const int8_t>(w), N,
                             ptr<const float>(wscale), bias ? ptr<const float>(bias) : nullptr,
                             ptr<float>(out), threads);

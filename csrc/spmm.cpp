@@ -29,6 +29,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -413,6 +414,21 @@ void spmm(Level lv, const float* x, int64_t M, int64_t K, const Csr& w, int64_t 
   });
 }
 
+// Structure check before the kernel reads through the indices: row_ptr starts at 0,
+// never decreases and ends at nnz; every column index lies in [0, K). O(N + nnz)
+// integer reads, small next to the product's O(M nnz) multiply-adds.
+void check_csr(const Csr& w, int64_t N, int64_t K, int64_t nnz) {
+  if (N < 0 || K < 0 || nnz < 0) throw std::invalid_argument("spmm_csr_linear: negative size");
+  if (w.rp[0] != 0 || w.rp[N] != nnz)
+    throw std::invalid_argument("spmm_csr_linear: row_ptr must start at 0 and end at nnz = " + std::to_string(nnz));
+  for (int64_t i = 0; i < N; ++i)
+    if (w.rp[i + 1] < w.rp[i]) throw std::invalid_argument("spmm_csr_linear: row_ptr must be non-decreasing");
+  uint32_t bad = 0;
+  const uint32_t k = static_cast<uint32_t>(std::min<int64_t>(K, int64_t{1} << 31));  // int32 columns
+  for (int64_t j = 0; j < nnz; ++j) bad |= static_cast<uint32_t>(w.ci[j]) >= k;
+  if (bad) throw std::invalid_argument("spmm_csr_linear: column index outside [0, K = " + std::to_string(K) + ")");
+}
+
 template <typename T>
 T* ptr(uintptr_t p) {
   return reinterpret_cast<T*>(p);
@@ -424,8 +440,9 @@ void register_sparse(py::module_& m) {
   m.def(
       "spmm_csr_linear",
       [](uintptr_t x, int64_t M, int64_t K, uintptr_t row_ptr, uintptr_t col, uintptr_t val, int64_t N,
-         uintptr_t bias, uintptr_t out, int threads) {
+         int64_t nnz, uintptr_t bias, uintptr_t out, int threads) {
         Csr w{ptr<const int32_t>(row_ptr), ptr<const int32_t>(col), ptr<const float>(val)};
+        check_csr(w, N, K, nnz);
         spmm(current_level(), ptr<const float>(x), M, K, w, N, bias ? ptr<const float>(bias) : nullptr,
              ptr<float>(out), threads);
       },

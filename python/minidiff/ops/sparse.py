@@ -5,18 +5,20 @@
 csrc/spmm.cpp explains why CSR with the token dimension vectorized beats blocked
 formats for magnitude-pruned weights. CPU calls go to ``minidiff._C`` (AVX-512 /
 AVX2 / scalar, run-time dispatch, capped by ``MINIDIFF_SIMD``); CUDA tensors use
-``torch.sparse.mm`` (cuSPARSE). Registered as a ``torch.library`` custom op with a
-fake implementation, so it traces under ``torch.compile``.
+``torch.sparse.mm`` (cuSPARSE). Registered as ``torch.ops.minidiff.sparse_linear``
+(:mod:`minidiff.ops.dispatch`) with a fake implementation, so it traces under
+``torch.compile``; eager calls go through the same op, which validates every
+argument, the CSR structure included, before native code runs.
 """
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 
 from minidiff._native import cpu_core
 from minidiff.ops._validate import check_dtype, check_ndim, num_threads
+from minidiff.ops.dispatch import define
 
 __all__ = ["to_csr", "csr_to_dense", "sparse_linear", "sparse_linear_reference"]
 
@@ -74,16 +76,37 @@ def validate_csr(row_ptr: torch.Tensor, col: torch.Tensor, val: torch.Tensor, n:
         raise ValueError(f"column indices must lie in [0, {k})")
 
 
-@torch.library.custom_op("minidiff::sparse_linear", mutates_args=())
-def _sparse_linear_op(x: torch.Tensor, row_ptr: torch.Tensor, col: torch.Tensor, val: torch.Tensor,
-                      bias: Optional[torch.Tensor], in_features: int, out_dtype: torch.dtype) -> torch.Tensor:
-    return _sparse_linear_impl(x, row_ptr, col, val, bias, in_features, out_dtype)
+def _check_args(x, row_ptr, col, val, bias, in_features, out_dtype) -> None:
+    """Shapes, dtypes and devices of a sparse_linear call (the op's boundary check)."""
+    for t, name in ((x, "x"), (row_ptr, "row_ptr"), (col, "col"), (val, "val")):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch tensor, got {type(t).__name__}")
+    check_ndim(x, 2, "x", "(M, K)")
+    check_dtype(x, _FLOAT_DTYPES, "x")
+    check_ndim(row_ptr, 1, "row_ptr", "(out_features + 1,)")
+    if row_ptr.shape[0] < 1:
+        raise ValueError("row_ptr must hold out_features + 1 >= 1 entries (use to_csr())")
+    n = row_ptr.shape[0] - 1
+    k = x.shape[1]
+    if int(in_features) != k:
+        raise ValueError(f"x has {k} features but in_features={in_features}")
+    _check_csr(row_ptr, col, val, n, k)
+    if bias is not None and (not isinstance(bias, torch.Tensor) or not bias.is_floating_point()
+                             or bias.shape != (n,)):
+        raise ValueError(f"bias must be a floating tensor of shape ({n},), got "
+                         f"{getattr(bias, 'dtype', type(bias).__name__)} {tuple(getattr(bias, 'shape', ()))}")
+    check_dtype(torch.empty(0, dtype=out_dtype), _FLOAT_DTYPES, "out_dtype")
+    devices = {t.device for t in (x, row_ptr, col, val) + (() if bias is None else (bias,))}
+    if len(devices) != 1:
+        raise ValueError(f"x, the CSR arrays and bias must be on one device, got {sorted(map(str, devices))}")
 
 
-def _sparse_linear_impl(x, row_ptr, col, val, bias, in_features, out_dtype):
+def _sparse_linear_kernel(x, row_ptr, col, val, bias, in_features, out_dtype):
+    _check_args(x, row_ptr, col, val, bias, in_features, out_dtype)
     m, k = x.shape
     n = row_ptr.shape[0] - 1
     if x.device.type == "cuda":
+        validate_csr(row_ptr, col, val, n, k)  # torch.sparse does not check the structure
         w = torch.sparse_csr_tensor(row_ptr.long(), col.long(), val, size=(n, k))
         out = torch.sparse.mm(w, x.float().T).T
         if bias is not None:
@@ -93,39 +116,41 @@ def _sparse_linear_impl(x, row_ptr, col, val, bias, in_features, out_dtype):
     out = torch.empty(m, n, dtype=torch.float32)
     b = None if bias is None else bias.float().contiguous()
     if m and n:
+        # the native call checks the CSR structure (row_ptr monotone from 0 to nnz,
+        # columns in [0, K)) before the kernel reads through it
         cpu_core().spmm_csr_linear(xf.data_ptr(), m, k, row_ptr.data_ptr(), col.data_ptr(), val.data_ptr(), n,
-                                   0 if b is None else b.data_ptr(), out.data_ptr(), num_threads())
+                                   col.numel(), 0 if b is None else b.data_ptr(), out.data_ptr(), num_threads())
+    elif n:
+        validate_csr(row_ptr, col, val, n, k)
     return out if out_dtype == torch.float32 else out.to(out_dtype)
 
 
-@_sparse_linear_op.register_fake
-def _(x, row_ptr, col, val, bias, in_features, out_dtype):
+def _fake(x, row_ptr, col, val, bias, in_features, out_dtype):
+    _check_args(x, row_ptr, col, val, bias, in_features, out_dtype)  # metadata only: no data read
     return x.new_empty((x.shape[0], row_ptr.shape[0] - 1), dtype=out_dtype)
+
+
+_sparse_linear_op = define(
+    "sparse_linear",
+    "(Tensor x, Tensor row_ptr, Tensor col, Tensor val, Tensor? bias, int in_features, "
+    "ScalarType out_dtype) -> Tensor",
+    _sparse_linear_kernel, _fake)
+_sparse_linear_impl = _sparse_linear_op  # eager and compiled calls share the registered op
 
 
 def sparse_linear(x: torch.Tensor, row_ptr: torch.Tensor, col: torch.Tensor, val: torch.Tensor,
                   bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``Y = X W^T + b`` for a 2-D ``x (M, K)`` and W in CSR (see :func:`to_csr`).
 
-    The structural check of the CSR arrays (:func:`validate_csr`) is the caller's job
-    when the arrays do not come from :func:`to_csr`; shapes and dtypes are checked here.
+    Runs ``torch.ops.minidiff.sparse_linear``, which checks shapes, dtypes and
+    devices, and the CSR structure (row pointers from 0 to nnz, non-decreasing;
+    column indices in ``[0, K)``) before the kernel reads through it: bad arrays
+    raise ``ValueError``.
     """
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"x must be a torch tensor, got {type(x).__name__}")
     check_ndim(x, 2, "x", "(M, K)")
-    check_dtype(x, _FLOAT_DTYPES, "x")
-    n = row_ptr.shape[0] - 1
-    k = x.shape[1]
-    _check_csr(row_ptr, col, val, n, k)
-    if bias is not None and bias.shape != (n,):
-        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
-    devices = {t.device for t in (x, row_ptr, col, val) + (() if bias is None else (bias,))}
-    if len(devices) != 1:
-        raise ValueError(f"x, the CSR arrays and bias must be on one device, got {sorted(map(str, devices))}")
-    if torch.compiler.is_compiling():
-        return _sparse_linear_op(x, row_ptr, col, val, bias, k, out_dtype)
-    # eager: skip the custom-op dispatcher (~15 us per call), same implementation
-    return _sparse_linear_impl(x, row_ptr, col, val, bias, k, out_dtype)
+    return _sparse_linear_op(x, row_ptr, col, val, bias, x.shape[1], out_dtype)
 
 
 def sparse_linear_reference(x: torch.Tensor, row_ptr: torch.Tensor, col: torch.Tensor, val: torch.Tensor,
