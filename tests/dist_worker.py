@@ -100,8 +100,7 @@ def cka_data(n: int = 203):
 
 
 def cka_scenario(ctx: DistContext) -> dict:
-    from minidiff.distributed import LayerSplitCKA
-    from minidiff.similarity import CKAAccumulator
+    from minidiff.similarity import CKAAccumulator, LayerSplitCKA
     a, b = cka_data()
     n = a[0].shape[0]
     out = {}

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import minidiff
-from minidiff import similarity
+from minidiff.similarity import accumulator as acc_module
+from minidiff.similarity import functional
 from minidiff.ops import cka as ops
 from minidiff.similarity import CKAAccumulator, cka, cka_matrix
 
@@ -71,10 +72,10 @@ def test_kornblith_reference_values():
 @pytest.mark.parametrize("estimator", ["biased", "unbiased"])
 def test_gram_form_equals_feature_form(monkeypatch, estimator):
     fa, fb = _related(n=120, dtype=torch.float64)
-    monkeypatch.setattr(similarity, "_gram_cost", lambda *a: 0.0)
+    monkeypatch.setattr(functional, "_gram_cost", lambda *a: 0.0)
     gram = cka_matrix(fa, fb, estimator=estimator)
     gram_self = cka_matrix(fa, estimator=estimator)
-    monkeypatch.setattr(similarity, "_gram_cost", lambda *a: math.inf)
+    monkeypatch.setattr(functional, "_gram_cost", lambda *a: math.inf)
     feat = cka_matrix(fa, fb, estimator=estimator)
     feat_self = cka_matrix(fa, estimator=estimator)
     ref = _reference_matrix(fa, fb, estimator)
@@ -137,7 +138,7 @@ def test_unbiased_can_be_negative_and_is_not_clamped():
 @pytest.mark.parametrize("estimator", ["biased", "unbiased"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_streaming_equals_full_data(estimator, dtype, monkeypatch):
-    monkeypatch.setattr(similarity, "FLUSH_SAMPLES", 200)  # exercise float32 partial-sum folding
+    monkeypatch.setattr(acc_module, "FLUSH_SAMPLES", 200)  # exercise float32 partial-sum folding
     fa, fb = _related(n=500, dtype=dtype, mean=2.0)
     sizes = [128, 5, 200, 67, 100]
     acc = _stream(CKAAccumulator([12, 20, 8], [15, 9], estimator=estimator), fa, fb, sizes)
@@ -475,7 +476,7 @@ def test_selfgram_equals_float64_grams(dtype):
 def test_streaming_wide_layers_equals_full_data(dtype, monkeypatch):
     """Widths where the self Grams are split into blocks (k = 2..4), in equal-width runs
     and alone, across a fold of the partial sums."""
-    monkeypatch.setattr(similarity, "FLUSH_SAMPLES", 150)
+    monkeypatch.setattr(acc_module, "FLUSH_SAMPLES", 150)
     widths_a, widths_b = (384, 384, 500, 64), (768, 290)
     fa, fb = _related(n=300, widths_a=widths_a, widths_b=widths_b, dtype=dtype, mean=2.0)
     for estimator in ("unbiased", "biased"):

@@ -169,8 +169,7 @@ def test_memory_formula_is_the_accumulator_state_layout():
     """``cka_state_bytes`` (the README's formula) counts every byte the CKA
     accumulator holds after an update, and it does not grow with the samples."""
     import torch
-    from minidiff.distributed import LayerSplitCKA, cka_state_bytes
-    from minidiff.similarity import CKAAccumulator
+    from minidiff.similarity import CKAAccumulator, LayerSplitCKA, cka_state_bytes
 
     def held(acc):  # states, pending float32 sums of C, pending upper-block Gram sums
         owned = [*acc.state_dict().values(), *acc._pending.values(), *(g.buffer for g in acc._grams.values())]

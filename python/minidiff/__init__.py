@@ -17,6 +17,9 @@ _EXPORTS: dict[str, str] = {
     "cka": "minidiff.similarity",
     "cka_matrix": "minidiff.similarity",
     "CKAAccumulator": "minidiff.similarity",
+    "similarity_matrix": "minidiff.similarity",
+    "layer_error": "minidiff.similarity",
+    "LayerErrorAccumulator": "minidiff.similarity",
     # prediction agreement engine
     "disagreement_matrix": "minidiff.agreement",
     "flip_matrix": "minidiff.agreement",

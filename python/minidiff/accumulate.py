@@ -12,15 +12,29 @@ Reductions
 ``"cat"``: per-example states concatenated along dim 0 in shard order; shards
 are contiguous blocks of examples, so shard order is example order.
 ``"max"`` / ``"min"``: elementwise extremes.
+a callable ``fn``: ``fn(stacked)`` reduces the states of k shards stacked along a new
+dim 0, ``(k, *shape) -> shape`` (e.g. ``lambda s: s.logsumexp(0)``). It must give the
+same result however the shards are grouped (merge applies it to pairs, distributed
+sync to all ranks at once), and every shard's state must have the same shape.
+
+Lifecycle (the contract :class:`~minidiff.distributed.DistContext` relies on, so it
+never needs to know an accumulator's class)
+------------------------------------------------------------------------------
+``update`` / ``compute`` / ``reset``; ``merge`` (fold another shard in);
+``state_dict`` / ``load_state_dict``; ``to(device)``;
+``_pre_sync(ctx)`` runs on every rank before the declared reductions, ``_post_sync(ctx)``
+after them (e.g. to bring states taken in different frames to a common one, using
+``ctx``'s generic collectives); ``_agree_before_update(ctx, first_batch)`` lets an
+accumulator agree on a frame with the other ranks before it sees data.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Callable, Literal, Union
 
 import torch
 
-Reduction = Literal["sum", "cat", "max", "min"]
+Reduction = Union[Literal["sum", "cat", "max", "min"], Callable[[torch.Tensor], torch.Tensor]]
 _REDUCTIONS = ("sum", "cat", "max", "min")
 
 
@@ -39,8 +53,11 @@ class Accumulator:
     # -- declaration ---------------------------------------------------------
     def add_state(self, name: str, default: torch.Tensor, reduce: Reduction) -> None:
         """Declare a state; it starts as a copy of ``default``, which ``reset`` restores."""
-        if reduce not in _REDUCTIONS:
-            raise ValueError(f"unknown reduction {reduce!r} for state {name!r}; use one of {_REDUCTIONS}")
+        if not callable(reduce) and reduce not in _REDUCTIONS:
+            raise ValueError(f"unknown reduction {reduce!r} for state {name!r}; use one of {_REDUCTIONS} "
+                             "or a callable reducing stacked shard states (k, *shape) -> shape")
+        if not isinstance(default, torch.Tensor):
+            raise TypeError(f"state {name!r} needs a torch.Tensor default, got {type(default).__name__}")
         self._reductions[name] = reduce
         default = default.detach()
         flat = default.reshape(-1)
@@ -67,6 +84,28 @@ class Accumulator:
 
     def compute(self) -> Any:
         raise NotImplementedError
+
+    def to(self, device: torch.device | str) -> "Accumulator":
+        """Move every state to ``device`` (in place) and return self. Subclasses holding
+        other tensors (scratch buffers, shifts) extend this."""
+        device = torch.device(device)
+        for name in self._reductions:
+            t = getattr(self, name)
+            if t.device != device:
+                setattr(self, name, t.to(device))
+        return self
+
+    # -- hooks around a distributed sync (no-ops by default) ------------------
+    def _pre_sync(self, ctx: Any) -> None:
+        """Called on every rank by ``DistContext.sync`` before the states are reduced."""
+
+    def _post_sync(self, ctx: Any) -> None:
+        """Called on every rank by ``DistContext.sync`` after the states are reduced."""
+
+    def _agree_before_update(self, ctx: Any, first_batch: Callable[[], Any]) -> None:
+        """Called on every rank by ``DistContext.prepare`` before any update: agree with
+        the other ranks on anything the states are taken relative to. ``first_batch()``
+        returns the data set's first batch (call it on one rank at most)."""
 
     def reset(self) -> None:
         for name, default in self._defaults.items():
@@ -104,6 +143,8 @@ class Accumulator:
         for name in self._reductions:
             current = getattr(self, name)
             value = state[name]
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"state {name!r} must be a torch.Tensor, got {type(value).__name__}")
             if self._reductions[name] != "cat" and value.shape != current.shape:
                 raise ValueError(f"state {name!r} has shape {tuple(value.shape)}, "
                                  f"expected {tuple(current.shape)} for this accumulator's settings")
@@ -112,6 +153,11 @@ class Accumulator:
 
 def reduce_pair(a: torch.Tensor, b: torch.Tensor, reduce: Reduction) -> torch.Tensor:
     """Combine two states of one reduction kind."""
+    if callable(reduce):
+        if a.shape != b.shape:
+            raise ValueError(f"a callable reduction needs states of one shape, got {tuple(a.shape)} and "
+                             f"{tuple(b.shape)}")
+        return reduce(torch.stack([a, b]))
     if reduce == "sum":
         return a + b
     if reduce == "cat":

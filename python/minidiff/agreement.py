@@ -382,7 +382,6 @@ class AgreementAccumulator(Accumulator):
             self.add_state(name, zeros, reduce="sum")
         for name in ("n", "n_labelled", "n_invalid"):
             self.add_state(name, torch.zeros((), dtype=torch.int64), reduce="sum")
-        self._seen = self._seen_labelled = 0  # host mirrors of n / n_labelled: no sync per batch
 
     def config(self) -> dict[str, Any]:
         return {"num_models": self.num_models, "num_classes": self.num_classes}
@@ -395,13 +394,17 @@ class AgreementAccumulator(Accumulator):
         if p.shape[0] != self.num_models:
             raise ValueError(f"preds has {p.shape[0]} models (rows) but this accumulator was "
                              f"built for num_models={self.num_models}")
-        if (y is None and self._seen_labelled > 0) or (y is not None and self._seen_labelled < self._seen):
-            raise ValueError("pass labels with every batch or with none: flips and error sets "
-                             "need the true class of every example")
+        if not self.n.is_cuda:
+            # read from the states themselves (merges, syncs and loads keep them true); on CUDA
+            # this would cost a host round-trip per batch, and compute() checks it instead
+            seen, labelled = int(self.n), int(self.n_labelled)
+            if (y is None and labelled > 0) or (y is not None and labelled < seen):
+                raise ValueError("pass labels with every batch or with none: flips and error sets "
+                                 "need the true class of every example")
         b = p.shape[1]
         disagree, both_right = _ops.pair_counts(p, y, num_classes=self.num_classes,
                                                 check=not defer, backend=self.backend)
-        self._to(disagree.device)
+        self.to(disagree.device)
         if defer:
             invalid = _ops.count_invalid(p, self.num_classes)
             if y is not None:
@@ -409,7 +412,6 @@ class AgreementAccumulator(Accumulator):
             self.n_invalid += invalid.to(self.n_invalid.device)
         self.disagree += disagree
         self.n += b
-        self._seen += b
         if y is not None:
             right = both_right.diagonal()
             self.right_wrong += right[:, None] - both_right
@@ -417,29 +419,6 @@ class AgreementAccumulator(Accumulator):
             self.err_inter += inter
             self.err_union += union
             self.n_labelled += b
-            self._seen_labelled += b
-
-    def _to(self, device: torch.device) -> None:
-        for name in self.reductions:
-            t = getattr(self, name)
-            if t.device != device:
-                setattr(self, name, t.to(device))
-
-    def _sync_host_counts(self) -> None:
-        self._seen, self._seen_labelled = int(self.n), int(self.n_labelled)
-
-    def merge(self, other: "AgreementAccumulator") -> "AgreementAccumulator":
-        super().merge(other)
-        self._sync_host_counts()
-        return self
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        super().load_state_dict(state)
-        self._sync_host_counts()
-
-    def reset(self) -> None:
-        super().reset()
-        self._seen = self._seen_labelled = 0
 
     def compute(self) -> dict[str, Any]:
         """``{"disagreement": (N, N), "flips": (N, N, 2) or None, "error_jaccard":

@@ -9,14 +9,11 @@ rank order, which is example order. Rank 0 then writes exactly what a single
 process would. Without ``torchrun`` (no ``WORLD_SIZE`` in the environment) the
 context is a single process and every call is a no-op.
 
-Shifted accumulators. Statistics taken relative to a translation (the CKA
-accumulator subtracts a fixed ``shift_a``/``shift_b`` before accumulating, see
-:mod:`minidiff.similarity`) only add when every shard used the same shift.
-:meth:`DistContext.sync` first re-expresses each rank's sums at the shift of the
-lowest rank that has seen data (``align_shift``: exact algebra in float64), then
-all-reduces; :meth:`DistContext.common_shift` lets a runner agree on that shift
-*before* accumulating, so every rank's float32 GEMMs see the same numbers as a
-single process would.
+Accumulators that need more than a reduction (the CKA statistics are sums taken
+relative to a per-rank translation) do it in their own ``_pre_sync`` /
+``_post_sync`` hooks with the generic collectives here (:meth:`DistContext.broadcast_first`);
+:meth:`DistContext.prepare` lets them agree on such a frame before accumulating.
+This module knows no accumulator class.
 
 Backends: gloo for CPU tensors, nccl for CUDA tensors (both at once with
 ``"cpu:gloo,cuda:nccl"`` when CUDA is available, so CPU states and GPU states can
@@ -25,11 +22,8 @@ be reduced in one run). A timeout is always set (``timeout_s``, else the
 hung rank makes every other rank raise :class:`DistributedRunError` instead of
 hanging.
 
-Layer-pair split. When the cross-model statistics of all layer pairs do not fit
-one device, :class:`LayerSplitCKA` gives each rank a contiguous block of model
-b's layers; every rank streams *all* samples for its block, and the full CKA
-matrix is the concatenation of the ranks' column blocks (the self terms of a
-layer need only that layer, so nothing else is exchanged).
+:func:`layer_blocks` splits a list of layers into contiguous blocks of
+near-equal width, one per rank (``minidiff.similarity.LayerSplitCKA`` uses it).
 """
 
 from __future__ import annotations
@@ -43,7 +37,6 @@ import torch
 import torch.distributed as dist
 
 from minidiff.accumulate import Accumulator
-from minidiff.ops.selfgram import STACKED_MAX_BLOCKS, pending_numel
 
 DEFAULT_TIMEOUT_S = 300.0
 _MAX_DIMS = 8
@@ -141,81 +134,65 @@ class DistContext:
     def sync(self, acc: Accumulator) -> Accumulator:
         """Reduce ``acc``'s states across ranks in place (every rank gets the result).
 
-        Accumulators with a translation shift (``shift_a``/``shift_b`` and
-        ``align_shift``) are first brought to one common shift on every rank.
+        Generic over accumulators: ``acc._pre_sync(self)``, then every state by the
+        reduction it declares (:attr:`Accumulator.reductions`), then ``acc._post_sync(self)``.
         """
         if not self.is_distributed:
             return acc
-        if _is_shifted(acc):
-            self._align_shifts(acc)
+        acc._pre_sync(self)
         for name, red in acc.reductions.items():
             setattr(acc, name, self.reduce_tensor(getattr(acc, name), red,
                                                   what=f"synchronising {type(acc).__name__}.{name}"))
+        acc._post_sync(self)
         return acc
 
-    def _align_shifts(self, acc: Any) -> None:
-        sa, sb = self.common_shift(acc.shift_a if float(acc.n) > 0 else None,
-                                   acc.shift_b if float(acc.n) > 0 else None, device=acc.n.device)
-        if sa is not None:
-            acc.align_shift(sa, sb)
+    def prepare(self, acc: Accumulator, first_batch: Callable[[], Any]) -> None:
+        """Let ``acc`` agree with the other ranks on anything its states are taken
+        relative to, before it accumulates (``acc._agree_before_update``): e.g. the
+        CKA statistics take one common shift, so every rank's float32 GEMMs see the
+        numbers a single process would. ``first_batch()`` gives the data set's first
+        batch; an accumulator calls it on one rank at most. No-op in one process."""
+        if self.is_distributed:
+            acc._agree_before_update(self, first_batch)
 
-    def common_shift(self, shift_a: torch.Tensor | None, shift_b: torch.Tensor | None = None, *,
-                     device: torch.device | str | None = None
-                     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The shifts of the lowest rank that has one (``None`` where it has none),
-        broadcast to every rank; ``(None, None)`` when no rank has a shift."""
+    agree_shift = prepare  # the name the study runner uses
+
+    def broadcast_first(self, *tensors: torch.Tensor | None, device: torch.device | str | None = None
+                        ) -> tuple[torch.Tensor | None, ...]:
+        """The tensors of the lowest rank that passes any (as float64; ``None`` where
+        that rank passed ``None``), broadcast to every rank; all ``None`` when no rank
+        has any. In one process: the tensors as given."""
         if not self.is_distributed:
-            return shift_a, shift_b
-        has = torch.tensor([0 if shift_a is None else 1], dtype=torch.int64)
+            return tensors
+        has = torch.tensor([0 if all(t is None for t in tensors) else 1], dtype=torch.int64)
         flags = [torch.zeros_like(has) for _ in range(self.world_size)]
-        self._collective("agreeing on a common shift", lambda: dist.all_gather(flags, has))
+        what = "broadcasting the first rank's tensors"
+        self._collective(what, lambda: dist.all_gather(flags, has))
         owners = [r for r, f in enumerate(flags) if int(f.item())]
         if not owners:
-            return None, None
+            return tuple(None for _ in tensors)
         src = owners[0]
         out = []
-        for s in (shift_a, shift_b):
+        for s in tensors:
             meta = torch.tensor([-1 if s is None else s.numel()], dtype=torch.int64)
-            self._collective("agreeing on a common shift", lambda: dist.broadcast(meta, src))
+            self._collective(what, lambda: dist.broadcast(meta, src))
             width = int(meta.item())
             if width < 0:
                 out.append(None)
                 continue
-            buf = (s.detach().to("cpu", torch.float64).clone() if self.rank == src
+            buf = (s.detach().to("cpu", torch.float64).reshape(-1).clone() if self.rank == src
                    else torch.empty(width, dtype=torch.float64))
-            self._collective("agreeing on a common shift", lambda: dist.broadcast(buf, src))
+            self._collective(what, lambda: dist.broadcast(buf, src))
             out.append(buf if device is None else buf.to(device))
-        return out[0], out[1]
-
-    def agree_shift(self, acc: Any, first_batch: Callable[[], tuple[Sequence[torch.Tensor],
-                                                                   Sequence[torch.Tensor] | None]]) -> None:
-        """Give a shifted accumulator one shift on every rank before it accumulates.
-
-        The shift is that of the lowest rank whose accumulator already has one
-        (resumed from a cache); if none has, rank 0 calls ``first_batch()`` for the
-        layers ``(layers_a, layers_b)`` of the data set's first batch and takes their
-        column means rounded to float32, the shift a single process takes from the
-        same batch. Every rank's float32 GEMMs then see the numbers a single
-        process would, and :meth:`sync` needs no re-alignment.
-        """
-        if not self.is_distributed or not _is_shifted(acc) or getattr(acc, "estimator", "") == "minibatch":
-            return
-        sa, sb = self.common_shift(acc.shift_a, acc.shift_b, device=acc.n.device)
-        if sa is None:
-            mine_a = mine_b = None
-            if self.is_main:
-                la, lb = first_batch()
-                mine_a = torch.cat([t.detach().double().mean(0) for t in la]).float().double()
-                mine_b = None if lb is None else torch.cat([t.detach().double().mean(0) for t in lb]).float().double()
-            sa, sb = self.common_shift(mine_a, mine_b, device=acc.n.device)
-        if acc.shift_a is None or not torch.equal(acc.shift_a, sa) or \
-                (sb is not None and not torch.equal(acc.shift_b, sb)):
-            acc.align_shift(sa, sb)
+        return tuple(out)
 
     def reduce_tensor(self, t: torch.Tensor, reduce: str, what: str = "reducing a tensor") -> torch.Tensor:
         """Reduce one tensor across ranks by a declared reduction."""
         if not self.is_distributed:
             return t
+        if callable(reduce):
+            # every rank's state, stacked in rank order, reduced by the declared function
+            return reduce(self.gather_in_order(t.unsqueeze(0), what=what))
         if reduce == "cat":
             return self.gather_in_order(t, what=what)
         op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[reduce]
@@ -298,42 +275,6 @@ class DistContext:
         )
 
 
-def _is_shifted(acc: Any) -> bool:
-    return (callable(getattr(acc, "align_shift", None)) and hasattr(acc, "shift_a")
-            and hasattr(acc, "shift_b") and "n" in acc.reductions)
-
-
-# -- memory of the CKA statistics and splitting the layer-pair matrix across ranks ------
-def cka_state_bytes(dims_a: Sequence[int], dims_b: Sequence[int] | None = None, *,
-                    float32_inputs: bool = True) -> int:
-    """Bytes a :class:`~minidiff.similarity.CKAAccumulator` (exact estimators) holds,
-    independent of the number of samples (``CKAAccumulator.nbytes()`` after an update).
-
-    Two models, ``D = sum(d)`` the stacked width and ``L`` the layer count::
-
-        8 * (D_a D_b + sum_a d^2 + sum_b d^2                       # C and the per-layer Grams
-             + L_a D_b + L_b D_a + L_a L_b + 3 D_a + 3 D_b + 2 L_a + 2 L_b + 3)
-        + 4 * D_a D_b                              # pending float32 sums of C (float32 features)
-        + s * (T_a + T_b)                          # pending upper-block Gram sums
-
-    with ``s`` the input's item size (4 for float32, 8 for float64) and ``T`` about
-    ``sum d^2 / 2`` (exactly ``minidiff.ops.selfgram.pending_numel``).
-    One model with itself (``dims_b=None``): ``8 (D^2 + L D + L^2 + 3 D + L + 3) + 4 T``
-    with float32 features, ``T ~ D^2 / 2`` the upper block triangle of ``Z^T Z``
-    (``pending_numel([D], STACKED_MAX_BLOCKS)``); float64 features add into ``C`` directly.
-    Per update add the shifted stacked batch, ``b (D_a + D_b)`` values of the input dtype.
-    """
-    da, la = sum(int(d) for d in dims_a), len(dims_a)
-    if dims_b is None:
-        pending = 4 * pending_numel([da], STACKED_MAX_BLOCKS) if float32_inputs else 0
-        return 8 * (da * da + la * da + la * la + 3 * da + la + 3) + pending
-    db, lb = sum(int(d) for d in dims_b), len(dims_b)
-    big = da * db + sum(int(d) ** 2 for d in dims_a) + sum(int(d) ** 2 for d in dims_b)
-    small = la * db + lb * da + la * lb + 3 * da + 3 * db + 2 * la + 2 * lb + 3
-    grams = (4 if float32_inputs else 8) * (pending_numel(dims_a) + pending_numel(dims_b))
-    return 8 * (big + small) + (4 * da * db if float32_inputs else 0) + grams
-
-
 def layer_blocks(dims: Sequence[int], parts: int) -> list[list[int]]:
     """Split layer indices ``0..L-1`` into ``parts`` contiguous, non-empty blocks of
     near-equal total width (block r ends where the running width first reaches
@@ -355,46 +296,6 @@ def layer_blocks(dims: Sequence[int], parts: int) -> list[list[int]]:
     return blocks
 
 
-class LayerSplitCKA:
-    """Exact all-layer-pairs linear CKA with model b's layers split across ranks.
-
-    For comparisons whose cross statistics (``sum(d_a) x sum(d_b)`` float64
-    values, see the README's memory formula) do not fit one device. Rank r
-    keeps the statistics for every layer of model a against its block
-    ``layer_blocks(dims_b, world_size)[r]`` of model b's layers and must see
-    *every* sample (feed all ranks the same stream); ``compute`` gathers the
-    ``(La, |block|)`` column blocks into the full ``(La, Lb)`` matrix on every
-    rank. CKA of a layer pair needs only that pair's cross terms and the two
-    layers' self terms, so the columns are exactly those of the unsplit matrix.
-
-    Per-rank state: ``8 (D_a D_r + sum_a d^2 + sum_{m in block} d_m^2)`` bytes
-    plus small vectors (and 4 bytes per entry of the three matrices for pending
-    float32 GEMM sums with float32 features), ``D_r`` the block's total width.
-    """
-
-    def __init__(self, dims_a: Sequence[int], dims_b: Sequence[int], ctx: DistContext | None = None, *,
-                 estimator: str = "unbiased", device: Any = None, names_a: Sequence[str] | None = None,
-                 names_b: Sequence[str] | None = None) -> None:
-        from minidiff.similarity import CKAAccumulator  # the accumulator level, imported on use
-        self.ctx = ctx or DistContext()
-        self.dims_b = [int(d) for d in dims_b]
-        self.block = layer_blocks(self.dims_b, self.ctx.world_size)[self.ctx.rank]
-        nb = None if names_b is None else [names_b[i] for i in self.block]
-        self.acc = CKAAccumulator(dims_a, [self.dims_b[i] for i in self.block], estimator=estimator,
-                                  device=device, names_a=names_a, names_b=nb)
-
-    def update(self, batch_a, batch_b) -> None:
-        """``batch_b``: the list of all of model b's layers (only this rank's block is
-        used) or just this rank's block, in order."""
-        if isinstance(batch_b, (list, tuple)) and len(batch_b) == len(self.dims_b) != len(self.block):
-            batch_b = [batch_b[i] for i in self.block]
-        self.acc.update(batch_a, batch_b)
-
-    def compute(self) -> torch.Tensor:
-        """The full ``(La, Lb)`` float64 CKA matrix (on every rank)."""
-        return self.ctx.gather_columns(self.acc.compute())
-
-
 def shutdown() -> None:
     """Leave the default process group cleanly after a successful run (no-op when
     there is none): barrier, then destroy. See :meth:`DistContext.close`."""
@@ -404,3 +305,14 @@ def shutdown() -> None:
     if ctx.is_distributed:
         ctx.barrier()
     dist.destroy_process_group()
+
+
+_MOVED = {"cka_state_bytes": "minidiff.similarity.memory", "LayerSplitCKA": "minidiff.similarity.split"}
+
+
+def __getattr__(name: str) -> Any:
+    # the CKA-specific helpers live in minidiff.similarity; old imports keep working
+    if name in _MOVED:
+        import importlib
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module 'minidiff.distributed' has no attribute {name!r}")

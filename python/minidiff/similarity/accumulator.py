@@ -1,249 +1,43 @@
-"""Representation similarity: centered kernel alignment (CKA).
+"""The streaming all-layer-pairs CKA accumulator (:class:`CKAAccumulator`).
 
-``CKA(K, L) = HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))`` (Kornblith et al. 2019,
-"Similarity of Neural Network Representations Revisited"), for the linear kernel
-``K = X X^T`` and the RBF kernel.
+One pass over the data keeps, for every layer pair, the exact sums the HSIC
+estimators need (:mod:`minidiff.similarity.hsic`) and the centred covariance
+blocks the second-order measures need (:mod:`minidiff.similarity.measures`),
+in memory independent of the number of samples
+(:func:`minidiff.similarity.memory.cka_state_bytes`).
 
-Estimators
-----------
-``"biased"``:   HSIC_0 = tr(K H L H) / (n - 1)^2, ``H = I - 11^T / n`` (Gretton et al. 2005).
-``"unbiased"``: HSIC_1 of Song et al. (2012) = U-centering (Szekely & Rizzo 2014)
-                divided by n(n - 3); with zero-diagonal K~, L~:
-                ``[tr(K~L~) + 1^T K~ 1 1^T L~ 1 / ((n-1)(n-2)) - 2/(n-2) 1^T K~ L~ 1] / (n(n-3))``.
-                Needs n >= 4; it can be negative and is never clamped.
-``"minibatch"``: (accumulator only) Nguyen et al. (2021): HSIC_1 averaged over
-                batches, then the ratio. Depends on the batch size; offered to
-                compare with published numbers.
+Numerics. Every statistic is invariant to translating the features, so the
+accumulator subtracts a fixed shift (the first batch's column means, rounded
+to float32 so that the subtraction of float32 data is exact or nearly so)
+before accumulating. The GEMMs run in the input's precision on the shifted
+data, their partial sums fold into float64 states every ``FLUSH_SAMPLES``
+samples, and all vector terms and final formulas are float64.
 
-Streaming (``CKAAccumulator``, linear kernel)
----------------------------------------------
-With ``a_i = ||x_i||^2``, ``b_i = ||y_i||^2``, ``s_x = sum x_i``, ``s_y = sum y_i``,
-``C = sum x_i y_i^T`` every term is a sum over samples::
-
-    tr(K~L~)     = ||C||_F^2 - sum a_i b_i
-    1^T K~ 1     = ||s_x||^2 - sum a_i
-    1^T K~ L~ 1  = s_x^T C s_y - s_y . sum a_i y_i - s_x . sum b_i x_i + sum a_i b_i
-    HSIC_0       = ||C - s_x s_y^T / n||_F^2 / (n - 1)^2
-
-so one pass gives the exact full-sample estimator in memory independent of n,
-and accumulators of disjoint shards add. A model's layers are stacked side by
-side, ``Z_a = [X_1 .. X_La]``, so a single GEMM ``Z_a^T Z_b`` per batch holds
-every ``C_lm`` as a block; the per-layer self terms need the diagonal blocks
-``X_l^T X_l`` (taken from ``Z_a^T Z_a`` when a model is compared with itself).
-The per-sample norm and vector terms come from one fused pass
-(``minidiff.ops.cka.batch_terms``: ``minidiff._C`` on CPU, Triton on CUDA).
-
-Numerics. Every estimator is invariant to translating the features, so each
-accumulator subtracts a fixed shift (the first batch's column means, rounded to
-float32 so that the subtraction of float32 data is exact or nearly so) before
-accumulating. The GEMMs run in the input's precision (float32 for float32,
-float16 and bfloat16 activations, float64 for float64) on the shifted data and
-are added into float64 state; all vector terms and the final formulas are
-float64. Measured (tests/test_cka.py, benchmarks/bench_engine.py): streaming
-results agree with the float64 full-data reference to < 1e-6 including
-features with mean 1e3, where an unshifted float32 Gram gives CKA(X, XQ) =
-0.9999. A float64 GEMM would cost 2x the time for no visible gain.
-
-Accumulators with different shifts merge exactly: ``merge`` first re-expresses
-the other's sums at this shift (``align_shift``; the translation is polynomial
-in the shift and every needed term is among the states). Before a plain
-all-reduce of the states across ranks, broadcast one rank's ``shift_a`` /
-``shift_b`` and call ``align_shift`` on every rank (``compute`` detects sums
-over different shifts and refuses them).
-
-Form by shape. ``cka``/``cka_matrix`` compute in float64 and pick the cheaper
-of the feature form (cost ~ n d1 d2) and the Gram form (~ n^2 (d1 + d2)).
-
-RBF kernel: ``k(x, x') = exp(-||x - x'||^2 / (2 sigma^2))``, ``sigma^2 = threshold^2 *``
-median of the squared pairwise distances over the full n x n matrix, diagonal
-included (Kornblith et al. 2019). Not streamable; ``cka``/``cka_matrix`` only.
-
-A layer with zero variance makes its row/column NaN with a warning naming it.
+Accumulators with different shifts merge exactly: the other's sums are first
+re-expressed at this shift (:meth:`CKAAccumulator.align_shift`; the
+translation is polynomial in the shift and every needed term is among the
+states). Distributed sync does the same through the accumulator's own
+``_pre_sync`` hook (one common shift broadcast from the lowest rank with data).
 """
 
 from __future__ import annotations
 
-import math
-import warnings
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from minidiff.accumulate import Accumulator
-from minidiff.ops.cka import batch_terms, gram_rbf, layer_index
+from minidiff.ops.cka import batch_terms, layer_index
 from minidiff.ops.selfgram import MAX_BLOCKS, STACKED_MAX_BLOCKS, SelfGrams
+from minidiff.similarity.hsic import (_blocks, _feature_hsic, _grams_hsic, _hsic_cross, _hsic_self,
+                                      _linear_grams, _ratio, _seg2, _seg_cols, _unflatten, _use_gram_form,
+                                      _zero_variance)
+from minidiff.similarity.measures import COVARIANCE_MEASURES, DEFAULT_RIDGE, check_measure, pair_measures
+from minidiff.similarity.memory import available_bytes, check_state_fits
+from minidiff.similarity.inputs import (ACC_ESTIMATORS, _as_features, _check_finite, _check_rows,
+                                        _compute_dtype, _layer_list, _names, _offsets)
 
-KERNELS = ("linear", "rbf")
-ESTIMATORS = ("biased", "unbiased")
-ACC_ESTIMATORS = ("biased", "unbiased", "minibatch")
-_EPS = float(torch.finfo(torch.float64).eps)
-_GRAM_MEMORY_LIMIT = 2 << 30  # bytes of float64 Grams before the feature form is forced
-
-
-# -- validation ------------------------------------------------------------------
-def _as_features(x, what: str, check_finite: bool = True) -> torch.Tensor:
-    if isinstance(x, torch.Tensor):
-        t = x.detach()
-    else:
-        try:
-            t = torch.as_tensor(np.asarray(x))
-        except Exception as exc:
-            raise ValueError(f"{what} must be a torch tensor or a numpy array, got {type(x).__name__}") from exc
-    if t.is_complex() or not t.is_floating_point():
-        raise ValueError(f"{what} has dtype {str(t.dtype).replace('torch.', '')}; CKA needs floating-point "
-                         "features (float16, bfloat16, float32 or float64): cast with .float()")
-    if t.ndim < 2:
-        raise ValueError(f"{what} must have shape (n_samples, features...), got shape {tuple(t.shape)}")
-    if t.ndim > 2:
-        t = t.reshape(t.shape[0], -1)
-    if check_finite:
-        _check_finite(t, what)
-    return t
-
-
-def _check_finite(t: torch.Tensor, what: str) -> None:
-    # The sum is non-finite whenever any element is (one cheap pass); only then
-    # count them (a finite input whose sum overflows passes after the count).
-    if not math.isfinite(float(t.sum())):
-        bad = int((~torch.isfinite(t)).sum())
-        if bad:
-            raise ValueError(f"{what} contains {bad} non-finite value(s) (NaN or Inf) out of {t.numel()}; "
-                             "check the model outputs feeding this layer")
-
-
-def _layer_list(feats, side: str) -> list:
-    if isinstance(feats, (torch.Tensor, np.ndarray)):
-        raise ValueError(f"feats_{side} must be a list of per-layer (n, d_l) features, got a single array; "
-                         "wrap it in a list")
-    feats = list(feats)
-    if not feats:
-        raise ValueError(f"feats_{side} is empty: pass at least one layer")
-    return feats
-
-
-def _names(names, count: int, side: str) -> list[str]:
-    if names is None:
-        return [f"{side}[{i}]" for i in range(count)]
-    names = [str(s) for s in names]
-    if len(names) != count:
-        raise ValueError(f"names_{side} has {len(names)} entries for {count} layers")
-    return names
-
-
-def _check_rows(layers: Sequence[torch.Tensor], names: Sequence[str], n: int | None) -> int:
-    for t, name in zip(layers, names):
-        if n is None:
-            n = t.shape[0]
-        elif t.shape[0] != n:
-            raise ValueError(f"layer {name} has {t.shape[0]} samples but the others have {n}: every layer "
-                             "of both models must see the same examples in the same order")
-    return n
-
-
-def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    return torch.float64 if torch.float64 in dtypes else torch.float32
-
-
-def _offsets(dims: Sequence[int]) -> list[int]:
-    return [0] + np.cumsum(dims).tolist()
-
-
-# -- HSIC from sums --------------------------------------------------------------
-def _indicator(idx: torch.Tensor, count: int, like: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """``(count, D)`` matrix with ``E[idx[j], j] = 1`` (or ``scale[j]``): block sums as GEMMs."""
-    E = like.new_zeros(count, idx.numel())
-    E[idx, torch.arange(idx.numel(), device=idx.device)] = 1.0 if scale is None else scale.to(like.dtype)
-    return E
-
-
-def _seg_cols(M: torch.Tensor, ib: torch.Tensor, lb: int, v: torch.Tensor | None = None) -> torch.Tensor:
-    """Column-block sums of ``M_ij v_j`` -> ``(rows, lb)``; one pass over M, no M-sized temporary."""
-    return M @ _indicator(ib, lb, M, v).T
-
-
-def _seg2(M: torch.Tensor, ia: torch.Tensor, la: int, ib: torch.Tensor, lb: int,
-          u: torch.Tensor | None = None, v: torch.Tensor | None = None) -> torch.Tensor:
-    """Block sums of ``u_i M_ij v_j`` (rows grouped by ia, columns by ib) -> (la, lb)."""
-    return _indicator(ia, la, M, u) @ _seg_cols(M, ib, lb, v)
-
-
-def _seg2_squares(M: torch.Tensor, ia: torch.Tensor, la: int, ib: torch.Tensor, lb: int,
-                  rows: int = 1024) -> torch.Tensor:
-    """Block sums of ``M_ij^2`` -> (la, lb), squaring ``rows`` rows at a time (M may be
-    hundreds of MB; a full ``M * M`` temporary cost more than the arithmetic)."""
-    Eb = _indicator(ib, lb, M).T
-    out = M.new_zeros(la, lb)
-    for r in range(0, M.shape[0], rows):
-        chunk = M[r:r + rows]
-        out.index_add_(0, ia[r:r + rows], (chunk * chunk) @ Eb)
-    return out
-
-
-def _finish(num: torch.Tensor, sk: torch.Tensor, sl: torch.Tensor, kl1: torch.Tensor, n: float,
-            estimator: str) -> torch.Tensor:
-    if estimator == "unbiased":
-        return (num + sk * sl / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * kl1) / (n * (n - 3))
-    raise AssertionError(estimator)
-
-
-def _hsic_cross(st: dict, n: float, ia, la, ib, lb, estimator: str) -> torch.Tensor:
-    """HSIC for every (l, m) block from the cross sums (see the module docstring)."""
-    C, sx, sy = st["C"], st["sx"], st["sy"]
-    normc2 = _seg2_squares(C, ia, la, ib, lb)
-    scs = _seg2(C, ia, la, ib, lb, sx, sy)
-    sx2 = torch.zeros(la, dtype=C.dtype, device=C.device).index_add_(0, ia, sx * sx)
-    sy2 = torch.zeros(lb, dtype=C.dtype, device=C.device).index_add_(0, ib, sy * sy)
-    if estimator == "biased":
-        return (normc2 - 2.0 * scs / n + sx2[:, None] * sy2[None, :] / n ** 2) / (n - 1) ** 2
-    ab = st["ab"]
-    say = _seg_cols(st["ay"], ib, lb, sy)        # s_y . sum a_il y_i over block m
-    sbx = _seg_cols(st["bx"], ia, la, sx).T      # s_x . sum b_im x_i over block l
-    kl1 = scs - say - sbx + ab
-    return _finish(normc2 - ab, (sx2 - st["na"])[:, None], (sy2 - st["nb"])[None, :], kl1, n, estimator)
-
-
-def _hsic_self(grams: list[torch.Tensor], s: torch.Tensor, na: torch.Tensor, axd: torch.Tensor,
-               aa: torch.Tensor, offs: list[int], n: float, estimator: str) -> torch.Tensor:
-    """HSIC(K_l, K_l) per layer from the diagonal blocks G_l = X_l^T X_l and the sums."""
-    out = []
-    for l, G in enumerate(grams):
-        sl = s[offs[l]:offs[l + 1]]
-        g2, sgs, s2 = (G * G).sum(), sl @ G @ sl, sl @ sl
-        if estimator == "biased":
-            out.append((g2 - 2.0 * sgs / n + s2 * s2 / n ** 2) / (n - 1) ** 2)
-        else:
-            kk1 = sgs - 2.0 * (sl * axd[offs[l]:offs[l + 1]]).sum() + aa[l]
-            out.append(_finish(g2 - aa[l], s2 - na[l], s2 - na[l], kk1, n, estimator))
-    return torch.stack(out)
-
-
-def _zero_variance(s: torch.Tensor, na: torch.Tensor, idx: torch.Tensor, layers: int, n: float) -> torch.Tensor:
-    """Layers whose variance, n * tr Cov = sum_i a_i - ||s||^2 / n, is zero to float64 rounding."""
-    s2 = torch.zeros(layers, dtype=torch.float64, device=s.device).index_add_(0, idx, s * s)
-    var = na - s2 / n
-    return var <= 64 * _EPS * na
-
-
-def _ratio(hab: torch.Tensor, haa: torch.Tensor, hbb: torch.Tensor, zero_a: torch.Tensor, zero_b: torch.Tensor,
-           names_a: Sequence[str], names_b: Sequence[str]) -> torch.Tensor:
-    cka = hab / torch.sqrt(haa[:, None] * hbb[None, :])
-    bad = [names_a[i] for i in torch.nonzero(zero_a).flatten().tolist()]
-    bad += [names_b[i] for i in torch.nonzero(zero_b).flatten().tolist() if names_b[i] not in bad]
-    if bad:
-        warnings.warn(f"layer(s) {', '.join(bad)} have zero variance (constant features); their CKA "
-                      "rows/columns are NaN", RuntimeWarning, stacklevel=3)
-        cka = cka.clone()
-        cka[zero_a, :] = float("nan")
-        cka[:, zero_b] = float("nan")
-    return cka
-
-
-def _blocks(M: torch.Tensor, offs: list[int]) -> list[torch.Tensor]:
-    return [M[offs[l]:offs[l + 1], offs[l]:offs[l + 1]] for l in range(len(offs) - 1)]
-
-
-# -- the accumulator -----------------------------------------------------------------
 FLUSH_SAMPLES = 16384  # float32 GEMM partial sums fold into float64 after this many samples
 
 
@@ -320,6 +114,8 @@ class CKAAccumulator(Accumulator):
         self.da, self.db = self.offs_a[-1], self.offs_b[-1]
         self._ia = layer_index(self.offs_a, self.device)
         self._ib = layer_index(self.offs_b, self.device)
+        if estimator != "minibatch":  # refuse before allocating, with the formula
+            check_state_fits(self.dims_a, None if self.same else self.dims_b, available_bytes(self.device))
         self._nonfinite_a = torch.zeros(self.la, dtype=torch.int64, device=self.device)
         self._nonfinite_b = torch.zeros(self.lb, dtype=torch.int64, device=self.device)
         z = lambda *shape: torch.zeros(shape, dtype=torch.float64, device=self.device)  # noqa: E731
@@ -633,6 +429,51 @@ class CKAAccumulator(Accumulator):
         self.shift_check = self.parts * (new_a.sum() + (0 if self.same else new_b.sum()))
         self.parts = torch.tensor(parts, dtype=torch.float64, device=self.device)
 
+    # -- the accumulator contract: device, distributed hooks ------------------------
+    def to(self, device) -> "CKAAccumulator":
+        """Move the states, shifts and partial sums to ``device`` (in place)."""
+        self._flush()
+        device = torch.device(device)
+        super().to(device)
+        self.device = device
+        self._ia, self._ib = self._ia.to(device), self._ib.to(device)
+        self._nonfinite_a, self._nonfinite_b = self._nonfinite_a.to(device), self._nonfinite_b.to(device)
+        if self.shift_a is not None:
+            self.shift_a = self.shift_a.to(device)
+            self.shift_b = self.shift_a if self.same else self.shift_b.to(device)
+        self._pending, self._grams, self._scratch = {}, {}, {}
+        return self
+
+    def _pre_sync(self, ctx) -> None:
+        """Before the states are all-reduced: re-express every rank's sums at the shift
+        of the lowest rank that has seen data (exact, :meth:`align_shift`)."""
+        if self.estimator == "minibatch":
+            return
+        seen = float(self.n) > 0
+        sa, sb = ctx.broadcast_first(self.shift_a if seen else None, self.shift_b if seen else None,
+                                     device=self.device)
+        if sa is not None:
+            self.align_shift(sa, sb)
+
+    def _agree_before_update(self, ctx, first_batch) -> None:
+        """One shift on every rank before accumulating: that of the lowest rank whose
+        accumulator already has one (resumed from a cache); if none has, rank 0 calls
+        ``first_batch()`` for ``(layers_a, layers_b)`` and takes their column means
+        rounded to float32, the shift a single process takes from the same batch."""
+        if self.estimator == "minibatch":
+            return
+        sa, sb = ctx.broadcast_first(self.shift_a, None if self.same else self.shift_b, device=self.device)
+        if sa is None:
+            mine_a = mine_b = None
+            if ctx.is_main:
+                la, lb = first_batch()
+                mine_a = torch.cat([t.detach().double().mean(0) for t in la]).float().double()
+                mine_b = None if lb is None else torch.cat([t.detach().double().mean(0) for t in lb]).float().double()
+            sa, sb = ctx.broadcast_first(mine_a, mine_b, device=self.device)
+        if self.shift_a is None or not torch.equal(self.shift_a, sa) or \
+                (sb is not None and not torch.equal(self.shift_b, sb)):
+            self.align_shift(sa, sb)
+
     def merge(self, other: "CKAAccumulator") -> "CKAAccumulator":
         """Fold ``other`` in; sums taken at another shift are re-expressed at this one first."""
         if type(other) is not type(self) or other.config() != self.config():
@@ -683,28 +524,95 @@ class CKAAccumulator(Accumulator):
         super().load_state_dict(state)
 
     # -- result ---------------------------------------------------------------------
-    def compute(self) -> torch.Tensor:
-        """The ``(La, Lb)`` CKA matrix (float64) over every sample seen."""
-        n = float(self.n)
+    def compute(self, measure: str = "cka", *, ridge: float = DEFAULT_RIDGE) -> torch.Tensor:
+        """The ``(La, Lb)`` float64 matrix of ``measure`` over every sample seen.
+
+        ``measure``: ``"cka"`` (this accumulator's estimator) or a second-order
+        measure of :mod:`minidiff.similarity.measures` (``"cca"``, ``"cca_mean"``,
+        ``"svcca"``, ``"procrustes"``, ``"procrustes_distance"``, ``"regression"``,
+        ``"regression_reverse"``, ``"rv"``), computed from the centred covariance
+        blocks these statistics hold (exact estimators only). ``ridge``: relative
+        ridge for rank-deficient covariances (see the measures module).
+        """
+        check_measure(measure)
+        if measure == "cka":
+            return self._cka()
+        return self.compute_measures([measure], ridge=ridge)[measure]
+
+    def compute_measures(self, measures: Sequence[str] = COVARIANCE_MEASURES, *,
+                         ridge: float = DEFAULT_RIDGE) -> dict[str, torch.Tensor]:
+        """Several measures at once (each layer's eigendecomposition and each pair's
+        whitened cross-covariance are shared): ``{measure: (La, Lb) float64}``."""
+        measures = [check_measure(m) for m in measures]
+        out = {"cka": self._cka()} if "cka" in measures else {}
+        rest = [m for m in measures if m != "cka"]
+        if rest:
+            cov_a, cov_b, cross = self.covariances()
+            n = float(self.n)
+            zero_a = _zero_variance(self.sx, self.na, self._ia, self.la, n).tolist()
+            zero_b = zero_a if self.same else _zero_variance(self.sy, self.nb, self._ib, self.lb, n).tolist()
+            out.update(pair_measures(cov_a, cov_b, cross, rest, self.names_a, self.names_b, ridge=ridge,
+                                     same=self.same, zero_a=zero_a, zero_b=zero_b))
+        return out
+
+    def covariances(self) -> tuple[list[torch.Tensor], list[torch.Tensor], Callable[[int, int], torch.Tensor]]:
+        """The centred covariance blocks ``(Sxx_l, Syy_m, cross)`` with ``cross(l, m) = Sxy_lm``.
+
+        From the states at any shift: ``Xc^T Xc = G - s s^T / n`` with ``G`` the
+        shifted Gram and ``s`` the shifted column sums (translation invariant).
+        """
         if self.estimator == "minibatch":
-            if n == 0:
-                raise ValueError("no samples seen: call update() before compute()")
-            zero_a, zero_b = self.ss_a <= self.raw_a, self.ss_b <= self.raw_b
-            return _ratio(self.hsic_ab, self.hsic_aa, self.hsic_bb, zero_a, zero_b, self.names_a, self.names_b)
+            raise ValueError("the minibatch estimator keeps only per-batch HSIC values; second-order measures "
+                             "need estimator='unbiased' or 'biased' (the covariance statistics)")
+        self._check_exact_states(need=2)
+        n = float(self.n)
+        sx = self.sx
+        sy = sx if self.same else self.sy
+        C = self.C
+        oa, ob = self.offs_a, self.offs_b
+
+        def cov(G, s):
+            return G - torch.outer(s, s) / n
+
+        if self.same:
+            cov_a = [cov(G, sx[oa[l]:oa[l + 1]]) for l, G in enumerate(_blocks(C, oa))]
+            cov_b = cov_a
+        else:
+            cov_a = [cov(G, sx[oa[l]:oa[l + 1]]) for l, G in enumerate(_unflatten(self.gram_a, self.dims_a))]
+            cov_b = [cov(G, sy[ob[m]:ob[m + 1]]) for m, G in enumerate(_unflatten(self.gram_b, self.dims_b))]
+
+        def cross(l: int, m: int) -> torch.Tensor:
+            return C[oa[l]:oa[l + 1], ob[m]:ob[m + 1]] - torch.outer(sx[oa[l]:oa[l + 1]], sy[ob[m]:ob[m + 1]]) / n
+
+        return cov_a, cov_b, cross
+
+    def _check_exact_states(self, need: int) -> None:
+        n = float(self.n)
         bad = [self.names_a[i] for i in torch.nonzero(self._nonfinite_a).flatten().tolist()]
         bad += [self.names_b[i] for i in torch.nonzero(self._nonfinite_b).flatten().tolist()]
         if bad:
             raise ValueError(f"layer(s) {', '.join(dict.fromkeys(bad))} received non-finite values (NaN or "
                              "Inf) in an update on the GPU; the sums are invalid: check the model outputs "
                              "and start a new accumulator")
-        need = 4 if self.estimator == "unbiased" else 2
         if n < need:
-            raise ValueError(f"the {self.estimator} estimator needs at least {need} samples, got {int(n)}")
+            raise ValueError(f"need at least {need} samples, got {int(n)}")
         expect = float(self.parts) * float(self.shift_a.sum() + (0 if self.same else self.shift_b.sum()))
         if abs(float(self.shift_check) - expect) > 1e-9 * (abs(expect) + float(self.parts)):
             raise ValueError("these states were summed over accumulators with different shifts; call "
                              "align_shift() with one common shift on every shard before adding states "
                              "(merge() does this by itself)")
+
+    def _cka(self) -> torch.Tensor:
+        n = float(self.n)
+        if self.estimator == "minibatch":
+            if n == 0:
+                raise ValueError("no samples seen: call update() before compute()")
+            zero_a, zero_b = self.ss_a <= self.raw_a, self.ss_b <= self.raw_b
+            return _ratio(self.hsic_ab, self.hsic_aa, self.hsic_bb, zero_a, zero_b, self.names_a, self.names_b)
+        need = 4 if self.estimator == "unbiased" else 2
+        if n < need:
+            raise ValueError(f"the {self.estimator} estimator needs at least {need} samples, got {int(n)}")
+        self._check_exact_states(need)
         st = {"C": self.C, "sx": self.sx, "na": self.na, "ay": self.ay, "ab": self.ab}
         if self.same:
             st.update(sy=self.sx, nb=self.na, bx=self.ay)
@@ -724,181 +632,3 @@ class CKAAccumulator(Accumulator):
         return _ratio(hab, haa, hbb, zero_a, zero_b, self.names_a, self.names_b)
 
 
-def _unflatten(flat: torch.Tensor, dims: Sequence[int]) -> list[torch.Tensor]:
-    out, o = [], 0
-    for d in dims:
-        out.append(flat[o:o + d * d].view(d, d))
-        o += d * d
-    return out
-
-
-# -- one batch in memory: feature form or Gram form ----------------------------------------
-def _feature_cost(n: int, dims_a, dims_b, same: bool) -> float:
-    da, db = sum(dims_a), sum(dims_b)
-    return n * (da * da if same else da * db + sum(d * d for d in dims_a) + sum(d * d for d in dims_b))
-
-
-def _gram_cost(n: int, dims_a, dims_b, same: bool) -> float:
-    da, db = sum(dims_a), sum(dims_b)
-    return n * n * (da + (0 if same else db) + len(dims_a) * len(dims_b))
-
-
-def _grams_hsic(ka: torch.Tensor, kb: torch.Tensor | None, estimator: str):
-    """HSIC between every pair of stacked Gram matrices ``ka (La, n, n)``, ``kb (Lb, n, n)``
-    (``kb=None``: model a with itself). Works in the Grams' dtype and modifies
-    them in place (centring or zeroing the diagonal); returns float64."""
-    n = ka.shape[-1]
-    grams = [ka] if kb is None else [ka, kb]
-    if estimator == "biased":
-        for k in grams:
-            k.sub_(k.mean(1, keepdim=True))
-            k.sub_(k.mean(2, keepdim=True))
-        fa = ka.reshape(ka.shape[0], -1)
-        fb = fa if kb is None else kb.reshape(kb.shape[0], -1)
-        c = (n - 1) ** 2
-        hab = (fa @ fb.T).double() / c
-        haa = _sqnorms(fa) / c
-        hbb = haa if kb is None else _sqnorms(fb) / c
-        return hab, haa, hbb
-    for k in grams:
-        k.diagonal(dim1=1, dim2=2).zero_()
-    fa = ka.reshape(ka.shape[0], -1)
-    fb = fa if kb is None else kb.reshape(kb.shape[0], -1)
-    # float32 Grams: torch's cascaded sums and float32 GEMMs, finished in float64
-    ca = ka.sum(2)  # K~ is symmetric: row sums = column sums, and the contiguous reduction is faster
-    cb = ca if kb is None else kb.sum(2)
-    ta, tb = ca.sum(1).double(), cb.sum(1).double()
-
-    def h(tr, sk, sl, kl1):
-        return (tr + sk * sl / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * kl1) / (n * (n - 3))
-
-    hab = h((fa @ fb.T).double(), ta[:, None], tb[None, :], (ca @ cb.T).double())
-    haa = h(_sqnorms(fa), ta, ta, _sqnorms(ca))
-    hbb = haa if kb is None else h(_sqnorms(fb), tb, tb, _sqnorms(cb))
-    return hab, haa, hbb
-
-
-def _sqnorms(rows: torch.Tensor) -> torch.Tensor:
-    """Squared norm of every row, one pass, float64 result."""
-    return torch.linalg.vector_norm(rows, dim=1).double() ** 2
-
-
-def _linear_grams(layers: list[torch.Tensor]) -> torch.Tensor:
-    """Stacked ``X_l X_l^T`` in the layers' dtype, written straight into one buffer."""
-    n = layers[0].shape[0]
-    out = torch.empty(len(layers), n, n, dtype=layers[0].dtype, device=layers[0].device)
-    for l, x in enumerate(layers):
-        torch.mm(x, x.T, out=out[l])
-    return out
-
-
-def _use_gram_form(n: int, dims_a, dims_b, same: bool, itemsize: int) -> bool:
-    gram_bytes = itemsize * n * n * (len(dims_a) + (0 if same else len(dims_b)))
-    return (_gram_cost(n, dims_a, dims_b, same) < _feature_cost(n, dims_a, dims_b, same)
-            and gram_bytes <= _GRAM_MEMORY_LIMIT)
-
-
-def _feature_hsic(za: torch.Tensor, zb: torch.Tensor, offs_a: list[int], offs_b: list[int], same: bool,
-                  estimator: str):
-    """HSIC of every layer pair for one batch in feature form (rows centred), plus each
-    layer's sum of squares. GEMMs in the batch's dtype, everything after in float64."""
-    n = za.shape[0]
-    la, lb = len(offs_a) - 1, len(offs_b) - 1
-    ia, ib = layer_index(offs_a, za.device), layer_index(offs_b, zb.device)
-    t = dict(zip(("sx", "sy", "na", "nb", "ay", "bx", "ab", "axd", "byd", "aa", "bb"),
-                 batch_terms(za, zb, offs_a, offs_b)))
-    t["C"] = (za.T @ zb).double()
-    hab = _hsic_cross(t, float(n), ia, la, ib, lb, estimator)
-    if same:
-        haa = hbb = torch.diagonal(hab).clone()
-    else:
-        ga = [(za[:, a:b].T @ za[:, a:b]).double() for a, b in zip(offs_a, offs_a[1:])]
-        gb = [(zb[:, a:b].T @ zb[:, a:b]).double() for a, b in zip(offs_b, offs_b[1:])]
-        haa = _hsic_self(ga, t["sx"], t["na"], t["axd"], t["aa"], offs_a, float(n), estimator)
-        hbb = _hsic_self(gb, t["sy"], t["nb"], t["byd"], t["bb"], offs_b, float(n), estimator)
-    return hab, haa, hbb, t["na"], t["nb"]
-
-
-# -- public functions ----------------------------------------------------------------
-def cka_matrix(feats_a, feats_b=None, *, kernel: str = "linear", estimator: str = "unbiased",
-               threshold: float = 1.0, names_a: Sequence[str] | None = None,
-               names_b: Sequence[str] | None = None) -> torch.Tensor:
-    """CKA between every layer of model a and every layer of model b.
-
-    Parameters
-    ----------
-    feats_a, feats_b : lists of ``(n, d_l)`` features (torch or numpy; trailing
-        dimensions are flattened), rows aligned across all layers of both models.
-        ``feats_b=None`` compares model a with itself. Widths and layer counts
-        may differ between the models.
-    kernel : ``"linear"`` or ``"rbf"`` (bandwidth ``sigma^2 = threshold^2 *`` median
-        squared distance, Kornblith et al. 2019).
-    estimator : ``"unbiased"`` (HSIC_1, Song et al. 2012; n >= 4) or ``"biased"``.
-
-    Returns
-    -------
-    ``(La, Lb)`` float64 tensor. Computed in float64 by the cheaper of the feature
-    form (linear kernel only) and the Gram form; never clamped.
-    """
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator must be one of {ESTIMATORS} for in-memory CKA, got {estimator!r} "
-                         "(the minibatch estimator is CKAAccumulator(estimator='minibatch'))")
-    if kernel == "rbf" and not (isinstance(threshold, (int, float)) and threshold > 0 and math.isfinite(threshold)):
-        raise ValueError(f"threshold must be a positive number, got {threshold!r}")
-    same = feats_b is None
-    fa = _layer_list(feats_a, "a")
-    na_ = _names(names_a, len(fa), "a")
-    la = [_as_features(t, f"layer {name}") for t, name in zip(fa, na_)]
-    if same:
-        lb, nb_ = la, na_
-    else:
-        fb = _layer_list(feats_b, "b")
-        nb_ = _names(names_b, len(fb), "b")
-        lb = [_as_features(t, f"layer {name}") for t, name in zip(fb, nb_)]
-    n = _check_rows(la + lb, na_ + nb_, None)
-    need = 4 if estimator == "unbiased" else 2
-    if n < need:
-        raise ValueError(f"the {estimator} estimator needs at least {need} samples, got n={n}")
-    device = la[0].device
-    la = [t.to(device=device, dtype=torch.float64) for t in la]
-    lb = la if same else [t.to(device=device, dtype=torch.float64) for t in lb]
-    dims_a, dims_b = [t.shape[1] for t in la], [t.shape[1] for t in lb]
-    gram_bytes = 8 * n * n * (len(la) + (0 if same else len(lb)))
-    use_gram = kernel == "rbf" or (
-        _gram_cost(n, dims_a, dims_b, same) < _feature_cost(n, dims_a, dims_b, same) and gram_bytes <= _GRAM_MEMORY_LIMIT)
-    if not use_gram:
-        acc = CKAAccumulator(dims_a, None if same else dims_b, estimator=estimator, device=device,
-                             names_a=na_, names_b=None if same else nb_)
-        acc.update(la, None if same else lb)
-        return acc.compute()
-    centred_a = [t - t.mean(0) for t in la]
-    centred_b = centred_a if same else [t - t.mean(0) for t in lb]
-
-    def zero(raw, centred):
-        return torch.tensor([float((c * c).sum()) <= 64 * _EPS * float((r * r).sum()) for r, c in zip(raw, centred)],
-                            device=device)
-
-    zero_a = zero(la, centred_a)
-    zero_b = zero_a if same else zero(lb, centred_b)
-    if kernel == "linear":
-        ka = torch.stack([c @ c.T for c in centred_a])
-        kb = None if same else torch.stack([c @ c.T for c in centred_b])
-    else:
-        ka = torch.stack([gram_rbf(c, threshold) for c in centred_a])
-        kb = None if same else torch.stack([gram_rbf(c, threshold) for c in centred_b])
-    hab, haa, hbb = _grams_hsic(ka, kb, estimator)
-    return _ratio(hab, haa, hbb, zero_a, zero_b, na_, nb_)
-
-
-def cka(x, y, *, kernel: str = "linear", estimator: str = "biased", threshold: float = 1.0) -> float:
-    """CKA between two representations of the same n examples.
-
-    ``x: (n, d1)``, ``y: (n, d2)`` (torch tensors or numpy arrays). See
-    :func:`cka_matrix` for kernels and estimators; the default here is the biased
-    estimator of Kornblith et al. (2019). Returns a Python float (NaN, with a
-    warning, when one representation has zero variance).
-    """
-    return float(cka_matrix([x], [y], kernel=kernel, estimator=estimator, threshold=threshold,
-                            names_a=["x"], names_b=["y"])[0, 0])
