@@ -24,12 +24,13 @@ aa     (Lx,)          sum_i a_il^2
 bb     (Ly,)          sum_i b_im^2
 =====  =============  ==========================================
 
-Backends: CPU tensors -> ``minidiff._C.cka_batch_terms`` (fused, threaded,
-AVX2/AVX-512); CUDA tensors -> the Triton kernel ``minidiff.kernels.cka``
-(torch reference on the device when Triton is missing). The cross-product
-``x^T y`` is a plain GEMM and stays in torch. The op is registered as
-``torch.ops.minidiff.cka_batch_terms`` with a fake implementation, so it
-traces under ``torch.compile``.
+Backends (chosen by :mod:`minidiff.ops.dispatch`, family ``cka``): CPU tensors ->
+``minidiff._C.cka_batch_terms`` (fused, threaded, AVX2/AVX-512); CUDA tensors ->
+the Triton kernel ``minidiff.kernels.cka`` (torch reference on the device when
+Triton is missing). The cross-product ``x^T y`` is a plain GEMM and stays in
+torch. The op is registered as ``torch.ops.minidiff.cka_batch_terms`` with a
+fake implementation, so it traces under ``torch.compile``; eager calls use the
+same op, which validates shapes, dtypes, devices and layer offsets first.
 
 References
 ----------
@@ -47,10 +48,10 @@ import torch
 
 from minidiff._native import cpu_core, triton_available
 from minidiff.ops._validate import num_threads
+from minidiff.ops.dispatch import check_backend, define, interpreting
 
 TERMS = ("sx", "sy", "na", "nb", "ay", "bx", "ab", "axd", "byd", "aa", "bb")
 FLOAT_DTYPES = (torch.float32, torch.float64)
-BACKENDS = ("auto", "native", "triton", "reference")
 
 
 def _term_shapes(dx: int, dy: int, lx: int, ly: int) -> list[tuple[int, ...]]:
@@ -122,51 +123,56 @@ def pack(terms: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.reshape(-1) for t in terms])
 
 
-def _batch_terms_triton(x: torch.Tensor, y: torch.Tensor, offs_x: list[int], offs_y: list[int]) -> list[torch.Tensor]:
+def _batch_terms_triton(x: torch.Tensor, y: torch.Tensor, offs_x: list[int], offs_y: list[int]) -> torch.Tensor:
     from minidiff.kernels.cka import cka_batch_terms as kernel
 
     return kernel(x.contiguous(), y.contiguous(), offs_x, offs_y)
 
 
-@torch.library.custom_op("minidiff::cka_batch_terms", mutates_args=())
-def _cka_batch_terms_op(x: torch.Tensor, y: torch.Tensor, offs_x: list[int], offs_y: list[int]) -> torch.Tensor:
-    """Packed float64 terms (one buffer, see ``unpack``)."""
-    if x.device.type == "cpu":
+def _candidates(device: torch.device) -> list[str]:
+    """Backends that can run ``cka_batch_terms`` on ``device``, default first."""
+    if device.type == "cpu":
+        return ["native"] + (["triton"] if triton_available() and interpreting() else []) + ["torch"]
+    return (["triton"] if triton_available() else []) + ["torch"]
+
+
+def _cka_batch_terms_kernel(x: torch.Tensor, y: torch.Tensor, offs_x: list[int], offs_y: list[int],
+                            backend: str = "auto") -> torch.Tensor:
+    """Packed float64 terms (one buffer, see ``unpack``); arguments validated first."""
+    _check_batch(x, y, offs_x, offs_y)
+    name = check_backend(backend, "cka", _candidates(x.device))
+    if name == "native":
         return _batch_terms_native(x, y, offs_x, offs_y)
-    if triton_available():
+    if name == "triton":
         return _batch_terms_triton(x, y, offs_x, offs_y)
     return pack(batch_terms_reference(x, y, offs_x, offs_y))
 
 
-@_cka_batch_terms_op.register_fake
-def _(x, y, offs_x, offs_y):
+def _fake(x, y, offs_x, offs_y, backend="auto"):
+    _check_batch(x, y, offs_x, offs_y)
     shapes = _term_shapes(x.shape[1], y.shape[1], len(offs_x) - 1, len(offs_y) - 1)
     return x.new_empty(sum(math.prod(s) for s in shapes), dtype=torch.float64)
 
 
+_cka_batch_terms_op = define("cka_batch_terms",
+                             '(Tensor x, Tensor y, int[] offs_x, int[] offs_y, str backend="auto") -> Tensor',
+                             _cka_batch_terms_kernel, _fake)
+
+
 def batch_terms(x: torch.Tensor, y: torch.Tensor, offs_x: list[int], offs_y: list[int],
                 backend: str = "auto") -> list[torch.Tensor]:
-    """Validated entry point of ``cka_batch_terms``; see the module docstring.
+    """The terms of ``torch.ops.minidiff.cka_batch_terms`` (see the module docstring),
+    unpacked into views in ``TERMS`` order.
 
-    ``backend``: ``"auto"`` (the registered op: ``_C`` on CPU, Triton on CUDA),
-    ``"native"``, ``"triton"`` or ``"reference"``.
+    ``backend``: ``"auto"`` (``minidiff.ops.dispatch``: ``_C`` on CPU, Triton on
+    CUDA, unless ``MINIDIFF_BACKEND[_CKA]`` prefers another that applies),
+    ``"native"``, ``"triton"`` or ``"reference"`` (float64 torch). Every choice
+    runs through the registered op, which validates its arguments.
     """
     _check_batch(x, y, offs_x, offs_y)
     offs_x, offs_y = [int(o) for o in offs_x], [int(o) for o in offs_y]
     dims = (x.shape[1], y.shape[1], len(offs_x) - 1, len(offs_y) - 1)
-    if backend == "auto":
-        return unpack(torch.ops.minidiff.cka_batch_terms(x, y, offs_x, offs_y), *dims)
-    if backend == "native":
-        if x.device.type != "cpu":
-            raise ValueError("backend='native' (minidiff._C) needs CPU tensors")
-        return unpack(_batch_terms_native(x, y, offs_x, offs_y), *dims)
-    if backend == "triton":
-        if not triton_available():
-            raise ValueError("backend='triton' needs Triton (and a CUDA device, or TRITON_INTERPRET=1)")
-        return unpack(_batch_terms_triton(x, y, offs_x, offs_y), *dims)
-    if backend == "reference":
-        return batch_terms_reference(x, y, offs_x, offs_y)
-    raise ValueError(f"unknown backend {backend!r}; use one of {BACKENDS}")
+    return unpack(_cka_batch_terms_op(x, y, offs_x, offs_y, backend), *dims)
 
 
 # -- CKA from the definitions (float64, Gram form) --------------------------------

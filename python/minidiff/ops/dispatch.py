@@ -114,7 +114,7 @@ def check_backend(backend: str, family: str, candidates: Sequence[str]) -> str:
     """Resolve an explicit ``backend=`` argument: "auto" -> :func:`choose`; a named
     backend must be among ``candidates`` or ``ValueError`` says which ones apply."""
     if not isinstance(backend, str) or backend.strip().lower() not in BACKENDS:
-        raise ValueError(f"backend={backend!r}: use one of {BACKENDS}")
+        raise ValueError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
     b = "torch" if backend == "reference" else backend
     if b == "auto":
         return choose(family, candidates)
