@@ -7,11 +7,22 @@ measured here, per model, with the same attack budget, and with transfer between
 
 - :class:`AdversarialConfig` — the ``[adversarial]`` table of a study file.
 - :func:`run_adversarial` — attack every model, return JSON-able results.
-- :func:`render_section` — the HTML section of the report.
+
+The HTML section is drawn by :func:`minidiff.report.adversarial.render_section`
+(this package only computes).
 """
 
+from typing import Any
+
 from .config import AdversarialConfig
-from .report import render_section
 from .run import run_adversarial
 
-__all__ = ["AdversarialConfig", "run_adversarial", "render_section"]
+__all__ = ["AdversarialConfig", "run_adversarial"]
+
+
+def __getattr__(name: str) -> Any:
+    # ``render_section`` moved to the report package; kept reachable under its old name
+    if name == "render_section":
+        import importlib
+        return importlib.import_module("minidiff.report.adversarial").render_section
+    raise AttributeError(f"module 'minidiff.adversarial' has no attribute {name!r}")

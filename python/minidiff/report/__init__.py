@@ -1,5 +1,15 @@
-"""The HTML report: rendered from a results dict only (:func:`render`)."""
+"""The report: every renderer of results lives here, and only here uses matplotlib.
 
-from .html import render
+- :func:`render` — the self-contained HTML page of a :class:`minidiff.results.Results`;
+  :func:`render_files` — the page plus every figure as ``plots/<name>.png`` / ``.svg``.
+- :func:`verdict_table` — the verdict table with its legend (``Results._repr_html_``).
+- :func:`register_renderer` — draw a new results section: ``(results, ctx) -> html``,
+  figures through ``ctx.figure(name, Figure, alt)`` (see :mod:`.context`).
+- :mod:`.plots` — the figures, as ``matplotlib.figure.Figure`` objects (no pyplot,
+  the global backend is never switched); :mod:`.adversarial` — the adversarial section.
+"""
 
-__all__ = ["render"]
+from .context import RENDERERS, RenderContext, register_renderer
+from .html import render, render_files, verdict_table
+
+__all__ = ["render", "render_files", "verdict_table", "register_renderer", "RenderContext", "RENDERERS"]
