@@ -25,22 +25,11 @@ import torch
 from scipy import stats
 
 from minidiff.metrics._checks import MetricSkipped, _jsonable
+from minidiff.results.verdicts import RULES, decide_all, legends
 
-#: Verdict thresholds; also written into results.json and the report legend.
-THRESHOLDS = {
-    "accuracy": "same: the 95% paired-bootstrap CI of the accuracy change contains 0; minor: it excludes 0 but "
-                "|change| < 1 point; differs: it excludes 0 and |change| >= 1 point",
-    "prediction_errors": "churn = share of examples whose prediction changed. With >= 2 base seeds, reference r = "
-                         "churn between two base seeds: same if churn <= 1.5 r, differs if churn > 3 r, minor between. "
-                         "Without seeds: same <= 2%, differs > 10%. A significant McNemar test (p < 0.05) is at least minor",
-    "representation": "final-embedding linear CKA c: same if c >= 0.95 (or >= the two-base-seed CKA), "
-                      "differs if c < 0.80 (and below that reference), minor between",
-    "distribution": "same if OOD-flag Jaccard >= 0.7 (when an OOD set is given) and the KS statistic of the "
-                    "confidence distributions <= 0.1; differs if Jaccard < 0.5 or KS > 0.25; minor between",
-    "adversarial": "accuracy under attack (same budget for every model), variant minus base with a paired "
-                   "bootstrap CI per attack: same if every CI contains 0; differs if one excludes 0 with "
-                   "|change| >= 5 points; minor otherwise",
-}
+#: How each verdict is decided, in words: written by the verdict rules from the same thresholds
+#: they decide with (:mod:`minidiff.results.verdicts`); also in results.json and the report legend.
+THRESHOLDS = legends()
 
 
 def softmax64(logits: torch.Tensor) -> torch.Tensor:
@@ -408,80 +397,11 @@ class Analysis:
     # -- verdicts ---------------------------------------------------------------------
     @staticmethod
     def verdicts(var: str, models: dict, pe: dict, rep: dict, dist: dict, adv: dict | None) -> dict[str, Any]:
-        v: dict[str, Any] = {}
-        ac = pe.get("accuracy_change")
-        if ac:
-            lo, hi, mean = ac["ci_low"], ac["ci_high"], ac["mean"]
-            if lo <= 0 <= hi:
-                verdict = "same"
-            else:
-                verdict = "differs" if abs(mean) >= 0.01 else "minor"
-            v["accuracy"] = {"verdict": verdict, "summary": f"Δ {100 * mean:+.2f} pts [{100 * lo:+.2f}, {100 * hi:+.2f}]"}
-        else:
-            v["accuracy"] = {"verdict": "not_measured", "summary": "no labels"}
-        churn, ref = pe["churn"], pe.get("reference_churn")
-        if ref is not None:
-            verdict = "same" if churn <= 1.5 * ref else ("differs" if churn > 3 * ref else "minor")
-            summ = f"churn {100 * churn:.1f}% vs {100 * ref:.1f}% between base seeds"
-        else:
-            verdict = "same" if churn <= 0.02 else ("differs" if churn > 0.10 else "minor")
-            summ = f"churn {100 * churn:.1f}%"
-        mc = pe.get("mcnemar")
-        if mc and mc.get("p_value") is not None and mc["p_value"] < 0.05 and verdict == "same":
-            verdict = "minor"
-        if mc:
-            summ += f"; McNemar p={mc['p_value']:.2g}"
-        pie = pe.get("pie") or {}
-        if pie.get("population") and pie.get("count") is not None:
-            summ += f"; {pie['count']} PIEs"
-        v["prediction_errors"] = {"verdict": verdict, "summary": summ}
-        cka = rep.get("cka")
-        if cka:
-            c, r = cka["final"], cka.get("reference_final")
-            same_bar = min(0.95, r) if r is not None else 0.95
-            diff_bar = min(0.80, r - 0.1) if r is not None else 0.80
-            verdict = "same" if c >= same_bar else ("differs" if c < diff_bar else "minor")
-            summ = f"final CKA {c:.3f}" + (f" (seeds {r:.3f})" if r is not None else "")
-            if rep.get("knn_overlap"):
-                summ += f"; kNN overlap {rep['knn_overlap']['mean']:.2f}"
-            v["representation"] = {"verdict": verdict, "summary": summ}
-        else:
-            v["representation"] = {"verdict": "not_measured", "summary": "no layers captured"}
-        ks = dist["confidence_shift"]["statistic"]
-        ood = dist.get("ood") or {}
-        jac = ood.get("jaccard")
-        if jac is None:
-            verdict = "same" if ks <= 0.1 else ("differs" if ks > 0.25 else "minor")
-            summ = f"confidence KS {ks:.2f}; OOD not measured"
-        else:
-            verdict = "same" if (ks <= 0.1 and jac >= 0.7) else ("differs" if (ks > 0.25 or jac < 0.5) else "minor")
-            summ = f"OOD-flag Jaccard {jac:.2f}; confidence KS {ks:.2f}"
-        v["distribution"] = {"verdict": verdict, "summary": summ}
-        v["adversarial"] = adversarial_verdict(var, adv)
-        return v
+        """Every registered verdict rule applied to this variant's sections (:mod:`minidiff.results.verdicts`)."""
+        return decide_all(var, {"models": models, "prediction_errors": pe, "representation": rep,
+                                "distribution": dist, "adversarial": adv})
 
 
 def adversarial_verdict(var: str, adv: dict | None) -> dict[str, Any]:
-    """Verdict cell for the adversarial column from :func:`minidiff.adversarial.run_adversarial`'s dict.
-
-    Per attack, ``change[var]["adversarial_accuracy"]`` is the variant-minus-base accuracy under
-    attack with a paired bootstrap CI. same: every CI contains 0; differs: some CI excludes 0 with
-    |delta| >= 5 points; minor otherwise. The strongest change is quoted.
-    """
-    if not adv or adv.get("not_measured"):
-        return {"verdict": "not_measured", "summary": (adv or {}).get("not_measured", "no [adversarial] table")}
-    worst = None
-    for name, run in (adv.get("attacks") or {}).items():
-        ch = ((run.get("change") or {}).get(var) or {}).get("adversarial_accuracy") or {}
-        d = ch.get("delta")
-        if d is None:
-            continue
-        lo, hi = ch.get("ci_low"), ch.get("ci_high")
-        sig = lo is not None and hi is not None and not (lo <= 0 <= hi)
-        if worst is None or (sig, abs(d)) > (worst[1], abs(worst[2])):
-            worst = (name, sig, d)
-    if worst is None:
-        return {"verdict": "not_measured", "summary": "no attack result for this variant"}
-    name, sig, d = worst
-    verdict = "same" if not sig else ("differs" if abs(d) >= 0.05 else "minor")
-    return {"verdict": verdict, "summary": f"robust accuracy Δ {100 * d:+.1f} pts ({name})"}
+    """Verdict cell for the adversarial column (:class:`minidiff.results.verdicts.AdversarialRule`)."""
+    return RULES["adversarial"].decide(var, {"adversarial": adv}).to_dict()
