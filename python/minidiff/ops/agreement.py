@@ -12,7 +12,7 @@ they trace under ``torch.compile``):
 ``minidiff::agreement_modal_labels(preds, num_classes) -> (M,) int64``
 ``minidiff::agreement_cie_scores(base, comp, num_classes) -> (M,) float64``
 
-Backends, per call:
+Backends, per call (chosen by :mod:`minidiff.ops.dispatch`, family ``agreement``):
 
 * CPU tensor -> ``minidiff._C`` (bit-plane popcount kernel, AVX-512 VPOPCNTDQ
   when the CPU has it; fused O(K)-per-example population statistics).
@@ -21,17 +21,18 @@ Backends, per call:
   rule is measured, not guessed: on the first call per device both kernels
   count the same probe (64 models x 2**20 examples, int32, with labels, 3 timed
   runs after a warm-up, CUDA events); the faster median wins and is cached for
-  the process. ``MINIDIFF_AGREEMENT_BACKEND=cuda|triton|torch`` overrides the
-  choice. When only one is available it is used; with neither, the torch
-  reference runs on the device. Under ``TRITON_INTERPRET=1`` Triton runs on
-  the host and is not a candidate when the CUDA kernel exists. Population statistics on CUDA use the label
-  histogram kernel of the chosen backend, then argmax / an integer Taxicab sum
-  in torch, in chunks of examples so the ``M x C`` histogram stays under 2**26
-  entries.
+  the process. ``MINIDIFF_BACKEND_AGREEMENT=cuda|triton|torch`` (or
+  ``MINIDIFF_BACKEND``) overrides the choice. When only one is available it is
+  used; with neither, the torch reference runs on the device. Under
+  ``TRITON_INTERPRET=1`` Triton runs on the host and is not a candidate when the
+  CUDA kernel exists. Population statistics on CUDA use the label histogram
+  kernel of the chosen backend, then argmax / an integer Taxicab sum in torch, in
+  chunks of examples so the ``M x C`` histogram stays under 2**26 entries.
 
-Eager calls go straight to the implementation; only traced calls (torch.compile,
-export, fake tensors) go through the registered op, whose first eager call would
-otherwise import torch._dynamo.
+Eager and compiled calls go through the same registered op, whose implementation
+validates shapes, dtypes, devices and class-index ranges before any kernel runs
+(the native kernels check the range inside their own pass over the data, so the
+predictions are read once); a bad argument is a ``ValueError``.
 
 The ``*_reference`` functions are the float64/int64 pure-torch definitions the
 tests compare every backend with.
@@ -40,19 +41,18 @@ tests compare every backend with.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Callable
 
 import torch
 
 from minidiff._native import cpu_core, cuda_core, triton_available
 from minidiff.ops._validate import num_threads
+from minidiff.ops.dispatch import check_backend, choose, define, interpreting
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 # Examples per native/kernel call: keeps every per-call count below 2**31.
 _MAX_CALL_EXAMPLES = 1 << 30
 _HIST_ENTRIES = 1 << 26
-_BACKENDS = ("auto", "native", "cuda", "triton", "torch", "reference")
 
 
 # ---- references (pure torch, exact integers / float64) ---------------------
@@ -295,17 +295,15 @@ _HIST_IMPLS: dict[str, Callable] = {
 }
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+def _cuda_kernel_available() -> bool:
+    core = cuda_core()
+    return core is not None and hasattr(core, "agreement_pair_counts") and core.device_count() > 0
 
 
 def _cuda_available_backends() -> list[str]:
-    out = []
-    core = cuda_core()
-    if core is not None and hasattr(core, "agreement_pair_counts") and core.device_count() > 0:
-        out.append("cuda")
+    out = ["cuda"] if _cuda_kernel_available() else []
     # Under TRITON_INTERPRET=1 Triton runs on the host: never the faster one.
-    if triton_available() and not (_interpreting() and out):
+    if triton_available() and not (interpreting() and out):
         out.append("triton")
     return out
 
@@ -313,11 +311,6 @@ def _cuda_available_backends() -> list[str]:
 @functools.lru_cache(maxsize=None)
 def _measured_cuda_backend(device_index: int) -> str:
     """The faster of the CUDA and Triton kernels on this device (see module doc)."""
-    forced = os.environ.get("MINIDIFF_AGREEMENT_BACKEND", "").strip().lower()
-    if forced:
-        if forced not in _PAIR_IMPLS:
-            raise ValueError(f"MINIDIFF_AGREEMENT_BACKEND={forced!r}: use one of {sorted(_PAIR_IMPLS)}")
-        return forced
     candidates = _cuda_available_backends()
     if not candidates:
         return "torch"
@@ -343,34 +336,92 @@ def _measured_cuda_backend(device_index: int) -> str:
     return min(medians, key=medians.get)
 
 
+def _candidates(t: torch.Tensor) -> list[str]:
+    """Backends that can run the agreement ops on ``t``'s device, default first."""
+    if t.is_cuda:
+        index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+        first = _measured_cuda_backend(index)
+        rest = [b for b in _cuda_available_backends() if b != first]
+        return [first] + rest + (["torch"] if first != "torch" else [])
+    if t.device.type == "cpu":
+        return ["native", "torch"] + (["triton"] if triton_available() and interpreting() else [])
+    return ["torch"]
+
+
 def cuda_backend(device: torch.device) -> str:
-    """Name of the backend the CUDA dispatch uses on ``device`` ("cuda", "triton" or "torch")."""
-    return _measured_cuda_backend(device.index if device.index is not None else torch.cuda.current_device())
+    """Name of the backend the dispatch uses for CUDA tensors on ``device`` ("cuda",
+    "triton" or "torch"): the measured faster kernel unless ``MINIDIFF_BACKEND[_AGREEMENT]``
+    prefers another that applies."""
+    return choose("agreement", _candidates(torch.empty(0, device=device)))
 
 
 def _resolve(backend: str, t: torch.Tensor) -> str:
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend={backend!r}: use one of {_BACKENDS}")
-    if backend == "reference":
-        return "torch"
-    if backend == "auto":
-        return cuda_backend(t.device) if t.is_cuda else "native"
-    if backend == "native" and t.device.type != "cpu":
-        raise ValueError("backend='native' (minidiff._C) needs CPU tensors; use 'auto' for CUDA tensors")
-    if backend == "cuda" and not t.is_cuda:
-        raise ValueError("backend='cuda' needs CUDA tensors")
-    if backend == "triton" and not t.is_cuda and not _interpreting():
-        raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
-    return backend
+    return check_backend(backend, "agreement", _candidates(t))
+
+
+# ---- validation at the op boundary -------------------------------------------
+MAX_CLASSES = 1 << 24
+"""Largest ``num_classes`` of the population ops: they keep a histogram of
+``num_classes`` counts per example block and thread (64 MiB of int32 per thread at this
+limit)."""
+
+
+def _check_index_matrix(t: torch.Tensor, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch tensor, got {type(t).__name__}")
+    if t.ndim != 2 or t.dtype not in INDEX_DTYPES:
+        raise ValueError(f"{name} must be a 2-D int32 or int64 tensor (num_models, num_examples), "
+                         f"got {str(t.dtype).replace('torch.', '')} of shape {tuple(t.shape)}")
+    if t.shape[0] == 0 or t.shape[1] == 0:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}: need at least one model and one example")
+
+
+def _check_int_arg(value, name: str, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ValueError(f"{name} must be an int in [{lo}, {hi}], got {value!r}")
+    return value
+
+
+def _check_pair_args(preds, labels, nbits, num_classes) -> None:
+    _check_index_matrix(preds, "preds")
+    if labels is not None:
+        if not isinstance(labels, torch.Tensor) or labels.ndim != 1:
+            raise ValueError(f"labels must be a 1-D tensor (num_examples,), got "
+                             f"{tuple(getattr(labels, 'shape', ()))}")
+        if labels.dtype != preds.dtype:
+            raise ValueError(f"labels are {str(labels.dtype).replace('torch.', '')} but preds "
+                             f"{str(preds.dtype).replace('torch.', '')}; cast both to one integer dtype")
+        if labels.shape[0] != preds.shape[1]:
+            raise ValueError(f"labels has {labels.shape[0]} examples but preds has {preds.shape[1]}")
+        if labels.device != preds.device:
+            raise ValueError(f"labels are on {labels.device} but preds on {preds.device}")
+    _check_int_arg(nbits, "nbits", -1, 63)
+    _check_int_arg(num_classes, "num_classes", 0, torch.iinfo(torch.int64).max)
+    if nbits == 0 and labels is None:
+        raise ValueError("nbits=0 (skip the disagreement counts) needs labels")
+
+
+def _check_population_args(num_classes, *pops: tuple[torch.Tensor, str]) -> None:
+    for t, name in pops:
+        _check_index_matrix(t, name)
+    _check_int_arg(num_classes, "num_classes", 1, MAX_CLASSES)
+    (first, fname), *rest = pops
+    for t, name in rest:
+        if t.shape[1] != first.shape[1]:
+            raise ValueError(f"{fname} has {first.shape[1]} examples but {name} has {t.shape[1]}; both "
+                             "must predict the same examples in the same order")
+        if t.device != first.device:
+            raise ValueError(f"{fname} is on {first.device} but {name} on {t.device}")
 
 
 # ---- the ops ----------------------------------------------------------------
 def _pair_counts_impl(preds: torch.Tensor, labels: torch.Tensor | None, nbits: int,
                       num_classes: int, backend: str = "auto", check: bool = True
                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_pair_args(preds, labels, nbits, num_classes)
     name = _resolve(backend, preds)
-    if nbits == 0 and labels is None:
-        raise ValueError("nbits=0 (skip the disagreement counts) needs labels")
+    preds = preds.contiguous()
+    labels = None if labels is None else labels.contiguous()
     if check and name != "native":  # the native kernel checks the range in its own pass
         check_range(preds, "preds", num_classes or None)
     fn = _pair_counts_native if name == "native" else _PAIR_IMPLS[name]
@@ -401,10 +452,24 @@ def _histogram_chunks(preds: torch.Tensor, num_classes: int, name: str):
         yield s, e, _HIST_IMPLS[name](preds[:, s:e].contiguous(), num_classes)
 
 
+def _native_or_range_error(call, num_classes: int, *pops: tuple[torch.Tensor, str]):
+    """Run a native population call, which checks every class index in its own pass
+    and raises ValueError on the first out-of-range one; then name where it is."""
+    try:
+        return call()
+    except ValueError:
+        for t, name in pops:
+            check_range(t, name, num_classes)
+        raise
+
+
 def _modal_impl(preds: torch.Tensor, num_classes: int, backend: str = "auto") -> torch.Tensor:
+    _check_population_args(num_classes, (preds, "preds"))
     name = _resolve(backend, preds)
+    preds = preds.contiguous()
     if name == "native":
-        return _modal_native(preds, num_classes)
+        return _native_or_range_error(lambda: _modal_native(preds, num_classes), num_classes, (preds, "preds"))
+    check_range(preds, "preds", num_classes)
     out = torch.empty(preds.shape[1], dtype=torch.int64, device=preds.device)
     for s, e, h in _histogram_chunks(preds, num_classes, name):
         out[s:e] = h.argmax(dim=1)  # first maximum = smallest label among ties
@@ -413,9 +478,15 @@ def _modal_impl(preds: torch.Tensor, num_classes: int, backend: str = "auto") ->
 
 def _cie_impl(base: torch.Tensor, comp: torch.Tensor, num_classes: int,
               backend: str = "auto") -> torch.Tensor:
+    pops = ((base, "base"), (comp, "comp"))
+    _check_population_args(num_classes, *pops)
     name = _resolve(backend, base)
+    base, comp = base.contiguous(), comp.contiguous()
+    pops = ((base, "base"), (comp, "comp"))
     if name == "native":
-        return _cie_native(base, comp, num_classes)
+        return _native_or_range_error(lambda: _cie_native(base, comp, num_classes), num_classes, *pops)
+    for t, tname in pops:
+        check_range(t, tname, num_classes)
     kb, kc = base.shape[0], comp.shape[0]
     out = torch.empty(base.shape[1], dtype=torch.float64, device=base.device)
     for (s, e, hb), (_, _, hc) in zip(_histogram_chunks(base, num_classes, name),
@@ -426,51 +497,40 @@ def _cie_impl(base: torch.Tensor, comp: torch.Tensor, num_classes: int,
     return out
 
 
-@torch.library.custom_op("minidiff::agreement_pair_counts", mutates_args=())
-def _pair_counts_op(preds: torch.Tensor, labels: torch.Tensor | None, nbits: int, num_classes: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _pair_counts_impl(preds, labels, nbits, num_classes)
-
-
-@_pair_counts_op.register_fake
-def _(preds, labels, nbits, num_classes):
+def _pair_fake(preds, labels, nbits, num_classes, backend="auto", check=True):
+    _check_pair_args(preds, labels, nbits, num_classes)
     n = preds.shape[0]
     return preds.new_empty((n, n), dtype=torch.int64), preds.new_empty((n, n), dtype=torch.int64)
 
 
-@torch.library.custom_op("minidiff::agreement_modal_labels", mutates_args=())
-def _modal_op(preds: torch.Tensor, num_classes: int) -> torch.Tensor:
-    return _modal_impl(preds, num_classes)
-
-
-@_modal_op.register_fake
-def _(preds, num_classes):
+def _modal_fake(preds, num_classes, backend="auto"):
+    _check_population_args(num_classes, (preds, "preds"))
     return preds.new_empty((preds.shape[1],), dtype=torch.int64)
 
 
-@torch.library.custom_op("minidiff::agreement_cie_scores", mutates_args=())
-def _cie_op(base: torch.Tensor, comp: torch.Tensor, num_classes: int) -> torch.Tensor:
-    return _cie_impl(base, comp, num_classes)
-
-
-@_cie_op.register_fake
-def _(base, comp, num_classes):
+def _cie_fake(base, comp, num_classes, backend="auto"):
+    _check_population_args(num_classes, (base, "base"), (comp, "comp"))
     return base.new_empty((base.shape[1],), dtype=torch.float64)
 
 
-# ---- entry points used by minidiff.agreement (inputs already validated) ------
-def _traced(t: torch.Tensor) -> bool:
-    """Route through the registered custom op only while tracing (torch.compile,
-    export, fake/functional tensors): the op's first eager call imports
-    torch._dynamo (seconds), which plain eager use should not pay."""
-    return torch.compiler.is_compiling() or type(t) is not torch.Tensor
+_pair_counts_op = define(
+    "agreement_pair_counts",
+    '(Tensor preds, Tensor? labels, int nbits, int num_classes, str backend="auto", bool check=True) '
+    "-> (Tensor, Tensor)", _pair_counts_impl, _pair_fake)
+_modal_op = define("agreement_modal_labels", '(Tensor preds, int num_classes, str backend="auto") -> Tensor',
+                   _modal_impl, _modal_fake)
+_cie_op = define("agreement_cie_scores",
+                 '(Tensor base, Tensor comp, int num_classes, str backend="auto") -> Tensor',
+                 _cie_impl, _cie_fake)
 
 
+# ---- entry points used by minidiff.agreement ----------------------------------
 def pair_counts(preds: torch.Tensor, labels: torch.Tensor | None = None, *, nbits: int = -1,
                 num_classes: int | None = None, check: bool = True, backend: str = "auto"
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validated contiguous int32/int64 ``preds (N, M)`` (values >= 0) and optional
-    ``labels (M,)`` of the same dtype -> int64 ``(disagree, both_right)``.
+    """int32/int64 ``preds (N, M)`` (values >= 0) and optional ``labels (M,)`` of the
+    same dtype -> int64 ``(disagree, both_right)``, through
+    ``torch.ops.minidiff.agreement_pair_counts``.
 
     Predictions outside ``[0, num_classes)`` (or negative, without
     ``num_classes``) raise :func:`range_error`; labels are checked by the caller.
@@ -482,9 +542,7 @@ def pair_counts(preds: torch.Tensor, labels: torch.Tensor | None = None, *, nbit
     data; ``nbits=0`` with labels skips the disagreement counts (zeros) on every backend.
     """
     nc = 0 if num_classes is None else num_classes
-    if backend == "auto" and check and _traced(preds):
-        return _pair_counts_op(preds, labels, nbits, nc)
-    return _pair_counts_impl(preds, labels, nbits, nc, backend, check)
+    return _pair_counts_op(preds, labels, nbits, nc, backend, check)
 
 
 def count_invalid(t: torch.Tensor, num_classes: int | None) -> torch.Tensor:
@@ -494,27 +552,28 @@ def count_invalid(t: torch.Tensor, num_classes: int | None) -> torch.Tensor:
 
 
 def modal_labels(preds: torch.Tensor, num_classes: int, *, backend: str = "auto") -> torch.Tensor:
-    if backend == "auto" and _traced(preds):
-        return _modal_op(preds, num_classes)
-    return _modal_impl(preds, num_classes, backend)
+    """Most frequent label per example of ``preds (K, M)`` (ties: smallest), int64
+    ``(M,)``, through ``torch.ops.minidiff.agreement_modal_labels``."""
+    return _modal_op(preds, num_classes, backend)
 
 
 def cie_scores(base: torch.Tensor, comp: torch.Tensor, num_classes: int, *,
                backend: str = "auto") -> torch.Tensor:
-    if backend == "auto" and _traced(base):
-        return _cie_op(base, comp, num_classes)
-    return _cie_impl(base, comp, num_classes, backend)
+    """float64 ``(M,)`` Taxicab distance between the populations' normalized label
+    histograms, through ``torch.ops.minidiff.agreement_cie_scores``."""
+    return _cie_op(base, comp, num_classes, backend)
 
 
 def label_histogram(preds: torch.Tensor, num_classes: int, *, backend: str = "auto") -> torch.Tensor:
-    """``(M, C)`` label counts ``H[x, c] = #{k : preds[k, x] == c}`` of a validated
-    population ``preds (K, M)`` (values in ``[0, num_classes)``): int32 from the
+    """``(M, C)`` label counts ``H[x, c] = #{k : preds[k, x] == c}`` of a population
+    ``preds (K, M)`` (values in ``[0, num_classes)``, checked): int32 from the
     kernels, int64 from "torch". ``backend`` "auto" picks the native core on CPU
     and the measured CUDA/Triton choice on GPU."""
-    if backend == "auto":
-        backend = cuda_backend(preds.device) if preds.is_cuda else "native"
-    if backend not in _HIST_IMPLS:
-        raise ValueError(f"backend={backend!r}: use one of {sorted(_HIST_IMPLS)} or 'auto'")
-    if backend == "native" and preds.device.type != "cpu":
-        raise ValueError("backend='native' needs CPU tensors")
-    return _HIST_IMPLS[backend](preds, num_classes)
+    _check_population_args(num_classes, (preds, "preds"))
+    name = _resolve(backend, preds)
+    preds = preds.contiguous()
+    if name == "native":
+        return _native_or_range_error(lambda: _histogram_native(preds, num_classes), num_classes,
+                                      (preds, "preds"))
+    check_range(preds, "preds", num_classes)
+    return _HIST_IMPLS[name](preds, num_classes)
