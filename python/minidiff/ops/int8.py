@@ -19,20 +19,22 @@ re-exported here; this module holds the native ops.
 
 CPU calls go to ``minidiff._C`` (AVX-512 VNNI / AVX2 / scalar, chosen at run time,
 capped by ``MINIDIFF_SIMD``); CUDA calls go to ``minidiff.ops.gpu_linear``. The ops
-are ``torch.library`` custom ops with fake implementations, so they trace under
-``torch.compile``.
+(``torch.ops.minidiff.int8_linear_w8a8`` / ``int8_linear_weight_only``) are
+registered by :mod:`minidiff.ops.dispatch` with fake implementations, so they trace
+under ``torch.compile``; eager calls go through the same ops, which check shapes,
+dtypes and devices (and the packed weight's layout) before native code runs.
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from minidiff._native import cpu_core
 from minidiff.ops._validate import check_dtype, check_ndim, num_threads
+from minidiff.ops.dispatch import define
 # the arithmetic and its float64/exact references live in the one quantizer module
 from minidiff.quant.int8 import (int8_linear_reference, int8_matmul_reference,  # noqa: F401 (re-exported)
                                  int8_weight_only_linear_reference, quantize_per_token_reference,
@@ -173,14 +175,10 @@ def int8_gemm_s32(a: torch.Tensor, packed: torch.Tensor, colsum: torch.Tensor, n
 
 
 # ------------------------------------------------------------------ W8A8 Linear op
-@torch.library.custom_op("minidiff::int8_linear_w8a8", mutates_args=())
-def _int8_linear_op(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
-                    bias: Optional[torch.Tensor], packed: Optional[torch.Tensor],
-                    colsum: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
-    return _int8_linear_impl(x, w_int8, w_scale, bias, packed, colsum, out_dtype)
-
-
-def _int8_linear_impl(x, w_int8, w_scale, bias, packed, colsum, out_dtype):
+def _int8_linear_kernel(x, w_int8, w_scale, bias, packed, colsum, out_dtype):
+    _check_linear_args(x, w_int8, w_scale, bias, out_dtype)
+    if x.device.type == "cpu" and (packed is not None or colsum is not None):
+        _check_packed(packed, colsum, w_int8.shape[0], w_int8.shape[1])
     m, k = x.shape
     n = w_int8.shape[0]
     if x.device.type == "cuda":
@@ -199,12 +197,11 @@ def _int8_linear_impl(x, w_int8, w_scale, bias, packed, colsum, out_dtype):
     return out if out_dtype == torch.float32 else out.to(out_dtype)
 
 
-@_int8_linear_op.register_fake
-def _(x, w_int8, w_scale, bias, packed, colsum, out_dtype):
-    return x.new_empty((x.shape[0], w_int8.shape[0]), dtype=out_dtype)
-
-
-def _check_linear_args(x, w_int8, w_scale, bias):
+def _check_linear_args(x, w_int8, w_scale, bias, out_dtype=torch.float32):
+    """Shapes, dtypes and devices of an int8 Linear call (the ops' boundary check)."""
+    for t, name in ((w_int8, "w_int8"), (w_scale, "w_scale")):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch tensor, got {type(t).__name__}")
     check_ndim(w_int8, 2, "w_int8", "(N, K)")
     check_dtype(w_int8, (torch.int8,), "w_int8")
     n, k = w_int8.shape
@@ -213,11 +210,26 @@ def _check_linear_args(x, w_int8, w_scale, bias):
         raise ValueError(f"in_features={k} exceeds the int32-exact limit {MAX_K}")
     if w_scale.shape != (n,) or w_scale.dtype != torch.float32:
         raise ValueError(f"w_scale must be float32 of shape ({n},), got {w_scale.dtype} {tuple(w_scale.shape)}")
-    if bias is not None and bias.shape != (n,):
-        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or not bias.is_floating_point()
+                             or bias.shape != (n,)):
+        raise ValueError(f"bias must be a floating tensor of shape ({n},), got "
+                         f"{getattr(bias, 'dtype', type(bias).__name__)} {tuple(getattr(bias, 'shape', ()))}")
+    check_dtype(torch.empty(0, dtype=out_dtype), _FLOAT_DTYPES, "out_dtype")
     devices = {t.device for t in (x, w_int8, w_scale) + (() if bias is None else (bias,))}
     if len(devices) != 1:
         raise ValueError(f"x, weights, scales and bias must be on one device, got {sorted(map(str, devices))}")
+
+
+def _linear_fake(x, w_int8, w_scale, bias, *rest):
+    _check_linear_args(x, w_int8, w_scale, bias, rest[-1])  # metadata only: no data read
+    return x.new_empty((x.shape[0], w_int8.shape[0]), dtype=rest[-1])
+
+
+_int8_linear_op = define(
+    "int8_linear_w8a8",
+    "(Tensor x, Tensor w_int8, Tensor w_scale, Tensor? bias, Tensor? packed, Tensor? colsum, "
+    "ScalarType out_dtype) -> Tensor", _int8_linear_kernel, _linear_fake)
+_int8_linear_impl = _int8_linear_op  # eager and compiled calls share the registered op
 
 
 def int8_linear(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
@@ -227,23 +239,14 @@ def int8_linear(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
 
     ``packed``/``colsum`` come from :func:`pack_weight` (computed here when omitted).
     """
-    _check_linear_args(x, w_int8, w_scale, bias)
-    if packed is not None and x.device.type == "cpu":
-        _check_packed(packed, colsum, w_int8.shape[0], w_int8.shape[1])
-    if torch.compiler.is_compiling():
-        return _int8_linear_op(x, w_int8, w_scale, bias, packed, colsum, out_dtype)
-    # eager: skip the custom-op dispatcher (~15 us per call), same implementation
-    return _int8_linear_impl(x, w_int8, w_scale, bias, packed, colsum, out_dtype)
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"x must be a torch tensor, got {type(x).__name__}")
+    return _int8_linear_op(x, w_int8, w_scale, bias, packed, colsum, out_dtype)
 
 
 # ------------------------------------------------------------- weight-only Linear op
-@torch.library.custom_op("minidiff::int8_linear_weight_only", mutates_args=())
-def _int8_weight_only_op(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
-                         bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
-    return _int8_weight_only_impl(x, w_int8, w_scale, bias, out_dtype)
-
-
-def _int8_weight_only_impl(x, w_int8, w_scale, bias, out_dtype):
+def _int8_weight_only_kernel(x, w_int8, w_scale, bias, out_dtype):
+    _check_linear_args(x, w_int8, w_scale, bias, out_dtype)
     m, k = x.shape
     n = w_int8.shape[0]
     if x.device.type == "cuda":
@@ -266,16 +269,17 @@ def _int8_weight_only_impl(x, w_int8, w_scale, bias, out_dtype):
     return out if out_dtype == torch.float32 else out.to(out_dtype)
 
 
-@_int8_weight_only_op.register_fake
-def _(x, w_int8, w_scale, bias, out_dtype):
-    return x.new_empty((x.shape[0], w_int8.shape[0]), dtype=out_dtype)
+_int8_weight_only_op = define(
+    "int8_linear_weight_only",
+    "(Tensor x, Tensor w_int8, Tensor w_scale, Tensor? bias, ScalarType out_dtype) -> Tensor",
+    _int8_weight_only_kernel, _linear_fake)
+_int8_weight_only_impl = _int8_weight_only_op  # eager and compiled calls share the registered op
 
 
 def int8_weight_only_linear(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
                             bias: torch.Tensor | None = None,
                             out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Weight-only int8 Linear ``Y = X (W_q s_w)^T + b`` for a 2-D ``x``."""
-    _check_linear_args(x, w_int8, w_scale, bias)
-    if torch.compiler.is_compiling():
-        return _int8_weight_only_op(x, w_int8, w_scale, bias, out_dtype)
-    return _int8_weight_only_impl(x, w_int8, w_scale, bias, out_dtype)
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"x must be a torch tensor, got {type(x).__name__}")
+    return _int8_weight_only_op(x, w_int8, w_scale, bias, out_dtype)
