@@ -104,7 +104,7 @@ class Results:
             return data
         if not isinstance(data, Mapping):
             raise TypeError(f"expected a results dict or Results, got {type(data).__name__}")
-        d = dict(data)
+        d = _decode_arrays(dict(data))
         schema = d.get("schema", SCHEMA)
         if schema not in SUPPORTED:
             raise ValueError(f"unsupported results schema {schema!r}; this minidiff reads {', '.join(SUPPORTED)}")
@@ -130,7 +130,7 @@ class Results:
             raise ValueError(f"{str(p)!r} is not valid JSON ({e}); it is not a minidiff results file") from None
         if not isinstance(data, dict) or "schema" not in data:
             raise ValueError(f"{str(p)!r} is not a minidiff results file (no 'schema' key)")
-        return cls.from_dict(_decode_arrays(data))
+        return cls.from_dict(data)
 
     # -- dict-style access (the JSON form's keys) ----------------------------------------
     def keys(self) -> list[str]:
@@ -207,6 +207,10 @@ class Results:
             out["studies"] = fill_missing(self.studies)
         out.update(self.extra)
         return out
+
+    def json_data(self) -> dict[str, Any]:
+        """The JSON form as plain JSON data (what ``json.loads(results.to_json())`` gives)."""
+        return encode(self.to_dict())
 
     def to_json(self, indent: int | None = 1) -> str:
         """``results.json`` text: JSON without NaN/Infinity literals (see :mod:`minidiff.results.values`)."""

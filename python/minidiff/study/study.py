@@ -35,6 +35,7 @@ from minidiff.models.capture import TOKEN_MODES
 from minidiff.study.capture import Member, tensor_prepare, text_prepare
 from minidiff.study.config import MetricsConfig
 from minidiff.study.results import SCHEMA, write_output
+from minidiff.results import Results
 from minidiff.study.runner import Pair, run_pass
 
 
@@ -206,8 +207,9 @@ class Study:
     def run(self, out: str | Path | None = None, *, on_chunk: Any = None) -> dict[str, Any]:
         """Run the study (resuming from the cache) and, with ``out``, write the report.
 
-        Returns the results dict (the content of results.json). Under torchrun only
-        rank 0 returns the full dict and writes files; other ranks return ``{}``.
+        Returns a :class:`minidiff.results.Results` (typed; ``results["verdicts"]`` etc. read
+        like results.json). Under torchrun only rank 0 returns it and writes files; other
+        ranks return ``{}``.
         """
         t_all = time.perf_counter()
         timing: dict[str, float] = {}
@@ -266,10 +268,10 @@ class Study:
                     + ", ".join(cache.corrupt_entries[:5]))
             timing["total_s"] = time.perf_counter() - t_all
             results["timing"] = timing
-            cache.save_json("results.json", results)
+            results = Results.from_dict(results)
+            cache.save_json("results.json", results.json_data())
             if out is not None:
-                from minidiff.report.html import render
-                write_output(out, results, render)
+                results.save(out)
             return results
         finally:
             if tmp is not None:
