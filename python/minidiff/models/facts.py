@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import os
 import pathlib
+
+import numpy as np
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -240,7 +242,8 @@ def onnx_facts(path: str | os.PathLike) -> ModelFacts:
     for init in m.graph.initializer:
         a = numpy_helper.to_array(init, base_dir=str(pathlib.Path(path).parent))
         meta = init.name.endswith(("_scale", "_zero_point", "scale", "zero_point"))
-        if meta or a.ndim == 0:
+        # int32/int64 initializers are shapes, indices and int32 biases' bookkeeping only when not weights
+        if meta or a.ndim == 0 or a.dtype.kind not in "fiu" or a.dtype in (np.int64,):
             c.storage_only(a.nbytes)
             continue
         c.weight(a.size, a.ndim, int((a != 0).sum()) if a.ndim >= 2 else None, a.nbytes, str(a.dtype))

@@ -1,5 +1,7 @@
-"""Loading models: Hugging Face transformers (local directory or hub id), the
-embedded pretrained all-MiniLM-L6-v2, or a plain ``torch.nn.Module``.
+"""Loading models: one entry point, :func:`load_model`, for every source kind
+(``torch`` modules and files, ``hf`` transformers folders / hub ids, ``onnx``
+files, ``gguf`` files, ``variant`` folders; see :mod:`minidiff.models.sources`),
+the embedded pretrained all-MiniLM-L6-v2, and :class:`LoadedModel`.
 
 Nothing here downloads anything unless the user passes a hub id on a machine with
 network access; with ``HF_HUB_OFFLINE=1`` local directories load and a hub id that
@@ -42,16 +44,29 @@ class LoadedModel:
     Attributes
     ----------
     model : nn.Module
-        The model, in eval mode, on the requested device.
+        The model, in eval mode, on the requested device. Sources that are not
+        torch modules (ONNX Runtime sessions, llama.cpp) come as a thin
+        ``nn.Module`` wrapper (see :mod:`minidiff.models.sources`).
     tokenizer : object or None
         The Hugging Face tokenizer for text models, else ``None``.
     forward : callable or None
         ``forward(model, batch) -> output`` for plain modules whose call is not
         ``model(**batch)`` / ``model(batch)``; ``None`` means the default call.
     source : str
-        Where the model came from (directory, hub id, or class name).
+        Where the model came from (file, directory, hub id, or class name).
     task : str
         The task it was loaded for (a key of :data:`TASKS`, or ``"module"``).
+    kind : str
+        The source kind: ``"torch"``, ``"hf"``, ``"onnx"``, ``"gguf"`` or ``"variant"``.
+    runtime : str
+        What computes the outputs, with its version (``"torch 2.13.0"``,
+        ``"onnxruntime 1.20.1 (CPUExecutionProvider)"``, ``"llama.cpp ..."``).
+    provenance : dict
+        The tool and version that made the model (``{"tool": "torchao", "version":
+        "0.18.0", "method": "Int8Tensor"}``) as far as the model itself shows it.
+    notes : list of str
+        Facts a report must state about this model (e.g. that ONNX layers come from
+        a second session while outputs come from the unmodified one).
     """
 
     model: nn.Module
@@ -60,6 +75,26 @@ class LoadedModel:
     source: str = ""
     task: str = "features"
     extra: dict[str, Any] = field(default_factory=dict)
+    kind: str = "torch"
+    runtime: str = ""
+    provenance: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def facts(self) -> Any:
+        """Parameters, non-zero share and bytes for the real storage
+        (:func:`minidiff.models.facts.model_facts`)."""
+        from .facts import model_facts
+        return model_facts(self.model)
+
+    def fingerprint(self) -> str:
+        """Exact SHA-256 of the model (:func:`minidiff.models.fingerprint.fingerprint`)."""
+        from .fingerprint import fingerprint
+        return fingerprint(self.model)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able summary: kind, source, runtime, provenance, notes and facts."""
+        return {"kind": self.kind, "source": self.source, "task": self.task, "runtime": self.runtime,
+                "provenance": dict(self.provenance), "notes": list(self.notes), **self.facts().as_dict()}
 
 
 def embedded_minilm_dir() -> pathlib.Path:
@@ -97,97 +132,49 @@ def is_offline() -> bool:
 
 
 def load_model(
-    source: str | os.PathLike | nn.Module,
+    source: Any,
     *,
+    kind: str | None = None,
     task: str = "features",
-    num_labels: int | None = None,
-    trust_remote_code: bool = False,
-    device: str | torch.device | None = None,
-    forward: Callable[[nn.Module, Any], Any] | None = None,
-    dtype: torch.dtype | None = None,
+    **options: Any,
 ) -> LoadedModel:
-    """Load a model for comparison.
+    """Load a model for comparison, from any supported source.
 
     Parameters
     ----------
     source
-        * an ``nn.Module`` (used as is; pass ``forward`` if ``model(batch)`` is
-          not how it is called),
+        * an ``nn.Module`` or ``torch.export.ExportedProgram`` (kind ``torch``),
         * ``"minilm"`` (the embedded pretrained all-MiniLM-L6-v2, see
           :func:`embedded_minilm_dir`),
-        * a local directory holding a transformers checkpoint,
-        * a Hugging Face hub id such as ``"bert-base-uncased"`` (needs network,
-          or the model already in the local HF cache when ``HF_HUB_OFFLINE=1``).
+        * a local transformers folder (``config.json`` inside) or a hub id
+          (kind ``hf``; a hub id needs network or the local HF cache),
+        * an ``.onnx`` file (kind ``onnx``, run with onnxruntime),
+        * a ``.gguf`` file (kind ``gguf``),
+        * a ``minidiff.save_variant`` folder (kind ``variant``),
+        * a ``torch.save``d module (``.pt``/``.pth``) or ``torch.export.save``d
+          program (``.pt2``) (kind ``torch``).
+    kind
+        ``"torch"``, ``"hf"``, ``"onnx"``, ``"gguf"`` or ``"variant"``; inferred
+        from ``source`` when omitted and unambiguous.
     task
-        Which ``AutoModel*`` class to use, one of :data:`TASKS`.
-    num_labels
-        Passed to classification heads (``AutoModelForSequenceClassification`` etc.).
-    trust_remote_code
-        Off by default: code from a hub repository never runs unless asked for.
-    device, dtype
-        Where and in which floating dtype to put the model.
-    forward
-        Optional ``forward(model, batch) -> output`` stored in the result.
+        Which ``AutoModel*`` class transformers sources use, one of :data:`TASKS`.
+    **options
+        Passed to the source loader: ``num_labels``, ``trust_remote_code``,
+        ``device``, ``dtype``, ``forward``, ``revision``, ``quantization_config``
+        (hf); ``providers``, ``layers``, ``tokenizer`` (onnx); ``runtime``,
+        ``tokenizer`` (gguf). See :mod:`minidiff.models.sources`.
 
     Returns
     -------
     LoadedModel
-        The model in eval mode plus its tokenizer (``None`` for non-text models).
+
+    Raises
+    ------
+    ValueError
+        Unknown kind, unsupported file, bad option.
+    ImportError
+        An optional package the source needs is missing (the one-line message
+        says what to install).
     """
-    if isinstance(source, nn.Module):
-        model = source
-        if device is not None or dtype is not None:
-            model = model.to(device=device, dtype=dtype)
-        model.eval()
-        return LoadedModel(model=model, tokenizer=None, forward=forward,
-                           source=type(source).__name__, task="module")
-    if not isinstance(source, (str, os.PathLike)):
-        raise ValueError(f"source must be an nn.Module, a directory or a hub id, got {type(source).__name__}")
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; use one of {sorted(TASKS)}")
-
-    src = os.fspath(source)
-    if src.lower() in EMBEDDED_ALIASES:
-        src = str(embedded_minilm_dir())
-    path = pathlib.Path(src).expanduser()
-    local = path.is_dir()
-    if not local and (path.exists() or src.startswith((".", "/", "~"))):
-        raise ValueError(f"{src!r} is not a directory with a transformers checkpoint "
-                         "(expected config.json and weights inside)")
-    if local and not (path / "config.json").exists():
-        raise ValueError(f"directory {src!r} has no config.json; it is not a transformers checkpoint")
-
-    transformers = importlib.import_module("transformers")
-    auto_cls = getattr(transformers, TASKS[task])
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    if num_labels is not None:
-        kwargs["num_labels"] = int(num_labels)
-    if dtype is not None:
-        kwargs["dtype"] = dtype
-    offline = is_offline()
-    if local or offline:
-        kwargs["local_files_only"] = True
-    where = str(path) if local else src
-    try:
-        model = auto_cls.from_pretrained(where, **kwargs)
-    except (OSError, EnvironmentError) as exc:
-        if not local and offline:
-            raise ValueError(
-                f"cannot load hub id {src!r}: Hugging Face hub access is off (HF_HUB_OFFLINE=1) and the model "
-                "is not in the local cache. Pass a local directory (e.g. minidiff.models.embedded_minilm_dir()) "
-                "or unset HF_HUB_OFFLINE on a machine with network access.") from exc
-        raise ValueError(f"cannot load {src!r} as {TASKS[task]}: {exc}") from exc
-
-    tokenizer = None
-    try:
-        tok_kwargs = {"trust_remote_code": trust_remote_code}
-        if local or offline:
-            tok_kwargs["local_files_only"] = True
-        tokenizer = transformers.AutoTokenizer.from_pretrained(where, **tok_kwargs)
-    except (OSError, ValueError, KeyError, TypeError):
-        tokenizer = None  # image/audio models or checkpoints without tokenizer files
-
-    if device is not None:
-        model = model.to(device)
-    model.eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, forward=forward, source=where, task=task)
+    from .sources import load_model as _load
+    return _load(source, kind=kind, task=task, **options)
