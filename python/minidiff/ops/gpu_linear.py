@@ -15,13 +15,16 @@ pointer), then picks a backend per call:
     of 8), dequantize + ``F.linear`` (weight-only, 2:4), or the exact float64
     product when nothing else applies (int8 with K too large for int32).
 
-Rule (``MINIDIFF_GPU_BACKEND=auto``, the default): Triton when it imports, else
+Rule (:mod:`minidiff.ops.dispatch`, families ``int8`` and ``sparse``; no preference
+set): Triton when it imports, else
 the CUDA kernel when it applies, else torch. Triton leads because it is tuned per
 shape and uses Hopper's wgmma, while the CUDA kernels are single-config mma.sync
 kernels; ``benchmarks/bench_linear_gpu.py`` measures both and this rule is to be
 revisited with its figures (none yet: no GPU was available when this was
-written). ``MINIDIFF_GPU_BACKEND=triton|cuda|torch`` forces a backend where it
-applies and falls through the same order where it does not.
+written). ``MINIDIFF_BACKEND_INT8`` / ``MINIDIFF_BACKEND_SPARSE`` (or
+``MINIDIFF_BACKEND``) ``=triton|cuda|torch`` prefers a backend where it applies and
+falls through the same order where it does not (``MINIDIFF_GPU_BACKEND`` still
+works, deprecated).
 
 CPU tensors are accepted too (tests, references): under ``TRITON_INTERPRET=1``
 they run the Triton kernels in the interpreter (bfloat16 upcast to float32,
@@ -33,9 +36,10 @@ with ties to even, an all-zero row gives ``s_x = 0``, a row with NaN/Inf gives
 ``s_x = NaN`` (its outputs NaN, as the float layer's would be);
 ``y = acc * s_x[m] * s_w[n] + b[n]`` in float32, then ``out_dtype``.
 
-Every op is a ``torch.library.custom_op`` (``minidiff::int8_linear_gpu``,
+Every op is registered by :mod:`minidiff.ops.dispatch` (``minidiff::int8_linear_gpu``,
 ``minidiff::int8_weight_only_gpu``, ``minidiff::sparse24_linear_gpu``) with a
-fake implementation, so it traces under ``torch.compile``.
+fake implementation, so it traces under ``torch.compile``; eager calls go through
+the same op, which validates its operands before any kernel sees a pointer.
 """
 
 from __future__ import annotations
@@ -43,13 +47,13 @@ from __future__ import annotations
 import functools
 import os
 import warnings
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from minidiff._native import cuda_core, triton_available
 from minidiff.ops._validate import check_dtype, check_ndim
+from minidiff.ops.dispatch import choose, define, interpreting, requested
 # the per-token quantizer and the int8 references are defined once, in minidiff.quant
 from minidiff.quant.int8 import (int8_linear_reference, int8_matmul_reference,  # noqa: F401 (re-exported)
                                  int8_weight_only_linear_reference, quantize_per_token_reference)
@@ -78,21 +82,9 @@ INT32_EXACT_MAX_K = 131071
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _KIND = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}  # out_kind / dtype_kind codes of the .cu files
-_BACKENDS = ("auto", "triton", "cuda", "torch")
 
 
 # ------------------------------------------------------------------ backend choice
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _requested() -> str:
-    b = os.environ.get("MINIDIFF_GPU_BACKEND", "auto").strip().lower()
-    if b not in _BACKENDS:
-        raise ValueError(f"MINIDIFF_GPU_BACKEND={b!r}; expected one of {', '.join(_BACKENDS)}")
-    return b
-
-
 @functools.lru_cache(maxsize=None)
 def _cuda_arch(which: str, device_index: int) -> int:
     """SM version of the CUDA kernel code the driver selected for this device (0: none)."""
@@ -113,7 +105,7 @@ def _aligned(*ts: torch.Tensor) -> bool:
 def _triton_ok(device: torch.device) -> bool:
     if not triton_available():
         return False
-    return device.type == "cuda" or (device.type == "cpu" and _interpret())
+    return device.type == "cuda" or (device.type == "cpu" and interpreting())
 
 
 def _cuda_ok(which: str, device: torch.device) -> bool:
@@ -127,19 +119,15 @@ def select_backend(op: str, x: torch.Tensor, k: int, *tensors: torch.Tensor) -> 
     """The backend :func:`int8_linear_cuda` (``op="int8"``), :func:`int8_weight_only_cuda`
     (``"weight_only"``) or :func:`sparse24_linear_cuda` (``"sparse24"``) will use for
     these operands: ``"triton"``, ``"cuda"`` or ``"torch"`` (see the module docstring)."""
-    want = _requested()
+    family = "sparse" if op == "sparse24" else "int8"
     if op == "int8" and k > INT32_EXACT_MAX_K:
+        requested(family)  # a bad environment value is still an error
         return "torch"
     cuda_fits = (op != "weight_only" and _cuda_ok("int8_gemm" if op == "int8" else "sparse24", x.device)
                  and k % CUDA_K_MULTIPLE == 0 and _aligned(x, *tensors)
                  and (op != "sparse24" or x.dtype in (torch.float16, torch.bfloat16)))
-    triton_fits = _triton_ok(x.device)
-    order = {"auto": ("triton", "cuda"), "triton": ("triton", "cuda"),
-             "cuda": ("cuda", "triton"), "torch": ()}[want]
-    for b in order:
-        if (b == "triton" and triton_fits) or (b == "cuda" and cuda_fits):
-            return b
-    return "torch"
+    candidates = (["triton"] if _triton_ok(x.device) else []) + (["cuda"] if cuda_fits else []) + ["torch"]
+    return choose(family, candidates)
 
 
 def _stream(device: torch.device) -> int:
@@ -208,14 +196,16 @@ def quantize_per_token_cuda(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     m, k = x.shape
     if m == 0 or k == 0:
         return quantize_per_token_reference(x)
-    want = _requested()
-    if want in ("auto", "cuda") and _cuda_ok("int8_gemm", x.device) and (want == "cuda" or not _triton_ok(x.device)):
+    candidates = ((["triton"] if _triton_ok(x.device) else []) + (["cuda"] if _cuda_ok("int8_gemm", x.device) else [])
+                  + ["torch"])
+    want = choose("int8", candidates)
+    if want == "cuda":
         q = torch.empty((m, k), dtype=torch.int8, device=x.device)
         s = torch.empty((m,), dtype=torch.float32, device=x.device)
         cuda_core().quantize_per_token(x.data_ptr(), q.data_ptr(), s.data_ptr(), m, k, _KIND[x.dtype],
                                        _stream(x.device))
         return q, s
-    if want != "torch" and _triton_ok(x.device):
+    if want == "triton":
         from minidiff.kernels.int8_matmul import quantize_per_token
 
         if x.dtype == torch.bfloat16 and x.device.type == "cpu":
@@ -290,15 +280,30 @@ def _epilogue(acc, a_scale, w_scale, bias, out_dtype):
 
 
 # ------------------------------------------------------------------------ the ops
-@torch.library.custom_op("minidiff::int8_linear_gpu", mutates_args=())
-def _int8_linear_op(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
-                    bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
-    return _int8_linear_impl(x, w_int8, w_scale, bias, out_dtype)
+def _check_linear(x, w_int8, w_scale, bias, out_dtype) -> None:
+    """Boundary check of the int8 GPU ops: operands (see ``_check_weight``) and out dtype."""
+    for t, name in ((x, "x"), (w_int8, "w_int8"), (w_scale, "w_scale")):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch tensor, got {type(t).__name__}")
+    _check_weight(x, w_int8, w_scale, bias)
+    check_dtype(torch.empty(0, dtype=out_dtype), _FLOATS, "out_dtype")
 
 
-@_int8_linear_op.register_fake
-def _(x, w_int8, w_scale, bias, out_dtype):
+def _linear_fake(x, w_int8, w_scale, bias, out_dtype):
+    _check_linear(x, w_int8, w_scale, bias, out_dtype)  # metadata only: no data read
     return x.new_empty((x.shape[0], w_int8.shape[0]), dtype=out_dtype)
+
+
+def _int8_linear_kernel(x, w_int8, w_scale, bias, out_dtype):
+    _check_linear(x, w_int8, w_scale, bias, out_dtype)
+    q, s = quantize_per_token_cuda(x)
+    return int8_matmul_cuda(q, w_int8, s, w_scale, bias, out_dtype)
+
+
+_int8_linear_op = define(
+    "int8_linear_gpu", "(Tensor x, Tensor w_int8, Tensor w_scale, Tensor? bias, ScalarType out_dtype) -> Tensor",
+    _int8_linear_kernel, _linear_fake)
+_int8_linear_impl = _int8_linear_op
 
 
 def int8_linear_cuda(x2d: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
@@ -306,34 +311,15 @@ def int8_linear_cuda(x2d: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Ten
     """W8A8 Linear on x's device: per-token quantization, int8 GEMM, fused epilogue.
 
     ``y = (Q(x) W_q^T)[m, n] * s_x[m] * s_w[n] + b[n]`` (see the module docstring),
-    ``out_dtype`` defaulting to x's dtype.
+    ``out_dtype`` defaulting to x's dtype. Runs ``torch.ops.minidiff.int8_linear_gpu``.
     """
-    _check_weight(x2d, w_int8, w_scale, bias)
-    out_dtype = x2d.dtype if out_dtype is None else out_dtype
-    check_dtype(torch.empty(0, dtype=out_dtype), _FLOATS, "out_dtype")
-    if torch.compiler.is_compiling():
-        return _int8_linear_op(x2d, w_int8, w_scale, bias, out_dtype)
-    # eager: skip the custom-op dispatcher overhead, same implementation
-    return _int8_linear_impl(x2d, w_int8, w_scale, bias, out_dtype)
+    if not isinstance(x2d, torch.Tensor):
+        raise ValueError(f"x must be a torch tensor, got {type(x2d).__name__}")
+    return _int8_linear_op(x2d, w_int8, w_scale, bias, x2d.dtype if out_dtype is None else out_dtype)
 
 
-def _int8_linear_impl(x, w_int8, w_scale, bias, out_dtype):
-    q, s = quantize_per_token_cuda(x)
-    return int8_matmul_cuda(q, w_int8, s, w_scale, bias, out_dtype)
-
-
-@torch.library.custom_op("minidiff::int8_weight_only_gpu", mutates_args=())
-def _int8_weight_only_op(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
-                         bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
-    return _int8_weight_only_impl(x, w_int8, w_scale, bias, out_dtype)
-
-
-@_int8_weight_only_op.register_fake
-def _(x, w_int8, w_scale, bias, out_dtype):
-    return x.new_empty((x.shape[0], w_int8.shape[0]), dtype=out_dtype)
-
-
-def _int8_weight_only_impl(x, w_int8, w_scale, bias, out_dtype):
+def _int8_weight_only_kernel(x, w_int8, w_scale, bias, out_dtype):
+    _check_linear(x, w_int8, w_scale, bias, out_dtype)
     m, k = x.shape
     n = w_int8.shape[0]
     x = x.contiguous()
@@ -350,31 +336,54 @@ def _int8_weight_only_impl(x, w_int8, w_scale, bias, out_dtype):
     return F.linear(x, w, None if bias is None else bias.to(dt)).to(out_dtype)
 
 
+_int8_weight_only_op = define(
+    "int8_weight_only_gpu",
+    "(Tensor x, Tensor w_int8, Tensor w_scale, Tensor? bias, ScalarType out_dtype) -> Tensor",
+    _int8_weight_only_kernel, _linear_fake)
+_int8_weight_only_impl = _int8_weight_only_op
+
+
 def int8_weight_only_cuda(x2d: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
                           bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Weight-only int8 Linear ``y = x (W_q s_w)^T + b``: the int8 weight is read and
     dequantized inside the kernel (float32 accumulation); output in ``out_dtype``
-    (default x's dtype)."""
-    _check_weight(x2d, w_int8, w_scale, bias)
-    out_dtype = x2d.dtype if out_dtype is None else out_dtype
-    check_dtype(torch.empty(0, dtype=out_dtype), _FLOATS, "out_dtype")
-    if torch.compiler.is_compiling():
-        return _int8_weight_only_op(x2d, w_int8, w_scale, bias, out_dtype)
-    return _int8_weight_only_impl(x2d, w_int8, w_scale, bias, out_dtype)
+    (default x's dtype). Runs ``torch.ops.minidiff.int8_weight_only_gpu``."""
+    if not isinstance(x2d, torch.Tensor):
+        raise ValueError(f"x must be a torch tensor, got {type(x2d).__name__}")
+    return _int8_weight_only_op(x2d, w_int8, w_scale, bias, x2d.dtype if out_dtype is None else out_dtype)
 
 
-@torch.library.custom_op("minidiff::sparse24_linear_gpu", mutates_args=())
-def _sparse24_op(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
-                 bias: Optional[torch.Tensor]) -> torch.Tensor:
-    return _sparse24_impl(x, values, meta, bias)
+def _check_sparse24(x2d, values, meta, bias) -> None:
+    """Boundary check of the 2:4 op: shapes, dtypes and devices of x and the compressed weight."""
+    for t, name in ((x2d, "x"), (values, "values"), (meta, "meta")):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch tensor, got {type(t).__name__}")
+    check_ndim(x2d, 2, "x", "(M, in_features)")
+    check_dtype(x2d, _FLOATS, "x")
+    check_ndim(values, 2, "values", "(out_features, in_features / 2)")
+    check_ndim(meta, 2, "meta", "(out_features, in_features / 16)")
+    check_dtype(meta, (torch.int16,), "meta")
+    m, k = x2d.shape
+    n = values.shape[0]
+    if values.dtype != x2d.dtype:
+        raise ValueError(f"x is {x2d.dtype} but the 2:4 values are {values.dtype}; cast one to the other")
+    if k % 16 or values.shape != (n, k // 2) or meta.shape != (n, k // 16):
+        raise ValueError(f"x has {k} features; 2:4 needs a multiple of 16 and values ({n}, {k // 2}), "
+                         f"meta ({n}, {k // 16}); got values {tuple(values.shape)}, meta {tuple(meta.shape)}")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or not bias.is_floating_point()
+                             or bias.shape != (n,)):
+        raise ValueError(f"bias must be a floating tensor of shape ({n},), got "
+                         f"{getattr(bias, 'dtype', type(bias).__name__)} {tuple(getattr(bias, 'shape', ()))}")
+    _same_device(("x", x2d), ("values", values), ("meta", meta), ("bias", bias))
 
 
-@_sparse24_op.register_fake
-def _(x, values, meta, bias):
+def _sparse24_fake(x, values, meta, bias):
+    _check_sparse24(x, values, meta, bias)
     return x.new_empty((x.shape[0], values.shape[0]), dtype=x.dtype)
 
 
-def _sparse24_impl(x, values, meta, bias):
+def _sparse24_kernel(x, values, meta, bias):
+    _check_sparse24(x, values, meta, bias)
     m, k = x.shape
     n = values.shape[0]
     x = _fresh_if_misaligned(x)
@@ -401,26 +410,14 @@ def _sparse24_impl(x, values, meta, bias):
     return F.linear(x, decompress_24(values, meta), None if bias is None else bias.to(x.dtype))
 
 
+_sparse24_op = define("sparse24_linear_gpu", "(Tensor x, Tensor values, Tensor meta, Tensor? bias) -> Tensor",
+                      _sparse24_kernel, _sparse24_fake)
+_sparse24_impl = _sparse24_op
+
+
 def sparse24_linear_cuda(x2d: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
                          bias: torch.Tensor | None = None) -> torch.Tensor:
     """2:4 sparse Linear ``y = x W^T + b`` with W compressed by
     ``minidiff.kernels.sparse24.compress_24`` (values (N, K/2), meta (N, K/16) int16).
-    Output in x's dtype; float32 accumulation."""
-    check_ndim(x2d, 2, "x", "(M, in_features)")
-    check_dtype(x2d, _FLOATS, "x")
-    check_ndim(values, 2, "values", "(out_features, in_features / 2)")
-    check_ndim(meta, 2, "meta", "(out_features, in_features / 16)")
-    check_dtype(meta, (torch.int16,), "meta")
-    m, k = x2d.shape
-    n = values.shape[0]
-    if values.dtype != x2d.dtype:
-        raise ValueError(f"x is {x2d.dtype} but the 2:4 values are {values.dtype}; cast one to the other")
-    if k % 16 or values.shape != (n, k // 2) or meta.shape != (n, k // 16):
-        raise ValueError(f"x has {k} features; 2:4 needs a multiple of 16 and values ({n}, {k // 2}), "
-                         f"meta ({n}, {k // 16}); got values {tuple(values.shape)}, meta {tuple(meta.shape)}")
-    if bias is not None and (not bias.is_floating_point() or bias.shape != (n,)):
-        raise ValueError(f"bias must be a floating tensor of shape ({n},), got {bias.dtype} {tuple(bias.shape)}")
-    _same_device(("x", x2d), ("values", values), ("meta", meta), ("bias", bias))
-    if torch.compiler.is_compiling():
-        return _sparse24_op(x2d, values, meta, bias)
-    return _sparse24_impl(x2d, values, meta, bias)
+    Output in x's dtype; float32 accumulation. Runs ``torch.ops.minidiff.sparse24_linear_gpu``."""
+    return _sparse24_op(x2d, values, meta, bias)
