@@ -42,7 +42,7 @@ _EXPORTS: dict[str, str] = {
     "Study": "minidiff.study",
 }
 
-_SUBMODULES = {"compress", "nn", "ops", "kernels", "models", "metrics", "study", "report",
+_SUBMODULES = {"compress", "nn", "ops", "quant", "kernels", "models", "metrics", "study", "report",
                "adversarial", "distributed", "data"}
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
