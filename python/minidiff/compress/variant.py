@@ -249,6 +249,9 @@ def make_manifest(method: str, parameters: Mapping[str, Any], seed: int | None, 
     nonzero = sum(int((p != 0).sum().item()) for p in model.parameters())
     nonzero += sum(int((b != 0).sum().item()) for n, b in model.named_buffers()
                    if b.dtype == torch.int8)
+    # packed int4 weights: count the weights that dequantize to non-zero values
+    nonzero += sum(int((m.dequantized_weight() != 0).sum().item()) for m in model.modules()
+                   if isinstance(getattr(m, "weight_packed", None), torch.Tensor))
     man: dict[str, Any] = {
         "method": method,
         "parameters": _json_safe(dict(parameters)),
