@@ -34,4 +34,5 @@ PYBIND11_MODULE(_C, m) {
   minidiff::register_agreement(m);
   minidiff::register_int8(m);
   minidiff::register_sparse(m);
+  minidiff::register_token_divergence(m);
 }

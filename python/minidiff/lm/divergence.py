@@ -43,6 +43,8 @@ def _flatten(base_logits: Any, variant_logits: Any, targets: Any
     if z.shape != w.shape:
         raise ValueError(f"base_logits {tuple(z.shape)} and variant_logits {tuple(w.shape)} must have "
                          "the same shape (same tokens, same vocabulary)")
+    if z.shape[-1] < 1:
+        raise ValueError("the vocabulary axis is empty (V = 0): a distribution needs at least one entry")
     lead = tuple(z.shape[:-1])
     t = None
     if targets is not None:
