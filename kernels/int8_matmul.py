@@ -11,7 +11,8 @@ with int32 accumulation through ``tl.dot``, then the epilogue in float32)::
     out[m, n] = acc[m, n] * scale[m] * w_scale[n] (+ bias[n])   (float32, then out dtype)
 
 This is the LLM.int8()/SmoothQuant "vector-wise" scheme (Dettmers et al. 2022;
-Xiao et al. 2023) without outlier decomposition. Without scales
+Xiao et al. 2023) without outlier decomposition. The quantizer's definition is
+``minidiff.quant.quantize_per_token_reference``; this kernel reproduces it bit for bit. Without scales
 :func:`int8_matmul` returns the raw int32 accumulator, which equals
 ``a.int() @ w.int().T`` exactly (tests check it under the interpreter).
 
