@@ -237,7 +237,7 @@ name = "int8"
 recipe = "int8"
 
 [metrics]
-bootstrap = 50
+bootstrap = 100
 knn_k = 5
 ood_k = 5
 """

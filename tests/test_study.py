@@ -158,7 +158,7 @@ def test_changed_model_is_never_served_from_cache(tiny, tmp_path):
         next(changed.parameters()).add_(0.5)
     v["prune-80"][0] = changed
     st = Study(tiny["base"], v, tiny["data"], batch_size=32, chunk_batches=1, progress=False,
-               cache_dir=tmp_path / "c", metrics={"bootstrap": 50})
+               cache_dir=tmp_path / "c", metrics={"bootstrap": 100})
     st.run()
     fc = st.last_run["forward_chunks"]
     assert fc["prune-80#s0"] == 5 and fc["int8#s0"] == 0
@@ -317,7 +317,7 @@ def test_rbf_cka_on_the_first_examples(tiny):
     """RBF CKA is not streaming: it uses the first rbf_max_examples rows of every layer."""
     from minidiff.similarity import cka_matrix
     from minidiff.study.capture import Member, tensor_prepare
-    res = _study(tiny, metrics={"bootstrap": 50, "cka_kernel": "rbf", "rbf_max_examples": 40,
+    res = _study(tiny, metrics={"bootstrap": 100, "cka_kernel": "rbf", "rbf_max_examples": 40,
                                 "rbf_threshold": 0.5}).run()
     got = np.asarray(res["representation"]["int8"]["cka"]["matrix"])
     assert res["representation"]["int8"]["cka"]["kernel"] == "rbf"

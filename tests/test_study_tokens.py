@@ -39,7 +39,7 @@ def test_token_mode_cka_equals_all_tokens_reference():
     data = ExampleSet(name="t", kind="text", inputs=list(TEXTS), labels=labels, class_names=["a", "b", "c"])
     layers = ["encoder.encoder.layer.0", "encoder.encoder.layer.1"]
     res = Study(base, {"p": variant}, data, token_mode="tokens", layers=layers, batch_size=4, chunk_batches=1,
-                progress=False, tokenizer=tok, metrics={"bootstrap": 50, "knn_k": 3, "ood_k": 3}).run()
+                progress=False, tokenizer=tok, metrics={"bootstrap": 100, "knn_k": 3, "ood_k": 3}).run()
 
     # reference: all non-padding tokens of the whole set in one batch, float64 CKA
     enc = tok(TEXTS, padding=True, truncation=True, max_length=128, return_tensors="pt")

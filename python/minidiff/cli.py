@@ -15,12 +15,31 @@ write); no traceback. ``python -m minidiff`` is the same program.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import traceback
 import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Sequence
+
+
+def _common(p: argparse.ArgumentParser, *, out: bool = True, device: bool = True) -> None:
+    """The options every command that runs models shares (one spelling each)."""
+    if out:
+        p.add_argument("-o", "--output", "--out", dest="out", required=True, metavar="DIR",
+                       help="output folder (report.html, results.json, CSV tables, plots/)")
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace the outputs of a different study already in the output folder")
+    if device:
+        p.add_argument("--device", default=None, help="run the models there (cpu, cuda, cuda:N); "
+                       "overrides the study file's [study] device")
+        p.add_argument("--seed", type=int, default=None, help="overrides the study file's [study] seed")
+        p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log each stage")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or stage logs (the result is still printed)")
+    p.add_argument("--traceback", action="store_true", help="on error, show the Python traceback too")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,25 +48,30 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command")
     r = sub.add_parser("run", help="run a study file (TOML)")
     r.add_argument("study", help="path to the study file")
-    r.add_argument("--out", required=True, help="output folder (report.html, results.json, CSV tables)")
     r.add_argument("--cache", default=None, help="cache folder (default: OUT/cache)")
-    r.add_argument("--quiet", action="store_true", help="no progress bars")
-    r.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    _common(r)
     d = sub.add_parser("demo", help="run the embedded default study (no downloads)")
-    d.add_argument("--out", required=True, help="output folder")
     d.add_argument("--quick", action="store_true", help="reduced size (CI)")
-    d.add_argument("--only", choices=["digits", "minilm"], default=None, help="run one of the two studies")
-    d.add_argument("--quiet", action="store_true", help="no progress bars")
-    d.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    d.add_argument("--only", choices=["digits", "minilm", "lm"], default=None, help="run one of the studies")
+    _common(d)
     rp = sub.add_parser("report", help="regenerate the report from a cache without running models")
     rp.add_argument("--cache", required=True, help="the cache folder of a finished run (OUT/cache)")
-    rp.add_argument("--out", required=True, help="output folder")
-    c = sub.add_parser("check", help="validate a study file")
+    _common(rp, device=False)
+    c = sub.add_parser("check", help="validate a study file without running models")
     c.add_argument("study")
+    c.add_argument("--device", default=None, help="check this device instead of the file's")
+    c.add_argument("-v", "--verbose", action="store_true", help="list every check")
+    c.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    c.add_argument("--traceback", action="store_true", help="on error, show the Python traceback too")
     return p
 
 
+_SHOW_TRACEBACK = False
+
+
 def _fail(msg: str, code: int) -> int:
+    if _SHOW_TRACEBACK:
+        traceback.print_exc()
     print(f"minidiff: error: {msg}", file=sys.stderr)
     return code
 
@@ -57,14 +81,34 @@ def _quiet() -> None:
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 
 
+def _progress(args: argparse.Namespace) -> bool:
+    """Progress bars only for a person watching: not under -q, not when stderr is a file or pipe."""
+    return not args.quiet and sys.stderr.isatty()
+
+
 def _threads(n: int) -> None:
     if n and n > 0:
         import torch
         torch.set_num_threads(n)
 
 
+def _overrides(cfg, args: argparse.Namespace):
+    """Apply --device / --seed to a validated study file (validated again)."""
+    from minidiff.study.config import parse_config
+    data = cfg.model_dump(mode="python")
+    if getattr(args, "device", None):
+        data["study"]["device"] = args.device
+    if getattr(args, "seed", None) is not None:
+        data["study"]["seed"] = args.seed
+    if data == cfg.model_dump(mode="python"):
+        return cfg
+    return parse_config(data, source="command line")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    global _SHOW_TRACEBACK
     args = _parser().parse_args(argv)
+    _SHOW_TRACEBACK = bool(getattr(args, "traceback", False))
     if args.version:
         import minidiff
         print(f"minidiff {minidiff.__version__}")
@@ -79,27 +123,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     from minidiff.study.results import OutputWriteError
     warnings.simplefilter("always", CacheCorruptionWarning)
     t0 = time.perf_counter()
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+                        format="minidiff: %(message)s", stream=sys.stderr)
+    if getattr(args, "quiet", False) or not sys.stderr.isatty():
+        _quiet()
     try:
         if args.command == "check":
-            cfg = load_config(args.study)
-            print(f"{args.study}: OK — base {cfg.base.kind}, {len(cfg.variants)} variant(s): "
-                  + ", ".join(v.name for v in cfg.variants))
+            from minidiff.study.check import check_study
+            checks = check_study(args.study, device=args.device)
+            if args.verbose:
+                for line in checks:
+                    print(f"  ok  {line}")
+            if not args.quiet:
+                cfg = load_config(args.study)
+                print(f"{args.study}: OK ({len(checks)} checks) — base {cfg.base.kind}, {len(cfg.variants)} "
+                      "variant(s): " + ", ".join(v.name for v in cfg.variants))
             return 0
         if args.command == "report":
             from minidiff.study.study import report_from_cache
-            res = report_from_cache(args.cache, args.out)
-            print(f"report written: {Path(args.out) / 'report.html'} ({len(res.get('variants', []))} variants, "
+            res = report_from_cache(args.cache, args.out, overwrite=args.overwrite)
+            print(f"report written: {Path(args.out) / 'report.html'} ({len(res['variants'])} variants, "
                   "from the cache; no model was run)")
             return 0
         if args.command == "run":
             _threads(args.threads)
-            if args.quiet:
-                _quiet()
-            cfg = load_config(args.study)
+            cfg = _overrides(load_config(args.study), args)
             from minidiff.study.build import build_study
             cache = Path(args.cache) if args.cache else Path(args.out) / "cache"
-            study = build_study(cfg, cache_dir=cache, progress=not args.quiet and cfg.study.progress)
-            res = study.run(out=args.out)
+            study = build_study(cfg, cache_dir=cache, progress=_progress(args) and cfg.study.progress)
+            res = study.run(out=args.out, overwrite=args.overwrite)
             from minidiff.distributed import shutdown
             shutdown()  # under torchrun: every rank leaves the group together
             if not res:  # a non-zero torchrun rank: rank 0 writes
@@ -108,10 +160,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "demo":
             _threads(args.threads)
-            if args.quiet:
-                _quiet()
             from minidiff.study.demo import run_demo
-            res = run_demo(args.out, quick=args.quick, only=args.only, progress=not args.quiet)
+            res = run_demo(args.out, quick=args.quick, only=args.only, progress=_progress(args),
+                           device=args.device or "cpu", seed=args.seed, overwrite=args.overwrite)
             _print_summary(res, args.out, time.perf_counter() - t0)
             return 0
     except StudyFileError as e:

@@ -211,10 +211,12 @@ class LayerRecorder:
 
     Use as a context manager; hooks are removed on exit, also after an exception.
     ``attention_mask`` must be set before each forward for ``mean``/``tokens``.
+    ``token_mode="raw"`` keeps each output unpooled (detached), for callers that pool
+    themselves (the study pools in float32 and compares outputs by identity).
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[str], token_mode: str) -> None:
-        if token_mode not in TOKEN_MODES:
+        if token_mode not in TOKEN_MODES and token_mode != "raw":
             raise ValueError(f"unknown token_mode {token_mode!r}; use one of {TOKEN_MODES}")
         self.model = model
         self.layers = list(layers)
@@ -225,7 +227,8 @@ class LayerRecorder:
 
     def _hook(self, name: str) -> Callable:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            self.features[name] = pool(first_tensor(output), self.token_mode, self.attention_mask)
+            out = first_tensor(output)
+            self.features[name] = out if self.token_mode == "raw" else pool(out, self.token_mode, self.attention_mask)
         return hook
 
     def __enter__(self) -> "LayerRecorder":

@@ -22,10 +22,21 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import stats
+
+from importlib import import_module
 
 from minidiff.metrics._checks import MetricSkipped, _jsonable
 from minidiff.results.verdicts import RULES, decide_all, legends
+from minidiff.metrics.distribution import entropy, ks_shift, predicted_class_shift
+from minidiff.metrics.neighbors import knn_overlap, layer_correspondence
+from minidiff.metrics.ood import ood_agreement, ood_detect
+from minidiff.metrics.prediction import accuracy, accuracy_ci, accuracy_difference_ci
+from minidiff.metrics.summaries import histogram, quantiles
+
+# by module path: ``minidiff.metrics.calibration`` the attribute is the function of that name
+cal = import_module("minidiff.metrics.calibration")
+pop = import_module("minidiff.metrics.population")
+pr = import_module("minidiff.metrics.prediction")
 
 #: How each verdict is decided, in words: written by the verdict rules from the same thresholds
 #: they decide with (:mod:`minidiff.results.verdicts`); also in results.json and the report legend.
@@ -33,17 +44,8 @@ THRESHOLDS = legends()
 
 
 def softmax64(logits: torch.Tensor) -> torch.Tensor:
+    """Class probabilities in float64 (the metrics' input)."""
     return torch.softmax(logits.double(), dim=1)
-
-
-def _entropy(p: torch.Tensor) -> torch.Tensor:
-    return -(torch.where(p > 0, p * p.clamp_min(1e-300).log(), torch.zeros_like(p))).sum(1)
-
-
-def _hist(values: torch.Tensor, lo: float, hi: float, bins: int = 30) -> dict[str, list[float]]:
-    v = values.double().numpy()
-    counts, edges = np.histogram(v, bins=bins, range=(lo, hi))
-    return {"edges": edges.tolist(), "counts": counts.tolist()}
 
 
 def _mean_dicts(ds: list[dict[str, Any]], keys: list[str]) -> dict[str, Any]:
@@ -56,40 +58,19 @@ def _mean_dicts(ds: list[dict[str, Any]], keys: list[str]) -> dict[str, Any]:
 
 def _population_accuracy(preds: torch.Tensor, labels: torch.Tensor, n_boot: int, level: float, seed: int
                          ) -> dict[str, Any]:
-    """Mean accuracy of a population (P, M) with an example-resampling bootstrap CI.
-
-    ``r_i`` = share of the P models right on example i; accuracy = mean_i r_i; the CI
-    is the percentile interval of mean r over ``n_boot`` resamples of the examples
-    (for P = 1 this is the ordinary accuracy bootstrap).
-    """
-    from minidiff.metrics.prediction import accuracy_ci
-    if preds.shape[0] == 1:
-        r = accuracy_ci(preds[0], labels, n_boot=max(n_boot, 1), confidence=level, seed=seed)
-        return {"mean": r.accuracy, "ci_low": r.low, "ci_high": r.high, "per_member": [r.accuracy],
-                "n": r.n, "n_boot": n_boot}
-    right = (preds == labels[None]).double().mean(0).numpy()
-    rng = np.random.default_rng(seed)
-    m = right.shape[0]
-    boots = np.array([right[rng.integers(0, m, m)].mean() for _ in range(max(n_boot, 1))])
-    lo, hi = np.quantile(boots, [(1 - level) / 2, (1 + level) / 2])
-    per = (preds == labels[None]).double().mean(1).tolist()
-    return {"mean": float(right.mean()), "ci_low": float(lo), "ci_high": float(hi), "per_member": per,
-            "n": m, "n_boot": n_boot}
+    """Mean accuracy of a population ``(P, M)`` with its bootstrap CI over examples
+    (:func:`minidiff.metrics.accuracy_ci`) and each member's accuracy."""
+    r = accuracy_ci(preds, labels, n_boot=n_boot, confidence=level, seed=seed)
+    per = [accuracy(preds[i], labels) for i in range(preds.shape[0])]
+    return {"mean": r.accuracy, "ci_low": r.low, "ci_high": r.high, "per_member": per, "n": r.n, "n_boot": n_boot}
 
 
 def _accuracy_change(bp: torch.Tensor, vp: torch.Tensor, labels: torch.Tensor, n_boot: int, level: float,
                      seed: int) -> dict[str, Any]:
-    """Paired bootstrap CI of acc(variant population) - acc(base population) over examples."""
-    from minidiff.metrics.prediction import accuracy_difference_ci
-    if bp.shape[0] == 1 and vp.shape[0] == 1:
-        r = accuracy_difference_ci(bp[0], vp[0], labels, n_boot=max(n_boot, 1), confidence=level, seed=seed)
-        return {"mean": r.accuracy, "ci_low": r.low, "ci_high": r.high}
-    d = ((vp == labels[None]).double().mean(0) - (bp == labels[None]).double().mean(0)).numpy()
-    rng = np.random.default_rng(seed)
-    m = d.shape[0]
-    boots = np.array([d[rng.integers(0, m, m)].mean() for _ in range(max(n_boot, 1))])
-    lo, hi = np.quantile(boots, [(1 - level) / 2, (1 + level) / 2])
-    return {"mean": float(d.mean()), "ci_low": float(lo), "ci_high": float(hi)}
+    """Paired bootstrap CI of acc(variant population) - acc(base population)
+    (:func:`minidiff.metrics.accuracy_difference_ci`)."""
+    r = accuracy_difference_ci(bp, vp, labels, n_boot=n_boot, confidence=level, seed=seed)
+    return {"mean": r.accuracy, "ci_low": r.low, "ci_high": r.high}
 
 
 def _cka_matrix(acc: Any) -> np.ndarray:
@@ -121,7 +102,7 @@ class Analysis:
                  cka_matrices: dict[str, np.ndarray], layer_names: dict[str, list[str]],
                  ood_embeddings: dict[str, torch.Tensor] | None, ood_reason: str, metrics: Any, seed: int,
                  display: Any = None, data_kind: str = "text", ids: list[str] | None = None,
-                 ood_name: str = "") -> None:
+                 ood_name: str = "", stats: Any = None) -> None:
         self.groups = groups
         self.logits = logits
         self.emb = embeddings
@@ -142,6 +123,14 @@ class Analysis:
         self.preds = {k: v.argmax(1) for k, v in logits.items()}
         self.base = groups["base"]
         self.variants = [g for g in groups if g != "base"]
+        # streamed statistics (minidiff.study.characteristics): computed once, read by every section
+        self._agreement = None
+        self._member_stats: dict[str, dict[str, Any]] = {}
+        if stats is not None:
+            if "agreement" in stats.study_stats:
+                self._agreement = (stats.study_stats["agreement"].compute(),
+                                   {m: i for i, m in enumerate(stats.member_order)})
+            self._member_stats = stats.member_stats
 
     # -- helpers --------------------------------------------------------------------
     def _pop(self, group: str) -> torch.Tensor:
@@ -150,6 +139,35 @@ class Analysis:
     def _pairs(self, var: str) -> list[tuple[str, str]]:
         b = self.base
         return [(b[i % len(b)], v) for i, v in enumerate(self.groups[var])]
+
+    def _agree(self, a: str, b: str, y: torch.Tensor | None) -> dict[str, Any]:
+        """Churn, flips and error Jaccard of members ``a`` -> ``b``, from the streamed
+        :class:`minidiff.agreement.AgreementAccumulator` (equal to
+        :func:`minidiff.metrics.churn` / :func:`minidiff.metrics.flips` on the outputs)."""
+        if self._agreement is None:
+            fl = pr.flips(self.preds[a], self.preds[b], y).to_dict() if y is not None else {}
+            return {"churn": pr.churn(self.preds[a], self.preds[b]), **fl}
+        res, idx = self._agreement
+        i, j = idx[a], idx[b]
+        out: dict[str, Any] = {"churn": float(res["disagreement"][i, j])}
+        if y is not None:
+            out.update(right_to_wrong=float(res["flips"][i, j, 0]), wrong_to_right=float(res["flips"][i, j, 1]),
+                       error_jaccard=float(res["error_jaccard"][i, j]))
+        return out
+
+    def _calibration(self, member: str) -> Any:
+        """:class:`minidiff.metrics.Calibration` of one member (streamed when available)."""
+        acc = self._member_stats.get(member, {}).get("calibration")
+        if acc is not None:
+            return acc.compute()
+        return cal.calibration(self.probs[member], self.labels, self.cfg.ece_bins)
+
+    def _class_shift(self, a: str, b: str) -> Any:
+        ha = self._member_stats.get(a, {}).get("class_histogram")
+        hb = self._member_stats.get(b, {}).get("class_histogram")
+        if ha is not None and hb is not None:
+            return ha.shift_to(hb)
+        return predicted_class_shift(self.preds[a], self.preds[b], self.num_classes)
 
     def _ref_pair(self) -> tuple[str, str] | None:
         return (self.base[0], self.base[1]) if len(self.base) >= 2 else None
@@ -173,9 +191,7 @@ class Analysis:
             if self.labels is not None:
                 entry["accuracy"] = _population_accuracy(self._pop(g), self.labels, self.cfg.bootstrap,
                                                          self.cfg.ci_level, self.seed)
-                from minidiff.metrics.calibration import calibration
-                cals = [self._try(skipped, "calibration", lambda m=m: calibration(self.probs[m], self.labels,
-                                                                                   self.cfg.ece_bins)) for m in members]
+                cals = [self._try(skipped, "calibration", lambda m=m: self._calibration(m)) for m in members]
                 cals = [c for c in cals if c is not None]
                 if cals:
                     entry["calibration"] = {"ece": float(np.mean([c.ece for c in cals])),
@@ -188,18 +204,15 @@ class Analysis:
         return out
 
     def prediction_errors(self, var: str) -> dict[str, Any]:
-        import importlib
-        cal = importlib.import_module("minidiff.metrics.calibration")
-        pop = importlib.import_module("minidiff.metrics.population")
-        pr = importlib.import_module("minidiff.metrics.prediction")
         sk: dict[str, str] = {}
         y = self.labels
         pairs = self._pairs(var)
         out: dict[str, Any] = {"pairs": [f"{a}~{b}" for a, b in pairs]}
-        out["churn"] = float(np.mean([pr.churn(self.preds[a], self.preds[b]) for a, b in pairs]))
+        agree = [self._agree(a, b, y) for a, b in pairs]
+        out["churn"] = float(np.mean([g["churn"] for g in agree]))
         ref = self._ref_pair()
         if ref is not None:
-            rc = [pr.churn(self.preds[self.base[i]], self.preds[self.base[j]])
+            rc = [self._agree(self.base[i], self.base[j], None)["churn"]
                   for i in range(len(self.base)) for j in range(i + 1, len(self.base))]
             out["reference_churn"] = float(np.mean(rc))
         else:
@@ -209,10 +222,10 @@ class Analysis:
         for kind, hi in (("kl", None), ("js", math.log(2))):
             per = torch.stack([pr.per_example_divergence(self.probs[a], self.probs[b], kind)
                                for a, b in pairs]).mean(0)
-            q = torch.quantile(per, torch.tensor([0.5, 0.9, 0.99], dtype=torch.float64))
+            q = quantiles(per, [0.5, 0.9, 0.99], name=f"{kind} divergence")
             top = float(per.max()) if hi is None else hi
             div[kind] = {"mean": float(per.mean()), "p50": float(q[0]), "p90": float(q[1]), "p99": float(q[2]),
-                         "max": float(per.max()), "histogram": _hist(per, 0.0, max(top, 1e-12))}
+                         "max": float(per.max()), "histogram": histogram(per, 0.0, max(top, 1e-12))}
         out["divergence"] = div
         from minidiff.agreement import DEFAULT_EPS
         out["epsilon"] = DEFAULT_EPS
@@ -223,13 +236,13 @@ class Analysis:
         else:
             out["accuracy_change"] = _accuracy_change(self._pop("base"), self._pop(var), y, self.cfg.bootstrap,
                                                       self.cfg.ci_level, self.seed)
-            fl = [pr.flips(self.preds[a], self.preds[b], y).to_dict() for a, b in pairs]
-            out["flips"] = _mean_dicts(fl, ["right_to_wrong", "wrong_to_right", "churn", "error_jaccard"])
+            out["flips"] = _mean_dicts(agree, ["right_to_wrong", "wrong_to_right", "churn", "error_jaccard"])
             out["error_jaccard"] = out["flips"]["error_jaccard"]
             mc = [pr.mcnemar(self.preds[a], self.preds[b], y).to_dict() for a, b in pairs]
             out["mcnemar"] = {**mc[0], "per_pair_p": [m["p_value"] for m in mc],
                               "significant_pairs": sum(1 for m in mc if m["p_value"] < 0.05), "pairs": len(mc)}
-            cc = [cal.calibration_change(self.probs[a], self.probs[b], y, self.cfg.ece_bins) for a, b in pairs]
+            cc = [cal.CalibrationChange(base=cb, variant=cv, delta_ece=cv.ece - cb.ece, delta_brier=cv.brier - cb.brier)
+                  for cb, cv in ((self._calibration(a), self._calibration(b)) for a, b in pairs)]
 
             def bins(c: Any) -> dict[str, Any]:
                 d = c.bins.to_dict()
@@ -255,8 +268,6 @@ class Analysis:
         return out
 
     def _pie(self, var: str, sk: dict[str, str]) -> dict[str, Any]:
-        import importlib
-        pop = importlib.import_module("minidiff.metrics.population")
         bp, vp = self._pop("base"), self._pop(var)
         ps = pop.pie_summary(bp, vp, self.num_classes, top=self.cfg.pie_examples)
         population = bp.shape[0] >= 2 and vp.shape[0] >= 2
@@ -276,8 +287,6 @@ class Analysis:
                         "per_model_pie_accuracy": _jsonable(pacc), "per_model_non_pie_accuracy": _jsonable(nacc)})
         # order: PIEs first, then CIE score, then the mean per-example JS divergence of the seed
         # pairs (with one model per side every changed example has CIE 2: JS ranks them)
-        import importlib
-        pr = importlib.import_module("minidiff.metrics.prediction")
         js = torch.stack([pr.per_example_divergence(self.probs[a], self.probs[b], "js")
                           for a, b in self._pairs(var)]).mean(0).numpy()
         m = js.shape[0]
@@ -307,7 +316,6 @@ class Analysis:
         return self.class_names[c] if self.class_names and c < len(self.class_names) else str(c)
 
     def representation(self, var: str) -> dict[str, Any]:
-        from minidiff.metrics.neighbors import knn_overlap, layer_correspondence
         sk: dict[str, str] = {}
         out: dict[str, Any] = {}
         pairs = self._pairs(var)
@@ -331,7 +339,7 @@ class Analysis:
             ov = [knn_overlap(self.emb[a], self.emb[b], k=k) for a, b in pairs]
             per = torch.stack([o.per_example for o in ov]).mean(0)
             out["knn_overlap"] = {"k": k, "mean": float(per.mean()), "median": float(per.median()),
-                                  "histogram": _hist(per, 0.0, 1.0, bins=20)}
+                                  "histogram": histogram(per, 0.0, 1.0, bins=20)}
             ref = self._ref_pair()
             if ref is not None:
                 out["knn_overlap"]["reference_mean"] = knn_overlap(self.emb[ref[0]], self.emb[ref[1]], k=k).mean
@@ -341,7 +349,6 @@ class Analysis:
         return out
 
     def _ood_flags(self, member: str) -> Any:
-        from minidiff.metrics.ood import ood_detect
         e = self.emb[member]
         g = torch.Generator().manual_seed(self.seed)
         perm = torch.randperm(e.shape[0], generator=g)
@@ -351,7 +358,6 @@ class Analysis:
         return ood_detect(bank, held, self.ood[member], k=k, tpr=self.cfg.ood_tpr)
 
     def distribution(self, var: str) -> dict[str, Any]:
-        from minidiff.metrics.ood import ood_agreement
         sk: dict[str, str] = {}
         out: dict[str, Any] = {}
         pairs = self._pairs(var)
@@ -372,25 +378,18 @@ class Analysis:
                                                                 self._ood_flags(ref[1]).flags).jaccard
         a, b = pairs[0]
         pa, pb = self.probs[a], self.probs[b]
+        levels = np.linspace(0, 1, 41)
         for key, fa, fb in (("confidence_shift", pa.max(1).values, pb.max(1).values),
-                            ("entropy_shift", _entropy(pa), _entropy(pb))):
-            r = stats.ks_2samp(fa.numpy(), fb.numpy())
-            out[key] = {"statistic": float(r.statistic), "p_value": float(r.pvalue), "mean_base": float(fa.mean()),
-                        "mean_variant": float(fb.mean()), "pair": f"{a}~{b}",
-                        "quantiles_base": np.quantile(fa.numpy(), np.linspace(0, 1, 41)).tolist(),
-                        "quantiles_variant": np.quantile(fb.numpy(), np.linspace(0, 1, 41)).tolist()}
-        hb = torch.bincount(self.preds[a], minlength=self.num_classes).double()
-        hv = torch.bincount(self.preds[b], minlength=self.num_classes).double()
-        tv = float((hb / hb.sum() - hv / hv.sum()).abs().sum() / 2)
-        table = torch.stack([hb, hv]).numpy()
-        table = table[:, table.sum(0) > 0]
-        if table.shape[1] >= 2:
-            chi = stats.chi2_contingency(table)
-            p = float(chi.pvalue)
-        else:
-            p = 1.0
-        out["predicted_class_shift"] = {"tv": tv, "p_value": p, "counts_base": hb.long().tolist(),
-                                        "counts_variant": hv.long().tolist(), "pair": f"{a}~{b}"}
+                            ("entropy_shift", entropy(pa), entropy(pb))):
+            r = ks_shift(fa, fb, key.split("_")[0])
+            out[key] = {"statistic": r.statistic, "p_value": r.p_value, "mean_base": r.mean_base,
+                        "mean_variant": r.mean_variant, "pair": f"{a}~{b}",
+                        "quantiles_base": quantiles(fa, levels).tolist(),
+                        "quantiles_variant": quantiles(fb, levels).tolist()}
+        cs = self._class_shift(a, b)
+        out["predicted_class_shift"] = {"tv": cs.total_variation, "p_value": cs.p_value,
+                                        "counts_base": cs.hist_base.tolist(), "counts_variant": cs.hist_variant.tolist(),
+                                        "pair": f"{a}~{b}"}
         out["skipped"] = sk
         return out
 

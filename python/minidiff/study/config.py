@@ -69,6 +69,13 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
+#: Fewer resamples give intervals whose ends are noise (a 95% interval from 50 resamples rests on
+#: the 1st and 49th of them) and can flip a verdict.
+MIN_BOOTSTRAP = 100
+#: Variant names become file names (CSV tables, cache folders); keep them short and portable.
+MAX_NAME_LENGTH = 100
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -77,11 +84,24 @@ class RunConfig(_Strict):
     """``[study]``: run settings."""
 
     name: str = "study"
-    seed: int = 0
+    seed: int = Field(0, ge=0, description="numpy and torch generators take seeds >= 0")
     batch_size: int = Field(128, ge=1)
     device: str = "cpu"
     chunk_batches: int = Field(4, ge=1, description="batches per resumable chunk")
     progress: bool = True
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, v: str) -> str:
+        # only the spelling here: a study file stays valid on machines without its device;
+        # `minidiff check` and the run check that this machine has it (minidiff.validation)
+        import torch
+
+        try:
+            torch.device(v)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"{v!r} is not a device name; use 'cpu', 'cuda' or 'cuda:N'") from None
+        return v
 
 
 class DataConfig(_Strict):
@@ -204,6 +224,11 @@ class VariantConfig(_Strict):
     def _name_ok(cls, v: str) -> str:
         if not v or v == "base" or any(c in v for c in "/\\\0"):
             raise ValueError("variant names must be non-empty, not 'base', and contain no slashes")
+        if len(v) > MAX_NAME_LENGTH:
+            raise ValueError(f"variant name is {len(v)} characters long; names become file names, "
+                             f"use at most {MAX_NAME_LENGTH}")
+        if any(ord(c) < 32 for c in v):
+            raise ValueError("variant names must not contain control characters")
         return v
 
     @model_validator(mode="after")
@@ -234,7 +259,7 @@ class MetricsConfig(_Strict):
     knn_k: int = Field(10, ge=1)
     ood_k: int = Field(10, ge=1)
     ood_tpr: float = Field(0.95, gt=0.0, lt=1.0)
-    bootstrap: int = Field(1000, ge=0)
+    bootstrap: int = Field(1000, ge=MIN_BOOTSTRAP, description=f"resamples per interval (>= {MIN_BOOTSTRAP})")
     ci_level: float = Field(0.95, gt=0.0, lt=1.0)
     ece_bins: int = Field(15, ge=2)
     pie_examples: int = Field(12, ge=0)
@@ -273,6 +298,25 @@ class StudyConfig(_Strict):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"variant names must be unique; repeated: {dup}")
+        return self
+
+    @model_validator(mode="after")
+    def _seeds_ok(self) -> "StudyConfig":
+        specs = [("base", self.base)] + [(f"variants[{v.name}].model", v.model) for v in self.variants
+                                         if v.model is not None]
+        for where, spec in specs:
+            seeds = getattr(spec, "seeds", None)
+            if seeds is None:
+                continue
+            if not seeds:
+                raise ValueError(f"{where}.seeds is empty; give at least one seed, e.g. seeds = [0]")
+            bad = [s for s in seeds if s < 0]
+            if bad:
+                raise ValueError(f"{where}.seeds must be >= 0, got {bad}")
+            dup = sorted({s for s in seeds if seeds.count(s) > 1})
+            if dup:
+                raise ValueError(f"{where}.seeds repeats {dup}; each seed makes one model of the population, "
+                                 "so repeats would count one model twice")
         return self
 
     def to_json(self) -> dict[str, Any]:
@@ -326,6 +370,9 @@ def format_validation_error(err: ValidationError, source: str = "study file") ->
             lines.append(f"key '{where}': needs a 'kind' (mlp, cnn, minilm, hub or path)")
         else:
             msg = e.get("msg", "").removeprefix("Value error, ")
+            if not e.get("loc"):  # a rule across keys: its message names them
+                lines.append(msg)
+                continue
             lines.append(f"key '{where}': {msg}" + (f" (got {got!r})" if typ.startswith(("greater", "less", "too_")) else ""))
     return f"{source}: " + "; ".join(lines)
 

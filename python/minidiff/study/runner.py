@@ -20,7 +20,7 @@ across ranks in example order and the accumulators all-reduced
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from minidiff.distributed import DistContext
 from minidiff.study.cache import StudyCache, hash_json
 from minidiff.study.capture import Member
+from minidiff.study.characteristics import StatBatch, StatSetup, stats_for
 
 
 @dataclass
@@ -48,10 +49,18 @@ class PassResult:
 
     logits: dict[str, torch.Tensor] = field(default_factory=dict)      # member -> (N, C) float32
     embeddings: dict[str, torch.Tensor] = field(default_factory=dict)  # member -> (N, d) float32
-    cka: dict[str, Any] = field(default_factory=dict)                  # pair -> CKAAccumulator
+    pair_stats: dict[str, dict[str, Any]] = field(default_factory=dict)    # pair -> stat name -> accumulator
+    member_stats: dict[str, dict[str, Any]] = field(default_factory=dict)  # member -> stat name -> accumulator
+    study_stats: dict[str, Any] = field(default_factory=dict)              # stat name -> accumulator (all members)
+    member_order: list[str] = field(default_factory=list)                  # the members' order in study_stats
     rbf_layers: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # member -> first rows per layer
     layer_names: dict[str, list[str]] = field(default_factory=dict)
     forward_chunks: dict[str, int] = field(default_factory=dict)      # member -> chunks computed (not cached)
+
+    @property
+    def cka(self) -> dict[str, Any]:
+        """pair -> CKAAccumulator (the ``"cka"`` pair statistic)."""
+        return {p: st["cka"] for p, st in self.pair_stats.items() if "cka" in st}
 
 
 def _batch_inputs(data: Any, start: int, stop: int) -> Any:
@@ -79,17 +88,22 @@ def probe_layers(member: Member, data: Any, token_mode: str, device: str) -> tup
 
 def run_pass(members: list[Member], pairs: list[Pair], data: Any, *, cache: StudyCache, tag: str,
              batch_size: int, chunk_batches: int, token_mode: str, device: str = "cpu",
-             ctx: DistContext | None = None, cka_estimator: str = "unbiased", rbf_rows: int = 0,
-             progress: bool = True, on_chunk: Callable[[int], None] | None = None) -> PassResult:
+             ctx: DistContext | None = None, metrics: Any = None, characteristics: Sequence[str] = (),
+             rbf_rows: int = 0, progress: bool = True,
+             on_chunk: Callable[[int], None] | None = None) -> PassResult:
     """Run ``members`` over ``data`` once (resuming from the cache) and return the outputs.
 
     Parameters
     ----------
-    members : models to run; ``pairs`` : which of them feed CKA accumulators.
+    members : models to run; ``pairs`` : which of them are compared layer by layer.
     data : ExampleSet
     cache : StudyCache
     tag : str
         Names the data set in cache keys and progress bars (``"eval"``, ``"ood"``).
+    metrics : MetricsConfig, optional
+        With ``characteristics``, decides which streaming statistics
+        (:data:`minidiff.study.characteristics.STREAM_STATS`) are built and fed.
+    characteristics : the characteristics measured on this pass (none for the OOD pass).
     rbf_rows : int
         Keep the first ``rbf_rows`` examples' layer representations (for the
         non-streaming RBF CKA); 0 keeps none.
@@ -103,7 +117,13 @@ def run_pass(members: list[Member], pairs: list[Pair], data: Any, *, cache: Stud
     # shard boundaries on chunk boundaries: every rank runs the single-process batches
     start, stop = ctx.shard_range(n_total, align=chunk)
     chunks = [(s, min(s + chunk, stop)) for s in range(start, stop, chunk)]
-    capture = bool(pairs) or rbf_rows > 0
+    chars = tuple(characteristics) if metrics is not None else ()
+    labelled = data.labels is not None
+    linear = metrics is None or getattr(metrics, "cka_kernel", "linear") == "linear"
+    pair_stats = stats_for(chars, labels=labelled, scope="pair", linear_cka=linear) if pairs else []
+    member_stats = stats_for(chars, labels=labelled, scope="member")
+    members_stats = stats_for(chars, labels=labelled, scope="members")
+    capture = bool(pair_stats) or rbf_rows > 0
     fp = data.fingerprint()
     settings = {"data": fp, "token_mode": token_mode, "batch_size": batch_size, "chunk_batches": chunk_batches,
                 "shard": [ctx.rank, ctx.world_size, start, stop], "capture": capture, "rbf_rows": rbf_rows}
@@ -117,27 +137,49 @@ def run_pass(members: list[Member], pairs: list[Pair], data: Any, *, cache: Stud
     mkey = {m.name: hash_json({"model": m.key, "layers": m.layers, "emb": m.embedding_module, **settings})[:32]
             for m in members}
 
-    accs: dict[str, Any] = {}
+    # pair statistics (layers): the only state not rebuilt from cached outputs, so it is cached per chunk
+    accs: dict[str, tuple[dict[str, Any], str]] = {}
     done: dict[str, int] = {}
-    if pairs:
-        from minidiff.similarity import CKAAccumulator
-        for p in pairs:
-            acc = CKAAccumulator(widths[p.a.name], widths[p.b.name], estimator=cka_estimator, device=device)
-            pkey = hash_json({"a": mkey[p.a.name], "b": mkey[p.b.name], "estimator": cka_estimator})[:32]
-            got = cache.load_tensors(f"pairs/{pkey}/state.safetensors")
-            done[p.name] = 0
-            if got is not None:
-                try:
-                    acc.load_state_dict(got[0])
-                    done[p.name] = int(got[1]["chunks_done"])
-                except (ValueError, KeyError):
+    for p in pairs if pair_stats else []:
+        built = {st.name: st.build(StatSetup(metrics=metrics, widths_a=tuple(widths[p.a.name]),
+                                             widths_b=tuple(widths[p.b.name]), device=device))
+                 for st in pair_stats}
+        pkey = hash_json({"a": mkey[p.a.name], "b": mkey[p.b.name], "estimator": metrics.cka_estimator,
+                          "stats": sorted(built)})[:32]
+        got = cache.load_tensors(f"pairs/{pkey}/state.safetensors")
+        done[p.name] = 0
+        if got is not None:
+            try:
+                for name, acc in built.items():
+                    acc.load_state_dict({k.split(".", 1)[1]: v for k, v in got[0].items()
+                                         if k.split(".", 1)[0] == name})
+                done[p.name] = int(got[1]["chunks_done"])
+            except (ValueError, KeyError):
+                for acc in built.values():
                     acc.reset()
-            accs[p.name] = (acc, pkey)
+        accs[p.name] = (built, pkey)
+        first = _batch_inputs(data, 0, min(batch_size, n_total))
+        for acc in built.values():
             # under torchrun: one shift on every rank (the single-process one) before accumulating
-            ctx.agree_shift(acc, lambda p=p: (p.a.forward(_batch_inputs(data, 0, min(batch_size, n_total)),
-                                                          token_mode, device)[1],
-                                              p.b.forward(_batch_inputs(data, 0, min(batch_size, n_total)),
-                                                          token_mode, device)[1]))
+            ctx.agree_shift(acc, lambda p=p: (p.a.forward(first, token_mode, device)[1],
+                                              p.b.forward(first, token_mode, device)[1]))
+    # output statistics (logits): fed from each chunk's outputs, cached or fresh, so resuming
+    # rebuilds them exactly from the cache
+    out_stats: dict[str, dict[str, Any]] = {m.name: {} for m in members}
+    all_stats: dict[str, Any] = {}
+
+    def feed_outputs(c0: int, c1: int, logits: dict[str, torch.Tensor]) -> None:
+        y = data.labels[c0:c1] if labelled else None
+        for m in members:
+            lg = logits[m.name]
+            for st in member_stats:
+                if st.name not in out_stats[m.name]:
+                    out_stats[m.name][st.name] = st.build(StatSetup(metrics=metrics, num_classes=int(lg.shape[1])))
+                st.feed(out_stats[m.name][st.name], StatBatch([lg], y, []))
+        for st in members_stats:
+            if st.name not in all_stats:
+                all_stats[st.name] = st.build(StatSetup(metrics=metrics, num_models=len(members)))
+            st.feed(all_stats[st.name], StatBatch([logits[m.name] for m in members], y, []))
 
     outs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {m.name: [] for m in members}
     rbf: dict[str, list[list[torch.Tensor]]] = {m.name: [] for m in members}
@@ -150,7 +192,7 @@ def run_pass(members: list[Member], pairs: list[Pair], data: Any, *, cache: Stud
             got = cache.load_tensors(f"models/{mkey[m.name]}/chunk_{k:05d}.safetensors")
             if got is not None and int(got[1].get("rows", -1)) == c1 - c0:
                 cached[m.name] = got[0]
-        pending_pairs = [p for p in pairs if done[p.name] <= k]
+        pending_pairs = [p for p in pairs if p.name in done and done[p.name] <= k]
         need = [m for m in members if m.name not in cached
                 or any(p.a is m or p.b is m for p in pending_pairs)]
         fresh: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {m.name: [] for m in need}
@@ -166,11 +208,15 @@ def run_pass(members: list[Member], pairs: list[Pair], data: Any, *, cache: Stud
                 if rbf_rows > b0:
                     fresh_rbf[m.name].append([t[: rbf_rows - b0].cpu() for t in layers])
             for p in pending_pairs:
-                accs[p.name][0].update(reps[p.a.name], reps[p.b.name])
+                batch = StatBatch([], None, [reps[p.a.name], reps[p.b.name]])
+                for st in pair_stats:
+                    st.feed(accs[p.name][0][st.name], batch)
+        chunk_logits: dict[str, torch.Tensor] = {}
         for m in members:
             if m.name in cached:
                 t = cached[m.name]
                 outs[m.name].append((t["logits"], t["embedding"]))
+                chunk_logits[m.name] = t["logits"]
                 if rbf_rows > c0:
                     nl = len(widths[m.name])
                     rbf[m.name].append([t[f"layer_{i}"] for i in range(nl)])
@@ -185,11 +231,16 @@ def run_pass(members: list[Member], pairs: list[Pair], data: Any, *, cache: Stud
                 cache.save_tensors(f"models/{mkey[m.name]}/chunk_{k:05d}.safetensors", tensors,
                                    {"rows": c1 - c0, "model": m.name, "first": c0})
                 outs[m.name].append((lg, em))
+                chunk_logits[m.name] = lg
                 computed[m.name] += 1
             bar.update(1)
+        if len({int(t.shape[1]) for t in chunk_logits.values()}) == 1:
+            feed_outputs(c0, c1, chunk_logits)
+        # (models with different output widths are reported by the study after the pass)
         for p in pending_pairs:
-            acc, pkey = accs[p.name]
-            cache.save_tensors(f"pairs/{pkey}/state.safetensors", acc.state_dict(), {"chunks_done": k + 1})
+            built, pkey = accs[p.name]
+            state = {f"{name}.{key}": v for name, acc in built.items() for key, v in acc.state_dict().items()}
+            cache.save_tensors(f"pairs/{pkey}/state.safetensors", state, {"chunks_done": k + 1})
             done[p.name] = k + 1
         if on_chunk is not None:
             on_chunk(k)
@@ -204,6 +255,10 @@ def run_pass(members: list[Member], pairs: list[Pair], data: Any, *, cache: Stud
             local = [torch.cat(parts) for parts in zip(*rbf[m.name])] or [torch.empty(0)] * len(widths[m.name])
             result.rbf_layers[m.name] = [ctx.gather_in_order(t) for t in local]
     for p in pairs:
-        result.cka[p.name] = ctx.sync(accs[p.name][0])
+        if p.name in accs:
+            result.pair_stats[p.name] = {name: ctx.sync(acc) for name, acc in accs[p.name][0].items()}
+    result.member_stats = {m: {name: ctx.sync(acc) for name, acc in st.items()} for m, st in out_stats.items()}
+    result.study_stats = {name: ctx.sync(acc) for name, acc in all_stats.items()}
+    result.member_order = [m.name for m in members]
     result.forward_chunks = computed
     return result

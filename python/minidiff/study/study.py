@@ -29,6 +29,7 @@ from torch import nn
 
 import minidiff
 from minidiff.distributed import DistContext
+from minidiff.validation import check_device
 from minidiff.study.analysis import THRESHOLDS, Analysis
 from minidiff.study.cache import StudyCache, hash_json, hash_module
 from minidiff.models.capture import TOKEN_MODES
@@ -120,6 +121,7 @@ class Study:
             raise ValueError("give at least one variant to compare with the base")
         if token_mode not in TOKEN_MODES:
             raise ValueError(f"token_mode must be one of {TOKEN_MODES}, got {token_mode!r}")
+        check_device(device, "device")
         self.base = _as_list(base)
         self.variants = {str(k): _as_list(v) for k, v in variants.items()}
         for k, v in self.variants.items():
@@ -204,8 +206,11 @@ class Study:
                              f"({self.data.class_names[:10]}...); check the label column and the models' heads")
 
     # -- run ------------------------------------------------------------------------
-    def run(self, out: str | Path | None = None, *, on_chunk: Any = None) -> dict[str, Any]:
+    def run(self, out: str | Path | None = None, *, on_chunk: Any = None, overwrite: bool = False) -> dict[str, Any]:
         """Run the study (resuming from the cache) and, with ``out``, write the report.
+
+        ``out`` holding another study's outputs is refused unless ``overwrite=True``
+        (the outputs of one run are never mixed with another's).
 
         Returns a :class:`minidiff.results.Results` (typed; ``results["verdicts"]`` etc. read
         like results.json). Under torchrun only rank 0 returns it and writes files; other
@@ -238,10 +243,10 @@ class Study:
             want_rep = "representation" in self.metrics.characteristics
             rbf_rows = self.metrics.rbf_max_examples if (want_rep and self.metrics.cka_kernel == "rbf") else 0
             t = time.perf_counter()
-            ev = run_pass(allm, pairs if (want_rep and self.metrics.cka_kernel == "linear") else [], self.data,
+            ev = run_pass(allm, pairs if want_rep else [], self.data,
                           cache=cache, tag="eval", batch_size=self.batch_size, chunk_batches=self.chunk_batches,
-                          token_mode=self.token_mode, device=self.device, ctx=ctx,
-                          cka_estimator=self.metrics.cka_estimator, rbf_rows=rbf_rows, progress=self.progress,
+                          token_mode=self.token_mode, device=self.device, ctx=ctx, metrics=self.metrics,
+                          characteristics=self.metrics.characteristics, rbf_rows=rbf_rows, progress=self.progress,
                           on_chunk=on_chunk)
             timing["eval_pass_s"] = time.perf_counter() - t
             self._check_classes(groups, ev.logits)
@@ -271,7 +276,7 @@ class Study:
             results = Results.from_dict(results)
             cache.save_json("results.json", results.json_data())
             if out is not None:
-                results.save(out)
+                results.save(out, overwrite=overwrite)
             return results
         finally:
             if tmp is not None:
@@ -319,7 +324,7 @@ class Study:
                       class_names=ds.class_names, cka_matrices=cka, layer_names=ev.layer_names,
                       ood_embeddings=ood_emb, ood_reason=ood_reason, metrics=self.metrics, seed=self.seed,
                       display=ds.display, data_kind=ds.kind, ids=ds.ids,
-                      ood_name=self.ood.name if self.ood is not None else "")
+                      ood_name=self.ood.name if self.ood is not None else "", stats=ev)
         info = {}
         for g, ms in groups.items():
             info[g] = {**model_info(ms[0].module), "seeds": [m.seed for m in ms], **self.model_notes.get(g, {})}
@@ -357,7 +362,7 @@ class Study:
         return res
 
 
-def report_from_cache(cache_dir: str | Path, out: str | Path) -> dict[str, Any]:
+def report_from_cache(cache_dir: str | Path, out: str | Path, *, overwrite: bool = False) -> dict[str, Any]:
     """Re-render report.html, results.json and the CSVs from a cache, running no model.
 
     Raises ValueError when the cache holds no completed study.
@@ -371,5 +376,5 @@ def report_from_cache(cache_dir: str | Path, out: str | Path) -> dict[str, Any]:
         raise ValueError(f"{str(cache_dir)!r} holds no completed study (no valid results.json); "
                          "run `minidiff run STUDY --out DIR` first (its cache is DIR/cache)")
     from minidiff.report.html import render
-    write_output(out, res, render)
+    write_output(out, res, render, overwrite=overwrite)
     return res
