@@ -23,9 +23,9 @@ Which tensors:
   ``layers.N``, ``h.N``, ``block(s).N``) and of the embedding module, named by
   the module path, so that the list lines up with the torch model's
   ``output_hidden_states`` layout (embeddings, then each block) and with its
-  module names. A module's output is the last tensor made inside its scope that
+  module names. A module's output is the last float tensor made inside its scope that
   is used outside it (a QDQ model's dequantized block output, where the graph
-  quantizes between blocks);
+  quantizes between blocks; never a quantize node's int8 copy or scale);
 * ``layers=[]`` captures nothing (outputs only).
 
 The classifier head's input (the features a head sees) is found the same way:
@@ -52,6 +52,7 @@ __all__ = ["OnnxModule", "graph_module_outputs", "load_onnx"]
 
 _BLOCK_RE = re.compile(r"(^|\.)(layer|layers|h|block|blocks)\.\d+$")
 _EMBED_NAMES = ("embeddings", "embed_tokens")
+_QUANT_OPS = frozenset({"DynamicQuantizeLinear", "QuantizeLinear"})
 _NP_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
              "tensor(float16)": np.float16, "tensor(double)": np.float64, "tensor(bool)": np.bool_}
 SECOND_SESSION_NOTE = ("layers are read from a second ONNX Runtime session in which they are extra graph outputs "
@@ -112,6 +113,8 @@ def graph_module_outputs(graph: Any) -> tuple[dict[str, str], dict[str, str]]:
     for path, idx in all_paths.items():
         best = None
         for i in idx:
+            if nodes[i].op_type in _QUANT_OPS:
+                continue  # int8 copies / scales of a tensor, not the module's output
             for o in nodes[i].output:
                 if o in graph_outputs or any(not inside(u, path) for u in users.get(o, [])):
                     best = o
