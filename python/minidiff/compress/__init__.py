@@ -2,7 +2,10 @@
 populations over seeds, and safetensors storage.
 
 Every method returns a :class:`Variant` (a NEW model + a manifest); the model it
-was given is never modified.
+was given is never modified. Quantization (int8 W8A8 / weight-only, group-wise int4
+weight-only, fp16/bf16) and magnitude / N:M pruning apply to every ``nn.Linear`` and
+GPT-2 ``Conv1D`` of a model, language-model decoders included, leaving output heads and
+embedding-tied layers alone unless named; the quantizers are ``minidiff.quant``.
 """
 
 from __future__ import annotations
