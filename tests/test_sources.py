@@ -406,3 +406,19 @@ def test_align_layers_rules():
         align_layers(base, ["h.0", "h.1", "h.2"])
     with pytest.raises(ValueError, match="unknown layers"):
         align_layers(base, ["h.0"], layer_map={"encoder.layer.0": "nope"})
+
+
+# -- study files ------------------------------------------------------------------------------
+
+def test_study_file_model_sources(tmp_path):
+    from minidiff.study.config import SourceModel, StudyFileError, parse_config
+    base = {"data": {"source": "builtin", "name": "chatterbot-en"}, "base": {"kind": "hf", "path": str(tmp_path)},
+            "variants": [{"name": "ort", "recipe": "model",
+                          "model": {"kind": "onnx", "path": "m.onnx", "layer_map": {"a": "b"}}}]}
+    cfg = parse_config(base)
+    assert isinstance(cfg.base, SourceModel) and cfg.variants[0].model.layer_map == {"a": "b"}
+    for bad, msg in (({"kind": "hf"}, "exactly one of"), ({"kind": "gguf", "path": "a", "runtime": "x", "zz": 1},
+                                                           "unknown key"),
+                     ({"kind": "onnx", "path": "a", "runtime": "llama.cpp"}, "gguf only")):
+        with pytest.raises(StudyFileError, match=msg):
+            parse_config({**base, "base": bad})

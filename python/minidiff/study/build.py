@@ -20,8 +20,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from minidiff.study.cache import StudyCache, hash_json, hash_module
-from minidiff.study.config import (CNNModel, DataConfig, HubModel, MiniLMModel, MLPModel, PathModel, StudyConfig,
-                                   VariantConfig, load_config)
+from minidiff.study.config import (CNNModel, DataConfig, HubModel, MiniLMModel, MLPModel, PathModel, SourceModel,
+                                   StudyConfig, VariantConfig, load_config)
 
 
 def load_data(dc: DataConfig, what: str = "data") -> Any:
@@ -206,6 +206,8 @@ class Builder:
             if m.tokenizer is None:
                 raise ValueError(f"{spec.id!r} has no tokenizer files; minidiff cannot feed it text")
             return m.eval(), {"recipe": f"{spec.id} (pretrained classifier)"}
+        if isinstance(spec, SourceModel):
+            return self.source_model(spec)
         if isinstance(spec, PathModel):
             p = Path(spec.path)
             if not p.exists():
@@ -223,6 +225,31 @@ class Builder:
                                  "module itself (torch.save(model, path)) or use minidiff.save_variant")
             return obj.eval(), {"recipe": f"loaded from {p.name}"}
         raise ValueError(f"unknown model kind {getattr(spec, 'kind', spec)!r}")
+
+    def source_model(self, spec: SourceModel) -> tuple[nn.Module, dict]:
+        """A model from another toolchain (:func:`minidiff.models.load_model`), not copied into
+        the cache; its tool, version and runtime become the recipe the report shows."""
+        from minidiff.models import load_model
+        opts: dict[str, Any] = dict(spec.options)
+        if spec.tokenizer:
+            opts["tokenizer"] = spec.tokenizer
+        if spec.runtime:
+            opts["runtime"] = spec.runtime
+        task = spec.task if spec.kind in ("hf", "gguf") else "features"
+        if spec.kind in ("hf",) and spec.task == "sequence-classification" and self.num_classes:
+            opts.setdefault("num_labels", max(self.num_classes, 2))
+        try:
+            lm = load_model(spec.id or spec.path, kind=spec.kind, task=task, **opts)
+        except TypeError as e:
+            raise ValueError(f"model kind {spec.kind!r}: bad option in 'options' ({e})") from None
+        m = lm.model
+        if getattr(m, "tokenizer", None) is None and lm.tokenizer is not None:
+            m.tokenizer = lm.tokenizer
+        prov = lm.provenance
+        made = " ".join(str(x) for x in (prov.get("tool"), prov.get("version"), prov.get("method")) if x)
+        recipe = f"{spec.kind} model {Path(spec.path).name or spec.id}" + (f", made by {made}" if made else "")
+        return m, {"recipe": recipe, "runtime": lm.runtime, "provenance": prov, "source_notes": list(lm.notes),
+                   "layer_map": dict(spec.layer_map)}
 
     # -- compressed variants ------------------------------------------------------------------
     def variant(self, vc: VariantConfig, parent: nn.Module, parent_meta: dict, seed: int) -> tuple[nn.Module, dict]:
@@ -329,7 +356,8 @@ def build_study(cfg: StudyConfig | str | Path, *, cache_dir: str | Path | None =
         base_meta.append(meta)
         bar.update(1)
     variants: dict[str, list[nn.Module]] = {}
-    notes_by_group: dict[str, dict] = {"base": {"recipe": base_meta[0].get("recipe", "")}}
+    _shown = ("recipe", "achieved_sparsity", "runtime", "provenance", "source_notes", "layer_map")
+    notes_by_group: dict[str, dict] = {"base": {k: v for k, v in base_meta[0].items() if k in _shown}}
     for vc in cfg.variants:
         mods = []
         meta = {}
@@ -338,7 +366,7 @@ def build_study(cfg: StudyConfig | str | Path, *, cache_dir: str | Path | None =
             mods.append(m)
             bar.update(1)
         variants[vc.name] = mods
-        notes_by_group[vc.name] = {k: v for k, v in meta.items() if k in ("recipe", "achieved_sparsity")}
+        notes_by_group[vc.name] = {k: v for k, v in meta.items() if k in _shown}
     bar.close()
     if ctx.is_distributed and ctx.is_main:
         ctx.barrier()

@@ -32,7 +32,8 @@ Format (every key except ``[data]`` and ``[base]`` is optional)::
     name = "chatterbot-ood"
 
     [base]                   # the original model (a population when seeds has > 1 entry)
-    kind = "mlp"             # mlp | cnn | minilm | hub | path
+    kind = "mlp"             # mlp | cnn | minilm | hub | path, or a model from any toolchain:
+                             # torch | hf | onnx | gguf | variant with path = "..." (hf: or id = "...")
     seeds = [0, 1, 2, 3, 4]
     hidden = [64]
     epochs = 30
@@ -201,7 +202,38 @@ class PathModel(_Strict):
     seeds: list[int] = Field(default_factory=lambda: [0])
 
 
-ModelSpec = Annotated[Union[MLPModel, CNNModel, MiniLMModel, HubModel, PathModel], Field(discriminator="kind")]
+class SourceModel(_Strict):
+    """A model from any toolchain, loaded by :func:`minidiff.models.load_model`:
+    ``torch`` (a ``torch.save``d module or ``.pt2`` program), ``hf`` (a transformers
+    folder or hub id), ``onnx``, ``gguf`` or ``variant`` (a ``save_variant`` folder)."""
+
+    kind: Literal["torch", "hf", "onnx", "gguf", "variant"]
+    path: str = ""
+    id: str = Field("", description="hf: a hub id (instead of path)")
+    task: str = Field("sequence-classification", description="hf/gguf: which AutoModel* class")
+    tokenizer: str = Field("", description="folder with the tokenizer when the model file carries none")
+    runtime: str = Field("", description="gguf: transformers (default) or llama.cpp")
+    options: dict[str, Any] = Field(default_factory=dict, description="further load_model options")
+    layer_map: dict[str, str] = Field(default_factory=dict, description="base layer -> this model's layer")
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    max_length: int = Field(128, ge=8)
+
+    @model_validator(mode="after")
+    def _where(self) -> "SourceModel":
+        if self.kind == "hf":
+            if bool(self.path) == bool(self.id):
+                raise ValueError("kind 'hf' needs exactly one of 'path' (a local folder) or 'id' (a hub id)")
+        elif not self.path:
+            raise ValueError(f"kind {self.kind!r} needs 'path'")
+        elif self.id:
+            raise ValueError(f"kind {self.kind!r} takes 'path', not 'id'")
+        if self.runtime and self.kind != "gguf":
+            raise ValueError("'runtime' applies to kind 'gguf' only")
+        return self
+
+
+ModelSpec = Annotated[Union[MLPModel, CNNModel, MiniLMModel, HubModel, PathModel, SourceModel],
+                      Field(discriminator="kind")]
 
 
 class VariantConfig(_Strict):
@@ -343,7 +375,8 @@ def _loc(loc: tuple[Any, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("mlp", "cnn", "minilm", "hub", "path", "function-after[_name_ok(), str]") and out:
+        elif part in ("mlp", "cnn", "minilm", "hub", "path", "torch", "hf", "onnx", "gguf", "variant",
+                      "function-after[_name_ok(), str]") and out:
             continue  # discriminated-union tag, not a key the user wrote
         else:
             out += ("." if out else "") + str(part)
@@ -367,7 +400,8 @@ def format_validation_error(err: ValidationError, source: str = "study file") ->
             exp = e.get("ctx", {}).get("expected", e.get("ctx", {}).get("expected_tags", ""))
             lines.append(f"key '{where}': expected one of {exp}, got {got!r}")
         elif typ == "union_tag_not_found":
-            lines.append(f"key '{where}': needs a 'kind' (mlp, cnn, minilm, hub or path)")
+            lines.append(f"key '{where}': needs a 'kind' (mlp, cnn, minilm, hub, path, torch, hf, onnx, gguf "
+                         "or variant)")
         else:
             msg = e.get("msg", "").removeprefix("Value error, ")
             if not e.get("loc"):  # a rule across keys: its message names them
@@ -405,6 +439,11 @@ def load_config(path: str | Path) -> StudyConfig:
         if dc is not None and dc.path and not Path(dc.path).is_absolute():
             dc.path = str(base_dir / dc.path)
     for spec in [cfg.base] + [v.model for v in cfg.variants if v.model is not None]:
+        if isinstance(spec, SourceModel):
+            for attr in ("path", "tokenizer"):
+                val = getattr(spec, attr)
+                if val and not Path(val).is_absolute():
+                    setattr(spec, attr, str(base_dir / val))
         if isinstance(spec, PathModel) and not Path(spec.path).is_absolute():
             spec.path = str(base_dir / spec.path)
         if isinstance(spec, HubModel) and spec.id.startswith((".", "/")) and not Path(spec.id).is_absolute():
