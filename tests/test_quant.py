@@ -378,7 +378,7 @@ def test_decoder_pruning_covers_conv1d_and_linear(request, tmp_path, which):
     torch.testing.assert_close(_logits(load_variant(tmp_path / "s").model, IDS), _logits(v24.model, IDS))
 
 
-def test_heads_and_tied_layers_only_when_asked(tiny_gpt2, tiny_llama):
+def test_heads_and_tied_layers_only_when_asked(tmp_path, tiny_gpt2, tiny_llama):
     # an untied head is quantized when named
     v = quantize(tiny_llama, "int8-weight-only", layers=["lm_head"])
     assert isinstance(v.model.lm_head, Int8Linear) and v.manifest["parameters"]["layers"] == ["lm_head"]
@@ -386,6 +386,9 @@ def test_heads_and_tied_layers_only_when_asked(tiny_gpt2, tiny_llama):
     v = quantize(tiny_gpt2, "int8-weight-only", layers=["lm_head"])
     assert isinstance(v.model.lm_head, Int8Linear)
     assert torch.equal(v.model.transformer.wte.weight, tiny_gpt2.transformer.wte.weight)
+    save_variant(v, tmp_path / "head")  # the untied, quantized head survives a save/load
+    w = load_variant(tmp_path / "head")
+    assert isinstance(w.model.lm_head, Int8Linear) and torch.equal(_logits(w.model, IDS), _logits(v.model, IDS))
     # ... but pruning it would prune the embedding too: refused
     with pytest.raises(ValueError, match="shares its weight with the embedding 'transformer.wte'"):
         prune(tiny_gpt2, sparsity=0.5, layers=["lm_head"])
