@@ -419,6 +419,6 @@ def test_study_file_model_sources(tmp_path):
     assert isinstance(cfg.base, SourceModel) and cfg.variants[0].model.layer_map == {"a": "b"}
     for bad, msg in (({"kind": "hf"}, "exactly one of"), ({"kind": "gguf", "path": "a", "runtime": "x", "zz": 1},
                                                            "unknown key"),
-                     ({"kind": "onnx", "path": "a", "runtime": "llama.cpp"}, "gguf only")):
+                     ({"kind": "onnx", "path": "a", "runtime": "llama.cpp"}, "applies to kind .gguf. only")):
         with pytest.raises(StudyFileError, match=msg):
             parse_config({**base, "base": bad})
