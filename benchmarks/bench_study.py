@@ -69,7 +69,7 @@ def _cfg(quick: bool):
 
 
 def _build(cache: str, quick: bool):
-    from minidiff.study.build import build_study
+    from minidiff.study.study import build_study
     return build_study(_cfg(quick), cache_dir=cache, progress=False)
 
 

@@ -129,7 +129,7 @@ def cka_scenario(ctx: DistContext) -> dict:
 def study_scenario(ctx: DistContext, out_dir: str) -> dict | None:
     """Run a study file through the library (what ``minidiff run`` does); rank
     ``DIE_RANK`` exits after its chunk ``DIE_AFTER_CHUNK`` of the evaluation pass."""
-    from minidiff.study.build import build_study
+    from minidiff.study.study import build_study
     from minidiff.study.config import load_config
     torch.set_num_threads(1)
     die_rank, die_after = int(os.environ.get("DIE_RANK", "-1")), int(os.environ.get("DIE_AFTER_CHUNK", "-1"))

@@ -65,7 +65,7 @@ def test_run_then_report_from_cache(tmp_path, capsys):
     assert res["study"]["config"]["base"]["hidden"] == [16]
     assert (out / "report.html").stat().st_size > 10_000
     # models are cached: a second run builds and computes nothing
-    from minidiff.study.build import build_study
+    from minidiff.study.study import build_study
     st = build_study(f, cache_dir=out / "cache", progress=False)
     assert st.build_info["built_fresh"] == 0
     st.run()

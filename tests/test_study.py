@@ -280,7 +280,7 @@ def test_bad_values_are_explained():
 
 
 def test_dataset_without_named_column(tmp_path):
-    from minidiff.study.build import build_study
+    from minidiff.study.study import build_study
     f = tmp_path / "d.csv"
     f.write_text("sentence,label\nhello,0\nbye,1\n")
     cfg = parse_config({"data": {"source": "csv", "path": str(f), "text_column": "text"},

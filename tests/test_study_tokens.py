@@ -1,5 +1,5 @@
 """Token-level studies: with token_mode="tokens" every non-padding token is a CKA
-sample (the large-study mode of DESIGN.md), while the per-example embedding used
+sample (the large-study mode of docs/architecture.md), while the per-example embedding used
 by kNN overlap and OOD stays one attention-masked mean per example."""
 
 from __future__ import annotations

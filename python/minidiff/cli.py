@@ -148,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run":
             _threads(args.threads)
             cfg = _overrides(load_config(args.study), args)
-            from minidiff.study.build import build_study
+            from minidiff.study.study import build_study
             cache = Path(args.cache) if args.cache else Path(args.out) / "cache"
             study = build_study(cfg, cache_dir=cache, progress=_progress(args) and cfg.study.progress)
             res = study.run(out=args.out, overwrite=args.overwrite)

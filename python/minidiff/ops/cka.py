@@ -6,7 +6,7 @@ The op
 stacked, shifted layers ``x = [X_1 .. X_Lx] (b, Dx)``, ``y = [Y_1 .. Y_Ly] (b, Dy)``
 (``offs_*`` are the layer boundaries, ``[0, d_1, d_1 + d_2, ..., D]``) and returns
 the per-sample norm and vector terms of the streaming linear-kernel HSIC
-estimators (DESIGN.md section 3), all float64, in this order (``TERMS``):
+estimators (docs/architecture.md, "Mathematics"), all float64, in this order (``TERMS``):
 
 =====  =============  ==========================================
 name   shape          value

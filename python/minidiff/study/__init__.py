@@ -5,7 +5,7 @@ for the study-file format."""
 
 from .config import StudyConfig, StudyFileError, load_config, parse_config
 from .results import SCHEMA, OutputWriteError
-from .study import Study, report_from_cache
+from .study import Study, build_study, report_from_cache
 
-__all__ = ["Study", "StudyConfig", "StudyFileError", "load_config", "parse_config", "report_from_cache",
+__all__ = ["Study", "build_study", "StudyConfig", "StudyFileError", "load_config", "parse_config", "report_from_cache",
            "SCHEMA", "OutputWriteError"]

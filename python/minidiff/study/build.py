@@ -307,10 +307,15 @@ class Builder:
         return self._cached(key, build, tokenizer)
 
 
-def build_study(cfg: StudyConfig | str | Path, *, cache_dir: str | Path | None = None,
-                progress: bool | None = None) -> Any:
-    """Load the data and build every model of a study file; returns a ready Study."""
-    from minidiff.study.study import Study
+def build_parts(cfg: StudyConfig | str | Path, *, cache_dir: str | Path | None = None,
+                progress: bool | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load the data and build every model of a study file.
+
+    Returns ``(kwargs, build_info)``: the keyword arguments of
+    :class:`minidiff.study.Study` and what building took. ``Study.from_config``
+    (or :func:`minidiff.study.build_study`) turns them into a ready study; this
+    module never imports the study itself, so data flows one way.
+    """
     if not isinstance(cfg, StudyConfig):
         cfg = load_config(cfg)
     t0 = time.perf_counter()
@@ -372,15 +377,15 @@ def build_study(cfg: StudyConfig | str | Path, *, cache_dir: str | Path | None =
         ctx.barrier()
     tok = getattr(base[0], "tokenizer", None)
     max_length = getattr(cfg.base, "max_length", 128)
-    study = Study(base, variants, ev, ood=ood, name=cfg.study.name, layers=cfg.layers.capture,
+    kwargs = dict(base=base, variants=variants, data=ev, ood=ood, name=cfg.study.name, layers=cfg.layers.capture,
                   token_mode=cfg.layers.token_mode, metrics=cfg.metrics, adversarial=cfg.adversarial, seeds=seeds,
                   seed=seed, batch_size=cfg.study.batch_size, chunk_batches=cfg.study.chunk_batches,
                   device=cfg.study.device, cache_dir=None if tmp_cache else cache_root, progress=show,
                   tokenizer=tok, max_length=max_length, model_notes=notes_by_group, config=cfg.to_json(),
                   notes=notes)
-    study.build_info = {"build_s": time.perf_counter() - t0, "built_fresh": b.built_fresh,
-                        "num_train": 0 if train is None else len(train)}
+    info = {"build_s": time.perf_counter() - t0, "built_fresh": b.built_fresh,
+            "num_train": 0 if train is None else len(train)}
     if tmp_cache:
         import shutil
         shutil.rmtree(cache_root, ignore_errors=True)
-    return study
+    return kwargs, info

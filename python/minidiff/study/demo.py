@@ -125,7 +125,7 @@ def run_demo(out: str | Path, quick: bool = False, only: str | None = None, prog
     ``overwrite`` allows replacing another study's outputs in ``out``.
     """
     from minidiff.report.html import render
-    from minidiff.study.build import build_study
+    from minidiff.study.study import build_study
     from minidiff.study.results import write_output
     out = Path(out)
     if only == "lm":

@@ -160,8 +160,11 @@ class Study:
     @classmethod
     def from_config(cls, cfg: Any, *, cache_dir: str | Path | None = None, progress: bool | None = None) -> "Study":
         """Build every model a study file describes (training/compressing as asked; cached)."""
-        from minidiff.study.build import build_study
-        return build_study(cfg, cache_dir=cache_dir, progress=progress)
+        from minidiff.study.build import build_parts
+        kwargs, info = build_parts(cfg, cache_dir=cache_dir, progress=progress)
+        study = cls(**kwargs)
+        study.build_info = info
+        return study
 
     # -- members --------------------------------------------------------------------
     def _prepare_for(self, module: nn.Module) -> Any:
@@ -360,6 +363,13 @@ class Study:
             if rep == {} or not rep.get("cka"):
                 res["verdicts"][var].setdefault("representation", {"verdict": "not_measured", "summary": ""})
         return res
+
+
+def build_study(cfg: Any, *, cache_dir: str | Path | None = None, progress: bool | None = None) -> Study:
+    """Load the data and build every model of a study file (a path or a validated
+    :class:`~minidiff.study.config.StudyConfig`); returns a ready :class:`Study`.
+    The same as :meth:`Study.from_config`."""
+    return Study.from_config(cfg, cache_dir=cache_dir, progress=progress)
 
 
 def report_from_cache(cache_dir: str | Path, out: str | Path, *, overwrite: bool = False) -> dict[str, Any]:
