@@ -95,7 +95,10 @@ def test_report_renders_in_chromium(browser, report):
     assert _body_attr(dom, "data-images-broken") == "0"
     assert _body_attr(dom, "data-script-error") is None
     assert 'id="summary"' in dom and "prune-70" in dom
-    assert "not measured" in dom  # the adversarial column without an [adversarial] table
+    assert "v-not_measured" in dom and ">not_measured</span>" in dom  # adversarial: no [adversarial] table
+    assert 'id="not-computed"' in dom  # the "Not computed, and why" section
+    plots = report.parent / "plots"
+    assert total == len(list(plots.glob("*.png"))) == len(list(plots.glob("*.svg")))  # every figure also a file
 
 
 @pytest.mark.browser

@@ -4,7 +4,10 @@ The public API is re-exported here lazily, so ``import minidiff`` stays fast and
 does not import transformers, matplotlib or Triton until they are needed.
 """
 
-import importlib as _importlib
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
@@ -38,27 +41,23 @@ _EXPORTS: dict[str, str] = {
     # the study
     "Study": "minidiff.study",
     "Results": "minidiff.results",
-    # per-layer localization
-    "layer_swap": "minidiff.localize",
 }
 
 _SUBMODULES = {"compress", "nn", "ops", "results", "quant", "kernels", "models", "metrics", "study", "report",
-               "lm", "localize", "similarity",
                "adversarial", "distributed", "data"}
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
-def __getattr__(name: str) -> object:
+def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
-        value = getattr(_importlib.import_module(_EXPORTS[name]), name)
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
         globals()[name] = value
         return value
     if name in _SUBMODULES:
-        return _importlib.import_module(f"minidiff.{name}")
+        return importlib.import_module(f"minidiff.{name}")
     raise AttributeError(f"module 'minidiff' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    """Only the public API: the exported names, the subpackages and ``__version__``."""
-    return sorted(set(_EXPORTS) | _SUBMODULES | {"__version__"})
+    return sorted(set(globals()) | set(_EXPORTS) | _SUBMODULES)

@@ -258,8 +258,9 @@ class Results:
         for key, sec in self.sections.items():
             if hasattr(sec, "not_computed"):
                 out += [(key, *row) for row in sec.not_computed()]
-        if isinstance(self.study.ood, NotComputed):
-            out.append(("study", "", "ood", self.study.ood.not_computed))
+        ood = self.study.ood
+        if isinstance(ood, NotComputed) or (isinstance(ood, dict) and set(ood) == {"not_computed"}):
+            out.append(("study", "", "ood", str(ood["not_computed"])))
         return out
 
     def not_computed_frame(self) -> pd.DataFrame:
