@@ -113,6 +113,8 @@ def pack_weight(w_int8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _check_packed(packed: torch.Tensor, colsum: torch.Tensor, n: int, k: int) -> None:
+    if not isinstance(packed, torch.Tensor) or not isinstance(colsum, torch.Tensor):
+        raise ValueError("pass packed and colsum together (both from pack_weight()), or neither")
     np_, kp = -(-n // PANEL) * PANEL, -(-k // 4) * 4
     if packed.dtype != torch.int8 or tuple(packed.shape) != (np_ // PANEL, kp // 4, PANEL, 4) \
             or not packed.is_contiguous() or packed.device.type != "cpu":
