@@ -4,10 +4,7 @@ The public API is re-exported here lazily, so ``import minidiff`` stays fast and
 does not import transformers, matplotlib or Triton until they are needed.
 """
 
-from __future__ import annotations
-
-import importlib
-from typing import Any
+import importlib as _importlib
 
 __version__ = "0.1.0"
 
@@ -41,23 +38,27 @@ _EXPORTS: dict[str, str] = {
     # the study
     "Study": "minidiff.study",
     "Results": "minidiff.results",
+    # per-layer localization
+    "layer_swap": "minidiff.localize",
 }
 
 _SUBMODULES = {"compress", "nn", "ops", "results", "quant", "kernels", "models", "metrics", "study", "report",
+               "lm", "localize", "similarity",
                "adversarial", "distributed", "data"}
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        value = getattr(_importlib.import_module(_EXPORTS[name]), name)
         globals()[name] = value
         return value
     if name in _SUBMODULES:
-        return importlib.import_module(f"minidiff.{name}")
+        return _importlib.import_module(f"minidiff.{name}")
     raise AttributeError(f"module 'minidiff' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS) | _SUBMODULES)
+    """Only the public API: the exported names, the subpackages and ``__version__``."""
+    return sorted(set(_EXPORTS) | _SUBMODULES | {"__version__"})
