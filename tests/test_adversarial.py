@@ -377,6 +377,98 @@ def test_word_substitution_deterministic_and_zero_budget(tiny_text):
     assert pm["n_correct"] == len(data) and pm["n_success"] == 0 and len(pm["success"]) == len(data)
 
 
+def test_word_substitution_query_count_and_transfer_reuse(tiny_text):
+    models, data, tok = tiny_text
+    cfg = AdversarialConfig(attacks=["word-substitution"], word_budget=0.3, query_budget=30,
+                            num_candidates=4, bootstrap=10, batch_size=5)
+    run = run_adversarial(models, data, cfg, base="base")["attacks"]["word-substitution"]
+    splits = [T.SplitText.of(t) for t in data.inputs]
+    tms = {k: TextModel(models[k], tok, cfg.max_length) for k in models}
+    cands = T.embedding_neighbour_candidates(splits, tms["base"], 4, T.stopword_set(True))
+    res = {}
+    for k, tm in tms.items():
+        res[k] = T.word_substitution(tm, data.inputs, data.labels.tolist(), cands, word_budget=0.3,
+                                     query_budget=30, batch_size=5, splits=splits)
+        # every query is one example sent to the model, counted per example and in total
+        assert tm.n_queries == sum(res[k].queries) and tm.n_forward >= 1 and tm.n_gradient == 0
+        assert res[k].success == run["per_model"][k]["success"]
+    # the transfer matrix from re-querying only the changed texts equals querying every text
+    names = ["base", "var"]
+    correct = np.stack([np.array(res[k].correct) for k in names])
+    fooled = np.zeros((2, 2, len(splits)), bool)
+    for a, i in enumerate(names):
+        for b, j in enumerate(names):
+            pred = tms[j].logits(res[i].adv_texts, 5).argmax(-1)
+            fooled[a, b] = (pred != data.labels).numpy()
+    assert M.transfer_matrix(correct, fooled) == run["transfer"]["matrix"]
+
+
+def test_gradient_word_importance_matches_autograd(tiny_text):
+    models, data, tok = tiny_text
+    model = models["base"]
+    tm = TextModel(model, tok, 64)
+    splits = [T.SplitText.of(t) for t in data.inputs[:3]]
+    y = data.labels[:3]
+    scores = T.gradient_word_importance(tm, splits, y.tolist(), batch_size=2)
+    assert tm.n_gradient == 3 and tm.n_queries == 3
+    from minidiff.compress.variant import clone_model
+
+    ref_model = clone_model(model).double()  # float64 reference, one text at a time (no padding)
+    for e, sp in enumerate(splits):  # no punctuation: whitespace words are the tokenizer's words
+        enc = tok(data.inputs[e], return_tensors="pt")
+        emb = ref_model.input_embeddings()(enc["input_ids"]).detach().requires_grad_(True)
+        logits = ref_model(inputs_embeds=emb, attention_mask=enc["attention_mask"])
+        loss = torch.nn.functional.cross_entropy(logits, y[e:e + 1])
+        (g,) = torch.autograd.grad(loss, emb)
+        word_ids = enc.word_ids(0)
+        ref = [float(sum((g[0, t] ** 2).sum() for t, w in enumerate(word_ids) if w == k) ** 0.5)
+               for k in range(sp.n_words)]
+        assert scores[e] == pytest.approx(ref, rel=1e-4, abs=1e-9)
+
+
+def test_word_substitution_gradient_ranking(tiny_text):
+    models, data, tok = tiny_text
+    cfg = AdversarialConfig(attacks=["word-substitution"], word_budget=0.3, query_budget=30,
+                            num_candidates=4, bootstrap=10)
+
+    class NoGrad(nn.Module):  # the same classifier without an input gradient
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.tokenizer = inner, inner.tokenizer
+
+        def tokenize(self, texts, max_length=128):
+            return self.inner.tokenize(texts, max_length)
+
+        def input_embeddings(self):
+            return self.inner.input_embeddings()
+
+        def forward(self, **kw):
+            with torch.no_grad():
+                return self.inner(**kw)
+
+    ms = {"base": models["base"], "var": models["var"], "nograd": NoGrad(models["var"])}
+    a = run_adversarial(ms, data, cfg, base="base", word_ranking="gradient")["attacks"]["word-substitution"]
+    b = run_adversarial(ms, data, cfg, base="base", word_ranking="gradient")["attacks"]["word-substitution"]
+    assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+    pm = a["per_model"]
+    assert pm["base"]["gradient"] == "own" and pm["var"]["gradient"] == "own"
+    assert pm["nograd"]["gradient"] == "surrogate:base" and "no input-embedding gradient" in pm["nograd"]["gradient_note"]
+    # the ranking by the model's own gradient, run directly, gives the same attack
+    splits = [T.SplitText.of(t) for t in data.inputs]
+    tm = TextModel(models["base"], tok, cfg.max_length)
+    cands = T.embedding_neighbour_candidates(splits, tm, 4, T.stopword_set(True))
+    scores = T.gradient_word_importance(tm, splits, data.labels.tolist(), cfg.batch_size)
+    res = T.word_substitution(tm, data.inputs, data.labels.tolist(), cands, word_budget=0.3, query_budget=30,
+                              batch_size=cfg.batch_size, splits=splits, word_scores=scores, score_queries=1)
+    assert res.success == pm["base"]["success"]
+    targets = T.attack_targets(res.correct, cands, splits, 0.3)
+    # queries: clean + one gradient pass per attacked text + candidates (the drop-one queries are gone)
+    assert tm.n_queries == sum(res.queries) + len(splits) - len(targets)
+    assert max(res.queries) <= 30 and pm["base"]["mean_queries"] <= 30
+    with pytest.raises(ValueError, match="word_ranking"):
+        run_adversarial(ms, data, cfg, base="base", word_ranking="alphabetical")
+
+
 def test_embedding_pgd_runs_and_is_marked_unrealizable(tiny_text):
     models, data, tok = tiny_text
     cfg = AdversarialConfig(attacks=["embedding-pgd"], embedding_epsilon=[0.0, 0.5], steps=3,

@@ -42,10 +42,12 @@ from .metrics import change_with_ci, jaccard_matrix, model_summary, transfer_mat
 from .textmodel import TextModel, eval_mode, restore_mode
 
 SCHEMA = "minidiff.adversarial/1"
+WORD_RANKINGS = ("drop-one", "gradient")
 
 
 def run_adversarial(models: Mapping[str, nn.Module], data: Any, config: AdversarialConfig | Mapping,
-                    *, base: str, tokenizer: Any = None, device: Any = None) -> dict:
+                    *, base: str, tokenizer: Any = None, device: Any = None,
+                    word_ranking: str | None = None) -> dict:
     """Attack every model with the same budget; measure vulnerability, transfer and change.
 
     Parameters
@@ -67,6 +69,12 @@ def run_adversarial(models: Mapping[str, nn.Module], data: Any, config: Adversar
     device : optional
         Move the models there first (otherwise they stay where they are; inputs follow each
         model's device).
+    word_ranking : {"drop-one", "gradient"}, optional
+        How the word-substitution attack orders the words (default: the config's
+        ``word_ranking`` if it has one, else ``"drop-one"``). ``"gradient"`` ranks by the
+        input-embedding gradient norm of each model (one forward+backward pass per text
+        instead of one query per word); a model without that gradient is ranked by the
+        base's gradient when ``no_gradient = "surrogate"``, else by drop-one queries.
 
     Returns
     -------
@@ -88,11 +96,14 @@ def run_adversarial(models: Mapping[str, nn.Module], data: Any, config: Adversar
     if device is not None:
         for m in models.values():
             m.to(device)
+    word_ranking = word_ranking or getattr(config, "word_ranking", None) or "drop-one"
+    if word_ranking not in WORD_RANKINGS:
+        raise ValueError(f"word_ranking must be one of {WORD_RANKINGS}, got {word_ranking!r}")
     names = [base] + [k for k in models if k != base]
     flags = eval_mode(models)
     try:
         if kind == "text":
-            runs = _run_text(models, names, inputs, labels, config, attacks, tokenizer)
+            runs = _run_text(models, names, inputs, labels, config, attacks, tokenizer, word_ranking)
         else:
             runs = _run_continuous(models, names, inputs, labels, config, attacks)
     finally:
@@ -254,7 +265,7 @@ def _predict(model, x, bs):
 
 
 # ---------------------------------------------------------------------- text
-def _run_text(models, names, texts, y_all, config, attacks, tokenizer):
+def _run_text(models, names, texts, y_all, config, attacks, tokenizer, word_ranking="drop-one"):
     if not all(isinstance(t, str) for t in texts):
         raise ValueError("text data needs .inputs as a list of str")
     base = names[0]
@@ -267,7 +278,7 @@ def _run_text(models, names, texts, y_all, config, attacks, tokenizer):
     runs = {}
     for a, attack in enumerate(attacks):
         if attack == "word-substitution":
-            runs["word-substitution"] = _run_words(tm, names, texts, y_all, config)
+            runs["word-substitution"] = _run_words(tm, names, texts, y_all, config, word_ranking)
             continue
         probe_batch = E.prepare(tm[base], texts[: min(n, 8)])
         yp = y_all[: min(n, 8)]
@@ -314,7 +325,55 @@ def _run_text(models, names, texts, y_all, config, attacks, tokenizer):
     return runs
 
 
-def _run_words(tm, names, texts, y_all, config):
+def _word_ranking_plan(tm, names, texts, y_all, config, ranking, splits, cands, clean):
+    """Per model: (word scores or None, queries charged per example, gradient label, note).
+
+    Gradient scores are computed only for the examples that will be attacked (clean
+    prediction right, a word with candidates, room in the word budget), once per
+    gradient source (a model's own, or the base's as a surrogate)."""
+    base = names[0]
+    if ranking == "drop-one":
+        return {k: (None, 0, "none needed", "drop-one importance (queries only)") for k in names}
+    probe_n = min(len(texts), 8)
+    probe_batch = E.prepare(tm[base], texts[:probe_n])
+    yp = y_all[:probe_n].to(probe_batch.ids.device)
+
+    def usable(k):
+        if not getattr(tm[k].tokenizer, "is_fast", False):
+            return "no fast tokenizer to map tokens to words"
+        return E.probe_embedding_gradient(tm[k], probe_batch, yp)
+
+    reasons = {k: usable(k) for k in names}
+    source = {}
+    for k in names:
+        source[k] = k if reasons[k] is None else (
+            base if config.no_gradient == "surrogate" and reasons[base] is None else None)
+    scores = {}
+    for src in dict.fromkeys(v for v in source.values() if v is not None):
+        need = sorted({e for k in names if source[k] == src
+                       for e in T.attack_targets((clean[k].argmax(-1) == y_all).tolist(), cands, splits,
+                                                 config.word_budget)})
+        got = T.gradient_word_importance(tm[src], [splits[e] for e in need], y_all[need].tolist(),
+                                         config.batch_size) if need else []
+        table = [[] for _ in texts]
+        for e, row in zip(need, got):
+            table[e] = row
+        scores[src] = table
+    plan = {}
+    for k in names:
+        src = source[k]
+        if src is None:
+            plan[k] = (None, 0, "none needed",
+                       f"drop-one importance (queries only): no input-embedding gradient ({reasons[k]})")
+        elif src == k:
+            plan[k] = (scores[k], 1, "own", "words ranked by the input-embedding gradient norm")
+        else:
+            plan[k] = (scores[src], 0, f"surrogate:{base}",
+                       f"no input-embedding gradient ({reasons[k]}); words ranked by the gradient of {base!r}")
+    return plan
+
+
+def _run_words(tm, names, texts, y_all, config, ranking="drop-one"):
     base = names[0]
     n = len(texts)
     splits = [T.SplitText.of(t) for t in texts]
@@ -325,24 +384,35 @@ def _run_words(tm, names, texts, y_all, config):
     else:
         cands = T.embedding_neighbour_candidates(splits, tm[base], config.num_candidates, stop)
     run = _new_run("word-substitution", config.word_budget, "fraction of words", True, n, names)
+    # each model's clean logits: one query per text, used by the ranking and the attack
+    clean = {k: tm[k].logits(texts, config.batch_size) for k in names}
+    plan = _word_ranking_plan(tm, names, texts, y_all, config, ranking, splits, cands, clean)
     results = {}
     for k in names:
+        scores, cost, how, note = plan[k]
         res = T.word_substitution(tm[k], texts, y_all.tolist(), cands, word_budget=config.word_budget,
                                   query_budget=config.query_budget, batch_size=config.batch_size,
-                                  splits=splits)
+                                  splits=splits, word_scores=scores, score_queries=cost,
+                                  clean_logits=clean[k])
         results[k] = res
         run["_correct"][k] = np.array(res.correct, bool)
         run["_queries"][k] = np.array(res.queries, float)
         run["_size"][k] = np.array(res.fraction_changed(), float)
-        run["_gradient"][k], run["_note"][k] = "none needed", "drop-one importance (queries only)"
+        run["_gradient"][k], run["_note"][k] = how, note
     for i in names:
         for j in names:
             if i == j:
                 run["_fooled"][(i, j)] = np.array(
                     [(not c) or s for c, s in zip(results[i].correct, results[i].success)], bool)
-            else:
-                pred = tm[j].logits(results[i].adv_texts, config.batch_size).argmax(-1)
-                run["_fooled"][(i, j)] = (pred != y_all).numpy()
+                continue
+            # a text that model i's attack left unchanged is the clean text, whose prediction
+            # by model j is already known: only the changed texts are queried
+            pred = np.array(results[j].clean_pred)
+            changed = [e for e in range(n) if results[i].changes[e]]
+            if changed:
+                pred[changed] = tm[j].logits([results[i].adv_texts[e] for e in changed],
+                                             config.batch_size).argmax(-1).numpy()
+            run["_fooled"][(i, j)] = pred != y_all.numpy()
     run["examples"] = {k: _text_examples(results[k], splits, y_all, config.n_text_examples)
                        for k in names}
     run["candidate_source"] = config.resolved_candidate_source()

@@ -6,7 +6,13 @@ Algorithm (Jin et al. 2020, "Is BERT really robust?" — TextFooler; Li et al. 2
 1. Query the clean text; only examples the model gets right are attacked.
 2. Rank the attackable words by *drop-one importance*: ``I_w = p_y(x) - p_y(x without w)``,
    one query per word (when that exceeds the query budget the words are taken left to
-   right instead, at no query cost).
+   right instead, at no query cost); or, with ``word_scores`` from
+   :func:`gradient_word_importance`, by the norm of the loss gradient with respect to
+   the word's input embeddings, ``I_w = ||dL/dE_w||_2`` over its sub-word tokens (one
+   forward+backward pass per text instead of one query per word; the gradient ranking
+   of Yoo et al. 2020, "Searching for a search method", and TextAttack's
+   ``wir_method="gradient"``). The two orders differ, so the attacks can find
+   different substitutions.
 3. In that order, try every candidate for the word (one query each), keep the candidate
    that lowers ``p_y`` the most if it lowers it at all, and stop at the first candidate that
    changes the predicted label (success). At most ``floor(word_budget * n_words)`` words are
@@ -174,6 +180,7 @@ class TextAttackResult:
     queries: list[int]
     n_words: list[int]
     changes: list[dict] = field(default_factory=list)  # per example: {word index: new core}
+    clean_pred: list[int] = field(default_factory=list)  # the model's prediction on the clean text
 
     def fraction_changed(self) -> list[float]:
         return [len(c) / n if n else 0.0 for c, n in zip(self.changes, self.n_words)]
@@ -182,7 +189,10 @@ class TextAttackResult:
 def word_substitution(model: TextModel, texts: Sequence[str], labels: Sequence[int],
                       candidates: list[list[list[str]]], *, word_budget: float,
                       query_budget: int, batch_size: int,
-                      splits: Optional[Sequence[SplitText]] = None) -> TextAttackResult:
+                      splits: Optional[Sequence[SplitText]] = None,
+                      word_scores: Optional[Sequence[Sequence[float]]] = None,
+                      score_queries: int = 0,
+                      clean_logits: Optional[torch.Tensor] = None) -> TextAttackResult:
     """Greedy word substitution against one model, all examples batched together.
 
     Parameters
@@ -198,11 +208,27 @@ def word_substitution(model: TextModel, texts: Sequence[str], labels: Sequence[i
         At most this many queries per text, the clean query included.
     batch_size : int
         Texts per forward pass (queries from different examples are batched together).
+    word_scores : list, optional
+        ``word_scores[example][word]``: importance of each word (larger first; ties by
+        position), e.g. from :func:`gradient_word_importance`. Replaces the drop-one
+        queries.
+    score_queries : int
+        Queries charged to each attacked example for ``word_scores`` (1 for the model's
+        own gradient pass, 0 for scores from another model).
+    clean_logits : tensor, optional
+        The model's logits ``(N, C)`` on ``texts`` if already computed (not re-queried;
+        still counted as the first query of each example).
     """
     splits = list(splits) if splits is not None else [SplitText.of(t) for t in texts]
     n = len(texts)
     y = torch.as_tensor(list(labels), dtype=torch.long)
-    probs = model.logits(texts, batch_size).softmax(-1)
+    if word_scores is not None and len(word_scores) != n:
+        raise ValueError(f"word_scores has {len(word_scores)} rows for {n} texts")
+    if clean_logits is None:
+        clean_logits = model.logits(texts, batch_size)
+    elif tuple(clean_logits.shape[:1]) != (n,):
+        raise ValueError(f"clean_logits has shape {tuple(clean_logits.shape)}, expected ({n}, classes)")
+    probs = clean_logits.float().cpu().softmax(-1)
     pred = probs.argmax(-1)
     correct = (pred == y).tolist()
     queries = [1] * n
@@ -212,13 +238,19 @@ def word_substitution(model: TextModel, texts: Sequence[str], labels: Sequence[i
     success = [False] * n
     p_true = probs[torch.arange(n), y].tolist() if n else []
     max_changes = [int(word_budget * s.n_words + 1e-9) for s in splits]
+    targets = set(attack_targets(correct, candidates, splits, word_budget))
 
     # -- 2. drop-one importance, all examples in one batched pass
     orders: list[list[int]] = [[] for _ in range(n)]
     jobs, variants = [], []
     for e in range(n):
+        if e not in targets:
+            continue
         pos = [w for w in range(splits[e].n_words) if candidates[e][w]]
-        if not correct[e] or not pos or max_changes[e] == 0:
+        if word_scores is not None:
+            sc = word_scores[e]
+            orders[e] = sorted(pos, key=lambda w: (-sc[w], w))
+            queries[e] += score_queries
             continue
         if queries[e] + len(pos) <= query_budget and len(pos) > 1:
             for w in pos:
@@ -279,7 +311,66 @@ def word_substitution(model: TextModel, texts: Sequence[str], labels: Sequence[i
     for e in range(n):
         adv_texts[e] = splits[e].render(changes[e])
     return TextAttackResult(adv_texts, correct, success, adv_pred, queries,
-                            [s.n_words for s in splits], changes)
+                            [s.n_words for s in splits], changes, pred.tolist())
+
+
+def attack_targets(correct: Sequence[bool], candidates: list[list[list[str]]], splits: Sequence[SplitText],
+                   word_budget: float) -> list[int]:
+    """Examples the attack works on: clean prediction right, at least one word with
+    candidates, and a word budget that allows at least one change."""
+    return [e for e, s in enumerate(splits)
+            if correct[e] and any(candidates[e]) and int(word_budget * s.n_words + 1e-9) > 0]
+
+
+def word_spans(split: SplitText) -> list[tuple[int, int]]:
+    """Character span ``[start, end)`` of each word's core (punctuation excluded) in the text."""
+    starts, pos = {}, 0
+    for i, part in enumerate(split.parts):
+        starts[i] = pos
+        pos += len(part)
+    out = []
+    for slot, (pre, core, _) in zip(split.word_slots, split.cores):
+        a = starts[slot] + len(pre)
+        out.append((a, a + len(core)))
+    return out
+
+
+def gradient_word_importance(model: TextModel, splits: Sequence[SplitText], labels: Sequence[int],
+                             batch_size: int) -> list[list[float]]:
+    """Gradient word importance: ``I_w = ||dL/dE_w||_2`` for every word of every text.
+
+    ``L`` is the cross-entropy of the true label, ``E_w`` the input (word) embeddings of
+    the sub-word tokens inside the word's core (tokens mapped to words by character
+    offsets), the norm taken over all of them together. One forward and one backward
+    pass per text, batched. A word with no token left after truncation scores 0.
+    Needs a model with a gradient with respect to its input embeddings (probe it with
+    :func:`minidiff.adversarial.embedding.probe_embedding_gradient`) and a fast tokenizer.
+    """
+    texts = ["".join(s.parts) for s in splits]
+    y_all = torch.as_tensor(list(labels), dtype=torch.long)
+    out: list[list[float]] = []
+    emb_mod = model.embedding_module()
+    for s in range(0, len(texts), batch_size):
+        ids, mask, offsets = model.encode_with_offsets(texts[s:s + batch_size])
+        with torch.enable_grad():
+            emb = emb_mod(ids).detach().requires_grad_(True)
+            logits = model.logits_from_embeds(emb, mask)
+            loss = torch.nn.functional.cross_entropy(logits.float(), y_all[s:s + len(ids)].to(logits.device),
+                                                     reduction="sum")
+            (g,) = torch.autograd.grad(loss, emb)
+        model.n_queries += len(ids)
+        model.n_forward += 1
+        model.n_gradient += len(ids)
+        sq = (g.detach().double() ** 2).sum(-1).cpu()  # (b, L) squared norm per token
+        for r, split in enumerate(splits[s:s + batch_size]):
+            starts, ends = offsets[r, :, 0], offsets[r, :, 1]
+            real = (ends > starts) & mask[r].bool().cpu()
+            scores = []
+            for a, b in word_spans(split):
+                inside = real & (starts >= a) & (ends <= b)
+                scores.append(float(sq[r][inside].sum().sqrt()))
+            out.append(scores)
+    return out
 
 
 def _true_probs(model: TextModel, texts: list[str], labels: list[int], batch_size: int) -> list[float]:

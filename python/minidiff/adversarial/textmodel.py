@@ -35,6 +35,11 @@ class TextModel:
         self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
         self.max_length = max_length
         self.device = model_device(model)
+        #: model queries so far: examples sent, forward passes (batches) run, and
+        #: examples sent through a forward+backward pass (gradient word ranking)
+        self.n_queries = 0
+        self.n_forward = 0
+        self.n_gradient = 0
         # the model's own tokenize() when it can run (a TextClassifier rebuilt from a saved
         # variant has tokenize() but no tokenizer: then the shared tokenizer is used)
         self._own_tokenize = hasattr(model, "tokenize") and getattr(model, "tokenizer", True) is not None
@@ -76,10 +81,28 @@ class TextModel:
         for s in range(0, len(texts), batch_size):
             ids, mask = self.encode([texts[i] for i in order[s:s + batch_size]])
             out.append(self.model(input_ids=ids, attention_mask=mask).float().cpu())
+            self.n_queries += len(ids)
+            self.n_forward += 1
         sorted_logits = torch.cat(out)
         result = torch.empty_like(sorted_logits)
         result[torch.tensor(order)] = sorted_logits
         return result
+
+    def encode_with_offsets(self, texts: Sequence[str]) -> tuple[Tensor, Tensor, Tensor]:
+        """``(input_ids, attention_mask, offsets)`` with ``offsets (N, L, 2)`` the character
+        span of each token in its text ((0, 0) for special and padding tokens). Needs a fast
+        Hugging Face tokenizer; the ids are checked against :meth:`encode`'s (the ones the
+        model is queried with)."""
+        tok = self.tokenizer
+        if tok is None or not getattr(tok, "is_fast", False):
+            raise ValueError("token offsets need a fast Hugging Face tokenizer (tokenizer.is_fast)")
+        texts = list(texts)
+        enc = tok(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt",
+                  return_offsets_mapping=True)
+        ids, mask = self.encode(texts)
+        if not torch.equal(enc["input_ids"].to(ids.device), ids):
+            raise ValueError("the model's tokenize() does not match its tokenizer; cannot align tokens to words")
+        return ids, mask, enc["offset_mapping"]
 
     def logits_from_embeds(self, embeds: Tensor, mask: Tensor) -> Tensor:
         return self.model(inputs_embeds=embeds.to(self.device), attention_mask=mask.to(self.device))
