@@ -285,6 +285,8 @@ class LMStudy:
         and how many candidates of each model are shown per token.
     dist : DistContext, optional
         Default: from the environment (``torchrun``), else one process.
+    name, meta
+        The study's name and extra JSON-able facts recorded in ``result.study``.
     """
 
     def __init__(self, base: Any, variants: Mapping[str, Any], *, text: Any = None, tokenizer: Any = None,
@@ -293,7 +295,8 @@ class LMStudy:
                  add_bos: bool | None = None, base_file: str | os.PathLike | None = None,
                  base_file_range: float = DEFAULT_RANGE, explain_windows: int = 4, explain_top_k: int = 3,
                  max_flipped: int = 24, accumulator_options: Mapping[str, Any] | None = None,
-                 dist: Any = None, progress: bool = False, name: str = "language-model study") -> None:
+                 dist: Any = None, progress: bool = False, name: str = "language-model study",
+                 meta: Mapping[str, Any] | None = None) -> None:
         if not isinstance(variants, Mapping) or not variants:
             raise ValueError("variants must be a non-empty dict name -> model")
         if "base" in variants:
@@ -323,7 +326,7 @@ class LMStudy:
         self.base_file_range = float(base_file_range)
         self.explain_windows, self.explain_top_k, self.max_flipped = explain_windows, explain_top_k, max_flipped
         self.accumulator_options = dict(accumulator_options or {})
-        self.dist, self.progress, self.name = dist, progress, name
+        self.dist, self.progress, self.name, self.meta = dist, progress, name, dict(meta or {})
         self._windows: TokenWindows | None = None
 
     # -- data --------------------------------------------------------------------
@@ -549,7 +552,8 @@ class LMStudy:
                 "scoring": ("llama.cpp perplexity rule: windows of n_ctx tokens, BOS substituted into position 0 "
                             "when the tokenizer adds BOS, logits at positions n_ctx/2 .. n_ctx-2 scored"
                             if self.task == "causal-lm" else
-                            "pseudo-log-likelihood: [CLS] window [SEP], each scored token masked in its own copy")}
+                            "pseudo-log-likelihood: [CLS] window [SEP], each scored token masked in its own copy"),
+                **_jsonable(self.meta)}
 
     # -- where it hurts ------------------------------------------------------------
     def _token_text(self, ids: list[int]) -> list[str]:

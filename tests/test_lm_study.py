@@ -1,0 +1,323 @@
+"""The language-model study: windows and the llama.cpp scoring rule, study numbers against a
+direct computation from the models' logits, streaming and shards, tokenizer refusal, the
+base-file mode's error bound, and the quick LM demo."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from minidiff.lm import TokenDivergenceAccumulator, token_divergence
+from minidiff.lm.study import (LMStudy, base_file_error_bound, dequantize_logprobs, quantize_logprobs)
+from minidiff.lm.tinylm import build_model, TinyLMConfig, train_tokenizer
+from minidiff.lm.windows import adds_bos, chatterbot_text, check_same_tokenizer, make_windows
+
+SCALARS = ("kld", "kld_err", "kld_reverse", "js", "same_top1", "ppl_base", "ppl_variant", "delta_p", "delta_p_rms",
+           "ln_ppl_ratio", "ln_ppl_ratio_err", "kld_max", "kld_min", "top5_overlap", "entropy_base",
+           "window_ln_ppl_correlation")
+
+
+class _BosTok:
+    bos_token_id = 1
+
+    def __len__(self) -> int:
+        return 40
+
+
+@pytest.fixture(scope="module")
+def text() -> str:
+    return chatterbot_text("english", "eval")
+
+
+@pytest.fixture(scope="module")
+def tok(text):
+    return train_tokenizer(text, 300)
+
+
+def _llama(tok, seed: int = 0, hidden: int = 32) -> nn.Module:
+    cfg = TinyLMConfig(hidden=hidden, layers=2, heads=2, intermediate=64, seed=seed)
+    m = build_model(cfg, len(tok), tok.bos_token_id, tok.eos_token_id)
+    with torch.no_grad():  # a random init predicts nearly uniformly; sharpen it so statistics are non-trivial
+        m.lm_head.weight.mul_(40.0)
+    return m.eval()
+
+
+def _perturbed(model: nn.Module, scale: float = 0.05, seed: int = 1) -> nn.Module:
+    v = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in v.parameters():
+            p.add_(scale * p.abs().mean() * torch.randn(p.shape, generator=g))
+    return v
+
+
+# -- windows ------------------------------------------------------------------------------
+
+def test_window_rule_by_hand():
+    w = make_windows(list(range(10, 30)), 8)  # 20 tokens, no BOS: 2 windows, tail of 4 dropped
+    assert w.input_ids.tolist() == [list(range(10, 18)), list(range(18, 26))]
+    assert w.logit_positions.tolist() == [4, 5, 6]  # first = n_ctx/2 = 4 .. n_ctx-2
+    assert w.target_positions.tolist() == [5, 6, 7]  # n_ctx - 1 - first = 3 scored per window
+    assert w.targets.tolist() == [[15, 16, 17], [23, 24, 25]]
+    assert int(w.token_frequency.sum()) == 6 and int(w.token_frequency[15]) == 1
+
+    b = make_windows(list(range(10, 30)), 8, tokenizer=_BosTok(), add_bos=True)
+    # BOS goes in front of the text once, then replaces the first token of every window
+    assert b.input_ids.tolist() == [[1, *range(10, 17)], [1, *range(18, 25)]]
+    assert b.targets.tolist() == [[14, 15, 16], [22, 23, 24]]
+    with pytest.raises(ValueError, match="fewer than one window"):
+        make_windows([1, 2, 3], 8)
+
+
+def test_windows_follow_the_tokenizer(tok, text):
+    assert adds_bos(tok)
+    w = make_windows(text, 32, tokenizer=tok, max_windows=3)
+    ids = [tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"]
+    assert w.input_ids[1, 1:].tolist() == ids[33:64] and int(w.input_ids[1, 0]) == tok.bos_token_id
+    assert w.targets[2].tolist() == ids[64 + 17:96]
+
+
+def test_scoring_equals_hand_computed_nll(tok, text):
+    base = _llama(tok)
+    st = LMStudy(base, {"same": copy.deepcopy(base)}, text=text, tokenizer=tok, n_ctx=16, batch_size=3,
+                 max_windows=5, cka=False, explain_windows=0)
+    res = st.run().variants["same"].divergence
+    nll = []
+    with torch.no_grad():
+        for x in st.windows.input_ids:
+            lp = torch.log_softmax(base(input_ids=x[None]).logits[0].double(), -1)
+            nll += [-float(lp[j, x[j + 1]]) for j in range(8, 15)]  # logits at first..n_ctx-2
+    assert res["ppl_base"] == pytest.approx(math.exp(sum(nll) / len(nll)), rel=1e-5)
+    assert res["n_tokens"] == 5 * 7
+
+
+# -- study numbers ------------------------------------------------------------------------
+
+def test_identical_models_give_zero(tok, text):
+    base = _llama(tok)
+    res = LMStudy(base, {"copy": copy.deepcopy(base)}, text=text, tokenizer=tok, n_ctx=16, batch_size=4,
+                  max_windows=6).run().variants["copy"]
+    d = res.divergence
+    assert d["kld"] == 0.0 and d["kld_reverse"] == 0.0 and d["kld_max"] == 0.0 and d["js"] == 0.0
+    assert d["same_top1"] == 1.0 and d["delta_p_rms"] == 0.0 and d["ppl_base"] == d["ppl_variant"]
+    assert res.flipped_tokens == []
+    cka = torch.tensor(res.cka, dtype=torch.float64)
+    assert torch.allclose(cka.diagonal(), torch.ones(cka.shape[0], dtype=torch.float64), atol=1e-9)
+
+
+def _direct(st: LMStudy, base: nn.Module, var: nn.Module) -> TokenDivergenceAccumulator:
+    """One accumulator update over every scored token of every window, from full logits."""
+    w = st.windows
+    with torch.no_grad():
+        lb = base(input_ids=w.input_ids).logits[:, w.logit_positions]
+        lv = var(input_ids=w.input_ids).logits[:, w.logit_positions]
+    acc = TokenDivergenceAccumulator()
+    acc.update(lb.reshape(-1, lb.shape[-1]), lv.reshape(-1, lv.shape[-1]), w.targets.reshape(-1),
+               window_ids=torch.arange(w.n_windows).repeat_interleave(w.n_scored),
+               positions=w.target_positions.repeat(w.n_windows),
+               token_frequency=w.token_frequency[w.targets.reshape(-1)])
+    return acc
+
+
+def _close(a, b, rel=1e-7):
+    for k in SCALARS:
+        x, y = a[k], b[k]
+        assert (math.isnan(x) and math.isnan(y)) or x == pytest.approx(y, rel=rel, abs=1e-12), k
+
+
+def test_study_equals_direct_computation(tok, text):
+    from minidiff import cka_matrix
+
+    base = _llama(tok)
+    var = _perturbed(base)
+    st = LMStudy(base, {"v": var}, text=text, tokenizer=tok, n_ctx=16, batch_size=3, max_windows=7)
+    res = st.run().variants["v"]
+    direct = _direct(st, base, var).compute()
+    _close(res.divergence, direct)
+    assert res.divergence["kld"] > 1e-4  # a real difference was measured
+    for key in ("by_frequency", "by_position", "by_entropy", "top_windows"):
+        assert res.divergence[key] == pytest.approx(_as_plain(direct[key]))
+    # token-level CKA: one sample per scored token, all layer pairs
+    w = st.windows
+    with torch.no_grad():
+        hb = base(input_ids=w.input_ids, output_hidden_states=True).hidden_states
+        hv = var(input_ids=w.input_ids, output_hidden_states=True).hidden_states
+    fa = [h[:, w.logit_positions].reshape(-1, h.shape[-1]) for h in hb]
+    fb = [h[:, w.logit_positions].reshape(-1, h.shape[-1]) for h in hv]
+    ref = cka_matrix(fa, fb, estimator="unbiased")
+    assert torch.allclose(torch.tensor(res.cka, dtype=torch.float64), torch.as_tensor(ref).double(), atol=1e-6)
+    assert res.layers_base == [f"hidden_states.{i}" for i in range(len(hb))]
+
+
+def _as_plain(x):
+    from minidiff.lm.study import _jsonable
+
+    return _jsonable(x)
+
+
+def test_streaming_and_shards_equal_one_pass(tok, text):
+    base = _llama(tok)
+    var = _perturbed(base)
+    one = LMStudy(base, {"v": var}, text=text, tokenizer=tok, n_ctx=16, batch_size=9, max_windows=9, cka=False)
+    full = one.stream()["v"]["divergence"]
+    st = LMStudy(base, {"v": var}, text=text, tokenizer=tok, n_ctx=16, batch_size=2, max_windows=9, cka=False)
+    a = st.stream(0, 4)["v"]["divergence"]  # two shards of windows, as two torchrun ranks would hold
+    b = st.stream(4, 9)["v"]["divergence"]
+    merged = a.merge(b).compute()
+    ref = full.compute()
+    _close(merged, ref, rel=1e-9)
+    assert merged.top_windows == ref.top_windows and merged.flips == ref.flips
+
+
+def test_plain_module_returning_logits(tok, text):
+    class Bigram(nn.Module):
+        def __init__(self, v: int, seed: int) -> None:
+            super().__init__()
+            torch.manual_seed(seed)
+            self.emb = nn.Embedding(v, 16)
+            self.out = nn.Linear(16, v)
+
+        def forward(self, x):
+            return self.out(torch.tanh(self.emb(x))) * 5
+
+    a, b = Bigram(len(tok), 0), Bigram(len(tok), 1)
+    st = LMStudy(a, {"b": b}, text=text, tokenizer=tok, n_ctx=16, batch_size=4, max_windows=4, layers=["emb", "out"])
+    res = st.run().variants["b"]
+    assert res.layers_base == ["emb", "out"] and len(res.cka) == 2
+    with torch.no_grad():
+        w = st.windows
+        direct = token_divergence(a(w.input_ids)[:, w.logit_positions], b(w.input_ids)[:, w.logit_positions],
+                                  w.targets)
+    assert res.divergence["kld"] == pytest.approx(float(direct["kld"].mean()), rel=1e-9)
+    with pytest.raises(ValueError, match="not a transformers model"):
+        LMStudy(a, {"b": b}, text=text, tokenizer=tok, n_ctx=16, max_windows=2).run()
+
+
+def test_different_tokenizers_refused(tok, text):
+    other = train_tokenizer(text, 280)
+    base = _llama(tok)
+    with pytest.raises(ValueError, match="different tokenizers"):
+        LMStudy(base, {"v": base}, text=text, tokenizer=tok, tokenizers={"v": other}, n_ctx=16)
+    with pytest.raises(ValueError, match="different tokenizers"):
+        check_same_tokenizer({"a": tok, "b": other})
+    check_same_tokenizer({"a": tok, "b": copy.deepcopy(tok)})  # equal tokenizers pass
+
+
+# -- base-file mode -------------------------------------------------------------------------
+
+def test_logprob_quantization_error_within_bound():
+    g = torch.Generator().manual_seed(0)
+    z = 2.0 * torch.randn(64, 5000, generator=g, dtype=torch.float64)
+    w = z + 0.3 * torch.randn(64, 5000, generator=g, dtype=torch.float64)
+    codes, m = quantize_logprobs(z)
+    assert int(codes.min()) >= 0 and int(codes.max()) == 65535
+    back = dequantize_logprobs(codes, m).double()
+    exact = token_divergence(z, w)["kld"]
+    approx = token_divergence(back, w)["kld"]
+    bound = base_file_error_bound(z, w)
+    err = (approx - exact).abs()
+    assert bool((err <= bound).all()), float((err - bound).max())
+    assert float(bound.max()) < 1e-3
+
+
+def test_base_file_mode_matches_exact_within_bound(tok, text, tmp_path):
+    base = _llama(tok)
+    var = _perturbed(base)
+    kw = dict(text=text, tokenizer=tok, n_ctx=16, batch_size=4, max_windows=8)
+    exact = LMStudy(base, {"v": var}, cka=False, **kw)
+    res_e = exact.run().variants["v"].divergence
+    res_f = LMStudy(base, {"v": var}, base_file=tmp_path / "basefile", **kw).run()
+    d = res_f.variants["v"].divergence
+    assert res_f.study["mode"] == "base-file" and res_f.variants["v"].cka is None
+    w = exact.windows
+    with torch.no_grad():
+        lb = base(input_ids=w.input_ids).logits[:, w.logit_positions].reshape(-1, len(tok))
+        lv = var(input_ids=w.input_ids).logits[:, w.logit_positions].reshape(-1, len(tok))
+    bound = float(base_file_error_bound(lb, lv).mean())
+    assert abs(d["kld"] - res_e["kld"]) <= bound
+    assert d["same_top1"] == pytest.approx(res_e["same_top1"], abs=2 / d["n_tokens"])
+    assert d["ppl_variant"] == pytest.approx(res_e["ppl_variant"], rel=1e-9)  # the variant pass is exact
+    assert res_f.variants["v"].where_it_hurts  # windows explained from the base file
+
+
+# -- report and demo ---------------------------------------------------------------------------
+
+def test_report_escapes_text():
+    from minidiff.report.lm import render_lm_report, terminal_table
+
+    d = {"kld": 0.1, "kld_err": 0.01, "kld_percentiles": {"50.0": 0.05}, "delta_p_percentiles": {"50.0": -0.01},
+         "by_frequency": [], "by_position": [], "by_entropy": []}
+    res = {"study": {"name": "<script>x</script>", "n_windows": 1, "n_ctx": 8},
+           "variants": {"<b>v</b>": {"divergence": d, "where_it_hurts": [
+               {"window": 0, "mean_kld": 0.1, "flips": 1, "tokens": [
+                   {"text": "<img src=x>", "scored": False},
+                   {"text": "\"'&", "scored": True, "kld": 0.2, "p_base": 0.5, "p_variant": 0.1, "flipped": True,
+                    "base_top": [["<a>", 0.5]], "variant_top": [["</td>", 0.6]]}]}],
+               "flipped_tokens": [{"window": 0, "position": 1, "context": "<i>", "target": "<u>", "after": "",
+                                   "kld": 0.2, "base_top": [["<a>", 0.5]], "variant_top": [["</td>", 0.6]]}]}}}
+    page = render_lm_report(res, plots=False)
+    for raw in ("<script>", "<img src=x>", "<b>v</b>", "<a>", "</td>'", "<i>", "<u>"):
+        assert raw not in page
+    assert "&lt;img src=x&gt;" in page and "Median  KLD:   0.050000" in terminal_table(res)
+
+
+@pytest.fixture(scope="module")
+def lm_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("lm-cache")
+
+
+def test_quick_lm_demo(tmp_path, capsys, lm_cache):
+    from minidiff.study.demo import run_lm_demo
+
+    res = run_lm_demo(tmp_path / "lm", quick=True, cache_dir=lm_cache)
+    table = capsys.readouterr().out
+    for line in ("====== Perplexity statistics ======", "Mean PPL(Q)/PPL(base)", "====== KL divergence statistics",
+                 "99.9%   KLD:", "RMS Δp    :", "Same top p:"):
+        assert line in table
+    assert set(res["variants"]) == {"int8", "int4-g32", "prune-50"}
+    kl = {k: v["divergence"]["kld"] for k, v in res["variants"].items()}
+    assert 0 < kl["int8"] < kl["prune-50"]
+    page = (tmp_path / "lm" / "report.html").read_text(encoding="utf-8")
+    assert "Flipped tokens in context" in page and "<mark>" in page
+    assert (tmp_path / "lm" / "results.json").is_file() and (tmp_path / "lm" / "table.txt").is_file()
+
+
+def test_study_file(tmp_path, lm_cache):
+    from minidiff.lm.config import build_lm_study, is_lm_study, load_lm_config, parse_lm_config
+    from minidiff.study.config import StudyFileError
+
+    f = tmp_path / "lm.toml"
+    f.write_text("""
+[study]
+task = "causal-lm"
+batch_size = 8
+[data]
+source = "builtin"
+name = "chatterbot-en"
+n_ctx = 64
+max_windows = 4
+[base]
+kind = "tinylm"
+quick = true
+[[variants]]
+name = "int4"
+recipe = "int4-weight-only"
+group_size = 32
+[[variants]]
+name = "sparse"
+recipe = "prune-2:4"
+[layers]
+cka = false
+""")
+    cfg = load_lm_config(f)
+    assert is_lm_study({"study": {"task": "causal-lm"}})
+    res = build_lm_study(cfg, cache_dir=lm_cache).run()  # the demo test's cached tiny LM
+    assert set(res.variants) == {"int4", "sparse"} and res.study["n_windows"] == 4
+    assert res.variants["sparse"].divergence["kld"] > 0
+    with pytest.raises(StudyFileError, match="group_sizes|unknown|Extra inputs"):
+        parse_lm_config({"data": {"name": "chatterbot-en"}, "base": {}, "variants": [{"name": "a", "recipe": "int8",
+                                                                                         "group_sizes": 3}]})
