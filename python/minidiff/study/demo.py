@@ -130,8 +130,6 @@ def run_demo(out: str | Path, quick: bool = False, only: str | None = None, prog
     out = Path(out)
     if only == "lm":
         return run_lm_demo(out / "lm", quick=quick, cache_dir=out / "cache" / "lm", progress=progress)
-    if only == "lm":
-        return run_lm_demo(out / "lm", quick=quick, cache_dir=out / "cache" / "lm", progress=progress)
     configs = {"digits": digits_config(quick), "minilm": minilm_config(quick)}
     if only is not None:
         if only not in configs:
@@ -149,8 +147,6 @@ def run_demo(out: str | Path, quick: bool = False, only: str | None = None, prog
         parts[tag] = res
     if only is None:  # the language-model part has its own report: out/lm/report.html
         run_lm_demo(out / "lm", quick=quick, cache_dir=out / "cache" / "lm", progress=progress)
-    if only is None:  # the language-model part has its own report: out/lm/report.html
-        run_lm_demo(out / "lm", quick=quick, cache_dir=out / "cache" / "lm", progress=progress)
     merged = merge_results(parts, "minidiff demo" + (" (quick)" if quick else ""))
     merged["timing"] = {"total_s": time.perf_counter() - t0}
     write_output(out, merged, render, overwrite=overwrite)
@@ -166,55 +162,6 @@ def _with_run_settings(cfg: Any, device: str, seed: int | None) -> Any:
     if seed is not None:
         data["study"]["seed"] = seed
     return parse_config(data, source="minidiff demo")
-
-
-# -- language-model part -------------------------------------------------------------
-
-def lm_demo_settings(quick: bool = False) -> dict[str, Any]:
-    """The language-model demo's sizes: the tiny LM's training settings and the study's."""
-    from minidiff.lm.tinylm import TinyLMConfig
-
-    return {"model": TinyLMConfig.quick() if quick else TinyLMConfig(),
-            "max_windows": 24 if quick else 0, "batch_size": 8, "group_size": 32}
-
-
-def run_lm_demo(out: str | Path, quick: bool = False, *, cache_dir: str | Path | None = None,
-                progress: bool = True) -> dict[str, Any]:
-    """The language-model part of ``minidiff demo``: a tiny causal LM against its compressed versions.
-
-    minidiff trains a small Llama-architecture model with its own byte-level BPE
-    tokenizer on the English chatterbot-corpus conversations (offline; cached
-    under ``cache_dir``, default ``out/cache``), makes its int8 (W8A8), int4
-    weight-only (group size 32) and 50% magnitude-pruned versions, and scores all
-    of them on the held-out conversations with llama.cpp's rule (windows of
-    ``n_ctx`` tokens, second half scored). Writes ``out/results.json``,
-    ``out/table.txt`` and ``out/report.html`` (flipped tokens in context) and
-    prints the llama.cpp-style table. Returns the results dict.
-    """
-    from minidiff.compress import prune, quantize
-    from minidiff.lm.study import LMStudy
-    from minidiff.lm.tinylm import load_or_train_tiny_lm
-    from minidiff.lm.windows import chatterbot_text
-
-    out = Path(out)
-    s = lm_demo_settings(quick)
-    cfg = s["model"]
-    t0 = time.perf_counter()
-    model, tok, info = load_or_train_tiny_lm(cache_dir if cache_dir is not None else out / "cache", cfg,
-                                             progress=progress)
-    variants = {"int8": quantize(model, "int8"),
-                "int4-g32": quantize(model, "int4-weight-only", group_size=s["group_size"]),
-                "prune-50": prune(model, sparsity=0.5)}
-    study = LMStudy(model, variants, text=chatterbot_text(cfg.language, "eval"), tokenizer=tok, n_ctx=cfg.n_ctx,
-                    batch_size=s["batch_size"], max_windows=s["max_windows"], progress=False,
-                    name="tiny Llama LM on held-out chatterbot conversations vs int8, int4 and 50%-pruned",
-                    meta={"base_model": {**info, "load_or_train_s": time.perf_counter() - t0}})
-    res = study.run(out=out).to_dict()
-    if progress:
-        from minidiff.report.lm import terminal_table
-
-        print(terminal_table(res), flush=True)
-    return res
 
 
 # -- language-model part -------------------------------------------------------------
