@@ -76,9 +76,15 @@ def test_modal_pie_cie_hand():
 def test_divergences_hand():
     probs = torch.tensor([[[1.0, 0.0]], [[0.5, 0.5]]], dtype=torch.float64)
     kl = minidiff.divergence_matrix(probs, "kl")
-    assert kl[0, 1].item() == pytest.approx(math.log(2), abs=1e-15)
     eps = 1e-12
-    assert kl[1, 0].item() == pytest.approx(0.5 * math.log(0.5) + 0.5 * math.log(0.5 / eps), rel=1e-14)
+
+    def phi(x, y):  # the per-class KL term x log(x/y) - x + y on floored probabilities
+        return x * math.log(x / y) - x + y
+
+    assert kl[0, 1].item() == pytest.approx(phi(1, 0.5) + phi(eps, 0.5), rel=1e-15)
+    assert kl[0, 1].item() == pytest.approx(math.log(2), abs=1e-10)
+    assert kl[1, 0].item() == pytest.approx(phi(0.5, 1) + phi(0.5, eps), rel=1e-14)
+    assert kl[1, 0].item() == pytest.approx(0.5 * math.log(0.5) + 0.5 * math.log(0.5 / eps), rel=1e-12)
     assert kl[0, 0] == 0 and kl[1, 1] == 0
     js = minidiff.divergence_matrix(probs, "js")
     expected_js = (math.log(1 / 0.75) + 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)) / 2
@@ -494,3 +500,55 @@ def test_cuda_backends_match_reference(dtype):
         acc.update(preds[:, s:s + 1024], labels[s:s + 1024])
     out = acc.compute()
     assert torch.equal(out["flips"].cpu(), minidiff.flip_matrix(preds.cpu(), labels.cpu()))
+
+
+# ---- divergence numerics (issue: confident models, negative KL) ----------------------------
+def test_js_of_a_confident_model_is_finite_and_exact():
+    from scipy.spatial.distance import jensenshannon
+
+    p, q = [1.0, 3.77e-18], [0.429, 0.571]
+    probs = torch.tensor([[p], [q]], dtype=torch.float64)
+    js = minidiff.divergence_matrix(probs, "js")
+    expected = jensenshannon(p, q) ** 2  # scipy: sqrt of JS in nats
+    assert js[0, 1].item() == pytest.approx(expected, rel=1e-12)
+    assert js[0, 1].item() == pytest.approx(0.2566, abs=1e-4)
+    assert minidiff.divergence_to_reference(probs, 0, "js")[1, 0].item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_per_class_terms_match_high_precision():
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 50
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(400, generator=g, dtype=torch.float64) + 1e-3
+    rel = torch.cat([10.0 ** -torch.arange(1, 17, dtype=torch.float64).repeat(20),
+                     torch.rand(80, generator=g, dtype=torch.float64)])
+    y = x * (1 + rel * torch.where(torch.rand(400, generator=g) < 0.5, -1.0, 1.0))
+    kl = ops._kl_term(x, y)
+    js = ops._js_term(x, y)
+    for i in range(0, 400, 7):
+        xi, yi = mpmath.mpf(float(x[i])), mpmath.mpf(float(y[i]))
+        m = (xi + yi) / 2
+        kl_ref = xi * mpmath.log(xi / yi) - xi + yi
+        js_ref = (xi * mpmath.log(xi / m) + yi * mpmath.log(yi / m)) / 2
+        assert kl[i].item() >= 0 and js[i].item() >= 0
+        assert float(abs(kl[i].item() - kl_ref)) <= 1e-14 * float(kl_ref) + 1e-300, (i, kl[i].item(), kl_ref)
+        assert float(abs(js[i].item() - js_ref)) <= 1e-14 * float(js_ref) + 1e-300, (i, js[i].item(), js_ref)
+
+
+def test_kl_is_never_negative():
+    # The eps floor adds mass to q; with p log(p'/q') this row was -1e-13.
+    delta = 1e-13
+    probs = torch.tensor([[[1 - delta, delta]], [[1.0, 0.0]]], dtype=torch.float64)
+    kl = minidiff.divergence_to_reference(probs, 0, "kl")
+    assert kl[1, 0].item() >= 0
+    # float32 softmax rows sum to 1 only within ~1e-7: nearly equal rows must not go negative
+    g = torch.Generator().manual_seed(8)
+    logits = 4 * torch.randn(2000, 10, generator=g)
+    p = torch.softmax(logits, -1)
+    q = torch.softmax(logits + 1e-4 * torch.randn(2000, 10, generator=g), -1)
+    rows = minidiff.divergence_to_reference(torch.stack([p, q, p]), 0, "kl")
+    assert bool((rows >= 0).all())
+    assert bool((rows[2] == 0).all())  # identical rows: exactly 0
+    # and agrees with the float64 definition on the same (float32-valued) inputs
+    ref = ops.divergence_reference(p, q, "kl", 1e-12)
+    assert torch.allclose(rows[1], ref, rtol=1e-6, atol=1e-15)
