@@ -37,8 +37,9 @@ localization) takes up to three registrations, none of which touches this packag
    ``minidiff/report/lm.py``; a section without a renderer is shown as its tables.
 
 The study produces the sections in the JSON form (plain dicts); ``Results`` types
-them. The report package imports this one; this package imports the report only
-inside ``save`` and ``_repr_html_``.
+them. The report package imports this one, never the reverse: ``save`` and
+``_repr_html_`` load the report module by name (:data:`minidiff.results.core.REPORT_BACKEND`,
+``"minidiff.report"``), the way pandas loads its plotting backend.
 """
 
 from .core import SCHEMA, SCHEMA_V1, Results, StudyInfo

@@ -54,6 +54,23 @@ def _decode_arrays(obj: Any) -> Any:
     return obj
 
 
+#: The module that draws the report, loaded by name when a report is needed (the way pandas
+#: loads its plotting backend), so that this layer does not depend on the report layer. It
+#: must provide ``render_files(results, plots=True) -> {file name: text or bytes}`` (at least
+#: ``report.html``; figures as ``plots/<name>.png`` / ``.svg``) and ``verdict_table(results) -> html``.
+REPORT_BACKEND = "minidiff.report"
+
+
+def report_backend() -> Any:
+    """The report module named by :data:`REPORT_BACKEND`."""
+    import importlib
+    mod = importlib.import_module(REPORT_BACKEND)
+    missing = [f for f in ("render_files", "verdict_table") if not hasattr(mod, f)]
+    if missing:
+        raise TypeError(f"report backend {REPORT_BACKEND!r} lacks {missing}")
+    return mod
+
+
 class Results:
     """The outcome of a study, typed: ``study``, ``variants``, ``verdicts`` and one section per
     registered section type (``models``, ``prediction_errors``, ``representation``,
@@ -279,8 +296,7 @@ class Results:
 
     # -- notebook / files --------------------------------------------------------------
     def _repr_html_(self) -> str:
-        from minidiff.report.html import verdict_table  # the report layer, imported only when shown
-        return verdict_table(self)
+        return report_backend().verdict_table(self)
 
     def __repr__(self) -> str:
         return (f"Results(study={self.study.name!r}, variants={self.variants}, sections={list(self.sections)}, "
@@ -301,10 +317,10 @@ class Results:
         ------
         OutputFolderInUseError (a ValueError), OutputWriteError (an OSError)
         """
-        from minidiff.report.html import render_files  # the report layer, imported only when saving
         from .output import write_folder
+        backend = report_backend()
         files = {"results.json": self.to_json(), **self.csv_tables()}
-        return write_folder(out, self.study.name, files, render=lambda stage: render_files(self, plots=plots),
+        return write_folder(out, self.study.name, files, render=lambda stage: backend.render_files(self, plots=plots),
                             overwrite=overwrite)
 
 
