@@ -43,13 +43,13 @@ them. The report package imports this one, never the reverse: ``save`` and
 """
 
 from .core import SCHEMA, SCHEMA_V1, Results, StudyInfo
-from .output import OutputFolderInUseError, OutputWriteError
+from .output import OutputFolderInUseError, OutputWriteError, check_output
 from .sections import (SECTIONS, AdversarialSection, DistributionSection, Entry, ModelsSection,
                        PredictionErrorsSection, Record, RepresentationSection, Section, register_section)
 from .values import NotComputed, as_float, is_number
 from .verdicts import RULES, Verdict, VerdictCell, VerdictRule, characteristics, decide_all, legends, register_rule
 
-__all__ = ["Results", "StudyInfo", "SCHEMA", "SCHEMA_V1", "OutputWriteError", "OutputFolderInUseError",
+__all__ = ["Results", "StudyInfo", "SCHEMA", "SCHEMA_V1", "OutputWriteError", "OutputFolderInUseError", "check_output",
            "Section", "Entry", "Record", "SECTIONS", "register_section", "ModelsSection", "PredictionErrorsSection",
            "RepresentationSection", "DistributionSection", "AdversarialSection", "NotComputed", "as_float",
            "is_number", "Verdict", "VerdictCell", "VerdictRule", "RULES", "register_rule", "characteristics",

@@ -90,6 +90,23 @@ def check_folder(out: Path, study: str, new_files: set[str], overwrite: bool) ->
     return {f for f in prev_files if f not in new_files and f != MANIFEST}
 
 
+def check_output(out_dir: str | Path, study: str, *, overwrite: bool = False) -> None:
+    """Refuse early (before a study runs) an output folder that :meth:`Results.save` would refuse.
+
+    Raises
+    ------
+    OutputFolderInUseError
+        ``out_dir`` holds another study's outputs or files minidiff did not write, and
+        ``overwrite`` is False.
+    OutputWriteError
+        ``out_dir`` exists and is not a folder.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputWriteError(f"output folder {str(out)!r} exists and is not a folder")
+    check_folder(out, study, set(), overwrite)
+
+
 def write_folder(out_dir: str | Path, study: str, files: Mapping[str, str | bytes],
                  render: Callable[[Path], Mapping[str, str | bytes]] | None = None,
                  overwrite: bool = False) -> dict[str, Path]:
