@@ -19,7 +19,8 @@ from .lottery import lottery_ticket
 from .pruning import prune
 from .quantization import quantize
 from .training import finetune
-from .variant import Variant, load_variant, save_variant
+from . import variant  # noqa: F401  (the variant API under its historical name, minidiff.compress.variant)
+from minidiff.models.saved import Variant, load_variant, save_variant
 
 METHODS: dict[str, Callable[..., Variant]] = {
     "prune": prune, "quantize": quantize, "distill": distill, "lottery_ticket": lottery_ticket,

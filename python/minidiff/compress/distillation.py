@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .training import Data, call, check_data, reinitialize, seeded, train
-from .variant import Variant, clone_model, make_manifest
+from minidiff.models.saved import Variant, clone_model, make_manifest
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,

@@ -24,7 +24,7 @@ from torch import nn
 
 from .pruning import PRUNABLE, check_sparsity, magnitude_masks, select_layers
 from .training import Data, apply_masks, train
-from .variant import Variant, clone_model, make_manifest, sparsity_report
+from minidiff.models.saved import Variant, clone_model, make_manifest, sparsity_report
 
 FinetuneFn = Callable[[nn.Module, Mapping[str, torch.Tensor]], None]
 

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .training import Data, apply_masks, train
-from .variant import (DEFAULT_EXCLUDE, Variant, _set_submodule, as_linear, clone_model,  # noqa: F401
+from minidiff.models.saved import (DEFAULT_EXCLUDE, Variant, _set_submodule, as_linear, clone_model,  # noqa: F401
                       default_layers, is_conv1d, linear_types, make_manifest, tied_to_embedding)
 
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -261,7 +261,7 @@ def prune_neurons(model: nn.Module, fraction: float) -> dict[str, list[int]]:
 
 def convert_to_sparse(model: nn.Module, names: Sequence[str], kind: str) -> str:
     """Replace pruned Linear layers by ``minidiff.nn`` sparse layers (imported lazily)."""
-    from .variant import minidiff_nn_class
+    from minidiff.models.saved import minidiff_nn_class
 
     cls_name = "SemiStructuredLinear" if kind == "n:m" else "SparseLinear"
     cls = minidiff_nn_class(cls_name)

@@ -34,7 +34,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .variant import (Variant, _set_submodule, as_linear, attach_input_cast, clone_model,  # noqa: F401
+from minidiff.models.saved import (Variant, _set_submodule, as_linear, attach_input_cast, clone_model,  # noqa: F401
                       default_layers, linear_types, make_manifest)
 
 INT8_METHODS = {"int8": "w8a8", "int8-dynamic": "w8a8", "w8a8": "w8a8",

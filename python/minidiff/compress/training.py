@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from torch import nn
 
-from .variant import Variant, clone_model, make_manifest
+from minidiff.models.saved import Variant, clone_model, make_manifest
 
 Inputs = torch.Tensor | Mapping[str, torch.Tensor]
 Data = tuple[Inputs, torch.Tensor]

@@ -68,10 +68,11 @@ class TextClassifier(nn.Module):
     @classmethod
     def from_pretrained(cls, source: str = "minilm", num_classes: int = 2, pooling: str = "mean",
                         *, seed: int | None = 0, **load_kwargs: Any) -> "TextClassifier":
-        """Encoder and tokenizer from :func:`minidiff.models.load_model`, fresh seeded head."""
-        from .loading import load_model
+        """Encoder and tokenizer of a transformers model (a local folder, a hub id or ``"minilm"``,
+        loaded by :func:`minidiff.models.sources.hf.load_hf`), fresh seeded head."""
+        from .sources.hf import load_hf
 
-        loaded = load_model(source, task="features", **load_kwargs)
+        loaded = load_hf(source, task="features", **load_kwargs)
         if seed is not None:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)

@@ -200,9 +200,8 @@ def model_facts(model: Any) -> ModelFacts:
         An ``nn.Module`` (any storage), a :class:`~minidiff.models.LoadedModel`,
         or a path to an ``.onnx`` / ``.gguf`` file.
     """
-    from .loading import LoadedModel
-    if isinstance(model, LoadedModel):
-        model = model.model
+    if not isinstance(model, nn.Module) and isinstance(getattr(model, "model", None), nn.Module):
+        model = model.model  # a LoadedModel (duck-typed: models.loaded imports this module lazily)
     if isinstance(model, (str, os.PathLike)):
         p = pathlib.Path(model)
         if p.suffix == ".onnx":

@@ -252,9 +252,8 @@ def fingerprint(model: Any) -> str:
     UnhashableModelError
         If the state cannot be hashed exactly.
     """
-    from .loading import LoadedModel
-    if isinstance(model, LoadedModel):
-        model = model.model
+    if not isinstance(model, nn.Module) and isinstance(getattr(model, "model", None), nn.Module):
+        model = model.model  # a LoadedModel (duck-typed: models.loaded imports this module lazily)
     if isinstance(model, (str, os.PathLike)):
         return fingerprint_file(model)
     if isinstance(model, torch.export.ExportedProgram):

@@ -85,7 +85,7 @@ def infer_kind(source: Any) -> str:
     if not isinstance(source, (str, os.PathLike)):
         raise ValueError(f"a model source is an nn.Module, a file, a folder or a hub id, got {type(source).__name__}")
     src = os.fspath(source)
-    from ..loading import EMBEDDED_ALIASES
+    from ..loaded import EMBEDDED_ALIASES
     if src.lower() in EMBEDDED_ALIASES:
         return "hf"
     p = pathlib.Path(src).expanduser()

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..loading import TASKS, LoadedModel
+from ..loaded import TASKS, LoadedModel
 from ._common import SourceOutput, require, torch_runtime, version_of
 
 __all__ = ["LlamaCppModule", "dequantized_state", "load_gguf"]

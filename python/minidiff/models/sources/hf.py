@@ -33,7 +33,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..loading import EMBEDDED_ALIASES, TASKS, LoadedModel, embedded_minilm_dir, is_offline
+from ..loaded import EMBEDDED_ALIASES, TASKS, LoadedModel, embedded_minilm_dir, is_offline
 from ._common import torch_runtime, version_of
 from .torch_source import detect_provenance
 

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..loading import LoadedModel
+from ..loaded import LoadedModel
 from ._common import SourceOutput, Tap, build_taps, require, version_of
 
 __all__ = ["OnnxModule", "graph_module_outputs", "load_onnx"]

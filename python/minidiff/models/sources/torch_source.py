@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..loading import LoadedModel
+from ..loaded import LoadedModel
 from ._common import torch_runtime, version_of
 
 __all__ = ["detect_provenance", "load_torch"]

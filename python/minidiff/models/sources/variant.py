@@ -10,7 +10,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..loading import LoadedModel
+from ..loaded import LoadedModel
 from ._common import torch_runtime
 
 __all__ = ["load_variant_source"]
@@ -23,7 +23,7 @@ def load_variant_source(source: str | os.PathLike, *, task: str = "features", ba
 
     ``base`` is passed to :func:`minidiff.compress.load_variant` (models it cannot
     rebuild from the manifest alone)."""
-    from minidiff.compress import load_variant
+    from minidiff.models.saved import load_variant
     p = pathlib.Path(source).expanduser()
     if not (p / "manifest.json").is_file():
         raise ValueError(f"{str(p)!r} is not a minidiff.save_variant folder (no manifest.json inside)")
