@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import io
 import json
-import math
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import pandas as pd
 
-from .sections import SECTIONS, RESERVED_KEYS, Record, Section, _num
-from .values import NotComputed, as_float, encode, fill_missing
+from .sections import RESERVED_KEYS, SECTIONS, Record
+from .values import encode, fill_missing
 from .verdicts import Verdict, VerdictCell, characteristics, legends
 
 SCHEMA = "minidiff.results/2"
@@ -29,7 +28,9 @@ class StudyInfo(Record):
     config: dict[str, Any] | None = None
     notes: list[str] = []
     data: dict[str, Any] = {}
-    ood: dict[str, Any] | NotComputed | None = None
+    #: the OOD set; absent when none was given (the reason is in ``skipped["ood"]``)
+    ood: dict[str, Any] | None = None
+    skipped: dict[str, str] = {}
 
 
 def _drop_none(obj: Any) -> Any:
@@ -92,9 +93,13 @@ class Results:
                 st["config"] = _drop_none(st["config"])
             else:
                 st.pop("config", None)
-            if st.get("ood") is None:
-                st["ood"] = {"not_computed": "no OOD set was given"}
-            st = StudyInfo.model_validate(fill_missing(st))
+            ood = st.pop("ood", None)
+            st = fill_missing(st)
+            if ood is None or (isinstance(ood, dict) and set(ood) == {"not_computed"}):
+                st["skipped"] = {**st.get("skipped", {}), "ood": (ood or {}).get("not_computed", "no OOD set was given")}
+            else:
+                st["ood"] = fill_missing(ood)
+            st = StudyInfo.model_validate(st)
         self.study: StudyInfo = st
         self.variants: list[str] = list(variants or [])
         self.verdicts: dict[str, dict[str, VerdictCell]] = {
@@ -275,9 +280,7 @@ class Results:
         for key, sec in self.sections.items():
             if hasattr(sec, "not_computed"):
                 out += [(key, *row) for row in sec.not_computed()]
-        ood = self.study.ood
-        if isinstance(ood, NotComputed) or (isinstance(ood, dict) and set(ood) == {"not_computed"}):
-            out.append(("study", "", "ood", str(ood["not_computed"])))
+        out += [("study", "", k, str(r)) for k, r in self.study.skipped.items()]
         return out
 
     def not_computed_frame(self) -> pd.DataFrame:
@@ -329,9 +332,4 @@ def coerce(results: Any) -> Results:
     return Results.from_dict(results)
 
 
-def finite_or_nan(x: Any) -> float:
-    f = as_float(x)
-    return math.nan if f is None else f
-
-
-__all__ = ["Results", "StudyInfo", "SCHEMA", "SCHEMA_V1", "coerce", "_num"]
+__all__ = ["Results", "StudyInfo", "SCHEMA", "SCHEMA_V1", "REPORT_BACKEND", "coerce", "report_backend"]

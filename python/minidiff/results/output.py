@@ -126,7 +126,6 @@ def write_folder(out_dir: str | Path, study: str, files: Mapping[str, str | byte
         Anything could not be written; the staging folder is removed.
     """
     out = Path(out_dir)
-    names = set(files)
     if out.exists() and not out.is_dir():
         raise OutputWriteError(f"output folder {str(out)!r} exists and is not a folder")
     try:
