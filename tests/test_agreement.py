@@ -552,3 +552,27 @@ def test_kl_is_never_negative():
     # and agrees with the float64 definition on the same (float32-valued) inputs
     ref = ops.divergence_reference(p, q, "kl", 1e-12)
     assert torch.allclose(rows[1], ref, rtol=1e-6, atol=1e-15)
+
+
+def test_huge_class_indices_get_a_clear_error():
+    preds = np.array([[2**40, 1, 0], [3, 1, 0]])
+    with pytest.raises(ValueError, match=r"largest class index 1099511627776.*np.unique"):
+        minidiff.modal_labels(preds)
+    with pytest.raises(ValueError, match="np.unique"):
+        minidiff.pie_mask(preds, preds[::-1].copy())
+    with pytest.raises(ValueError, match="np.unique"):
+        minidiff.cie_scores(preds, preds, num_classes=2**40 + 1)
+    # counting needs no histogram: large ids are exact there
+    d = minidiff.disagreement_matrix(preds)
+    assert d[0, 1].item() == pytest.approx(1 / 3, rel=1e-15)
+
+
+def test_eps_accepts_any_real_scalar():
+    probs = torch.tensor([[[0.5, 0.5]], [[0.4, 0.6]]], dtype=torch.float64)
+    ref = minidiff.divergence_matrix(probs, "kl", eps=1e-6)
+    for eps in (np.float32(1e-6), np.float64(1e-6), torch.tensor(1e-6, dtype=torch.float64)):
+        out = minidiff.divergence_matrix(probs, "kl", eps=eps)
+        assert torch.allclose(out, ref, rtol=1e-12, atol=0)
+    for bad in (0.0, 1.0, float("nan"), True, "1e-6", torch.tensor([1e-6, 1e-6])):
+        with pytest.raises(ValueError, match="eps"):
+            minidiff.divergence_matrix(probs, "kl", eps=bad)

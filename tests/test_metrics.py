@@ -87,8 +87,12 @@ def test_mcnemar_exact_and_chi2():
 
 
 def _kl64(p, q, eps=1e-12):
-    p, q = p.double(), q.double()
-    return torch.where(p > 0, p * (p.clamp_min(eps).log() - q.clamp_min(eps).log()), torch.zeros_like(p)).sum(-1)
+    """KL on eps-floored probabilities in the form sum_c x log(x/y) - x + y (scipy.special.kl_div),
+    equal to sum_c p log(p/q) for two distributions, and >= 0 even when float32 rows sum to 1 +- 1e-7."""
+    from scipy.special import kl_div
+
+    p, q = p.double().clamp_min(eps).numpy(), q.double().clamp_min(eps).numpy()
+    return torch.from_numpy(kl_div(p, q).sum(-1))
 
 
 @pytest.mark.parametrize("kind", ["kl", "js", "tv"])
@@ -423,3 +427,71 @@ def test_class_impact_undefined_classes_are_nan():
     assert r.to_dict()["normalized_change"][3] is None
     r0 = M.class_impact(base[:1], comp, y, 3)
     assert torch.isnan(r0.normalized_change[2])  # base never right on class 2
+
+
+# ---- numerics and scalar arguments (regressions) -------------------------------------------
+@pytest.mark.parametrize("n_boot", [0, 1, 99])
+def test_bootstrap_needs_enough_resamples(n_boot):
+    with pytest.raises(ValueError, match="at least 100 resamples"):
+        M.bootstrap_mean_ci([0.0, 1.0, 1.0], n_boot=n_boot)
+    y = torch.tensor([0, 1, 1, 0])
+    with pytest.raises(ValueError, match="at least 100"):
+        M.accuracy_ci(y, y, n_boot=n_boot)
+    with pytest.raises(ValueError, match="at least 100"):
+        M.accuracy_difference_ci(y, y, y, n_boot=n_boot)
+
+
+def test_bootstrap_scalar_arguments():
+    with pytest.raises(TypeError, match="n_boot must be an integer"):
+        M.bootstrap_mean_ci([0.0, 1.0], n_boot=250.5)
+    with pytest.raises(TypeError, match="confidence"):
+        M.bootstrap_mean_ci([0.0, 1.0], confidence=True)
+    a = M.bootstrap_mean_ci([0.0, 1.0, 1.0], n_boot=np.int64(300), confidence=np.float32(0.9))
+    b = M.bootstrap_mean_ci([0.0, 1.0, 1.0], n_boot=300, confidence=torch.tensor(0.9, dtype=torch.float64))
+    assert a[0] == b[0] == pytest.approx(2 / 3, rel=1e-15)
+
+
+def test_python_lists_stay_float64():
+    vals = [1.0 + 1e-9, 1.0 + 3e-9]  # float32 would round both to 1.0
+    assert M.bootstrap_mean_ci(vals, n_boot=200)[0] == np.mean(vals)
+    ks = M.ks_shift(vals, [0.5, 0.25])
+    assert ks.mean_base == np.mean(vals) and ks.median_base == np.median(vals)
+    assert M.ood_threshold([0.1, 0.2, 0.3], tpr=0.5) == 0.2  # float32 0.2 is 0.200000003
+    assert M.ood_threshold([0.1, 0.2, 0.3], tpr=np.float32(0.5)) == 0.2
+    assert M.ood_threshold(torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64), tpr=torch.tensor(0.5)) == 0.2
+    with pytest.raises(TypeError, match="tpr"):
+        M.ood_threshold([0.1, 0.2], tpr="0.5")
+    with pytest.raises(ValueError, match="tpr"):
+        M.ood_threshold([0.1, 0.2], tpr=1.0)
+    with pytest.raises(TypeError, match="real numbers"):
+        M.ks_shift(["a", "b"], [0.5])
+
+
+def test_knn_ood_scores_exact_for_near_duplicates():
+    g = torch.Generator().manual_seed(4)
+    train = torch.randn(300, 64, generator=g)
+    queries = torch.cat([train[:20] * 3.0,                                   # exact duplicates (distance 0)
+                         train[20:40] + 1e-5 * torch.randn(20, 64, generator=g),  # near duplicates
+                         torch.randn(20, 64, generator=g)])                 # ordinary queries
+    for k in (1, 5):
+        got = M.knn_ood_scores(train, queries, k=k, chunk_size=16)
+        zt = train.double() / train.double().norm(dim=1, keepdim=True)
+        zq = queries.double() / queries.double().norm(dim=1, keepdim=True)
+        ref = torch.cdist(zq, zt, compute_mode="donot_use_mm_for_euclid_dist").kthvalue(k, dim=1).values
+        # float32 normalization is the only rounding left: ~1e-7, not the 5e-4 of sqrt(2 - 2 cos)
+        assert torch.allclose(got, ref, rtol=0, atol=2e-7), (got - ref).abs().max()
+        if k == 1:
+            assert torch.all(got[:20] <= 2e-7)
+
+
+def test_knn_ood_scores_many_ties_fall_back_to_all_candidates():
+    # 40 copies of one direction: the 16 spare candidates cannot hold every tie
+    g = torch.Generator().manual_seed(9)
+    base = torch.randn(1, 32, generator=g)
+    train = torch.cat([base.repeat(40, 1) * torch.linspace(1, 2, 40)[:, None], torch.randn(60, 32, generator=g)])
+    q = torch.cat([base + 1e-4 * torch.randn(3, 32, generator=g), torch.randn(2, 32, generator=g)])
+    got = M.knn_ood_scores(train, q, k=30)
+    zt = train.double() / train.double().norm(dim=1, keepdim=True)
+    zq = q.double() / q.double().norm(dim=1, keepdim=True)
+    ref = torch.cdist(zq, zt, compute_mode="donot_use_mm_for_euclid_dist").kthvalue(30, dim=1).values
+    assert torch.allclose(got, ref, rtol=0, atol=2e-7)

@@ -22,14 +22,13 @@ of large models. arXiv:2407.09590.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
 from minidiff.accumulate import Accumulator
 from minidiff.ops import agreement as _ops
-from minidiff.ops._validate import as_tensor, check_finite, check_ndim
+from minidiff.ops._validate import as_tensor, check_finite, check_ndim, real_scalar
 
 DEFAULT_EPS = 1e-12
 _KINDS = ("kl", "js", "tv")
@@ -131,9 +130,11 @@ def _check_kind(kind: str) -> str:
 
 
 def _check_eps(eps: float) -> float:
-    if not (isinstance(eps, (int, float)) and 0 < eps < 1 and math.isfinite(eps)):
-        raise ValueError(f"eps must be a float in (0, 1), got {eps!r}")
-    return float(eps)
+    """Any real scalar (Python, numpy, 0-d tensor) in (0, 1)."""
+    try:
+        return real_scalar(eps, "eps", lo=0.0, hi=1.0)
+    except TypeError as exc:
+        raise ValueError(str(exc)) from None
 
 
 # ---- counts -> matrices ---------------------------------------------------------
@@ -221,17 +222,23 @@ def divergence_matrix(probs: Any, kind: str = "js", *, eps: float = DEFAULT_EPS,
 
     ``D[i, j] = (1/M) sum_x d(p_i(x), p_j(x))`` with, per example (natural log):
 
-    * ``"kl"``: ``KL(p || q) = sum_c p_c log(max(p_c, eps) / max(q_c, eps))`` with
-      ``0 log(.) = 0``; probabilities are floored at ``eps`` inside the logarithm
-      only, so a class the other model gives probability 0 costs ``log(p/eps)``
-      instead of infinity. Not symmetric: row i is the reference distribution.
+    * ``"kl"``: ``KL(p || q) = sum_c [p'_c log(p'_c / q'_c) - p'_c + q'_c]`` with
+      ``p' = max(p, eps)``, ``q' = max(q, eps)``: the floor makes a class the other
+      model gives probability 0 cost about ``log(p/eps)`` instead of infinity. For
+      two distributions the added ``- p' + q'`` terms sum to 0 (up to ``C eps``
+      from the floor), so this is ``sum_c p log(p/q)``; written this way every class
+      term is >= 0 (Gibbs' inequality term by term), so the divergence is >= 0 by
+      construction and rows that sum to 1 only within float32 rounding do not go
+      negative. Not symmetric: row i is the reference distribution.
     * ``"js"``: ``(KL(p || m) + KL(q || m)) / 2`` with ``m = (p + q)/2`` (no flooring
-      needed; at most log 2).
+      needed; at most log 2), per class ``(p + q)/4 (a log a + b log b)`` with
+      ``a = 2p/(p + q)``, ``b = 2q/(p + q)``, so a confident model (``p_c = 1e-18``)
+      stays finite.
     * ``"tv"``: ``sum_c |p_c - q_c| / 2`` (in [0, 1]).
 
-    Computed in float64, term by term with ``log1p`` of relative differences, so
-    nearly identical models (e.g. a quantized copy) keep their small divergences
-    instead of losing them to cancellation.
+    Computed in float64, term by term, with a power series in the relative
+    difference where it is below 0.1, so nearly identical models (e.g. a quantized
+    copy) keep their small divergences instead of losing them to cancellation.
 
     Parameters
     ----------
@@ -279,6 +286,17 @@ def _population(x: Any, name: str, num_classes: int | None) -> tuple[torch.Tenso
     return t, _check_range(t, name, num_classes)
 
 
+def _histogram_classes(num_classes: int, largest: int, name: str) -> int:
+    """``num_classes`` for the population statistics, which keep a histogram of
+    ``num_classes`` counts per example: a clear error instead of a huge allocation."""
+    if num_classes > _ops.MAX_CLASSES:
+        raise ValueError(
+            f"{name} needs a histogram of {num_classes} classes (largest class index {largest}); population "
+            f"statistics support up to {_ops.MAX_CLASSES}. Class indices must be 0..C-1: remap sparse ids "
+            "first, e.g. np.unique(labels, return_inverse=True)")
+    return num_classes
+
+
 def _two_populations(base: Any, comp: Any, num_classes: int | None):
     b, b_hi = _population(base, "base_population", num_classes)
     c, c_hi = _population(comp, "compressed_population", num_classes)
@@ -287,7 +305,8 @@ def _two_populations(base: Any, comp: Any, num_classes: int | None):
                          f"{c.shape[1]}; both must predict the same examples in the same order")
     if b.device != c.device:
         raise ValueError(f"base_population is on {b.device} but compressed_population on {c.device}")
-    return b, c, max(b_hi, c_hi) + 1 if num_classes is None else num_classes
+    hi = max(b_hi, c_hi)
+    return b, c, _histogram_classes(hi + 1 if num_classes is None else num_classes, hi, "the populations")
 
 
 def modal_labels(preds: Any, *, num_classes: int | None = None) -> torch.Tensor:
@@ -308,7 +327,7 @@ def modal_labels(preds: Any, *, num_classes: int | None = None) -> torch.Tensor:
     """
     num_classes = _check_num_classes(num_classes)
     p, hi = _population(preds, "preds", num_classes)
-    return _ops.modal_labels(p, hi + 1 if num_classes is None else num_classes)
+    return _ops.modal_labels(p, _histogram_classes(hi + 1 if num_classes is None else num_classes, hi, "preds"))
 
 
 def pie_mask(base_population: Any, compressed_population: Any) -> torch.Tensor:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..ops._validate import as_tensor
+from ..ops._validate import as_tensor, int_scalar, real_scalar  # noqa: F401  (re-exported)
 
 # tolerance on sum_c p_c = 1, as in minidiff.agreement: float32 softmax outputs summed over
 # up to ~1e5 classes stay well inside 1e-3; float16/bfloat16 outputs need 1e-2
@@ -150,6 +150,49 @@ def check_embeddings(x: Any, name: str) -> torch.Tensor:
     if bad:
         raise ValueError(f"{name} contains {bad} NaN/Inf value(s)")
     return t.detach()
+
+
+MIN_BOOTSTRAP = 100
+"""Fewest bootstrap resamples a metric accepts. A percentile interval's endpoints are
+the ``(1 -+ confidence)/2`` quantiles of the resampled statistics: with one resample
+(or a handful) they collapse onto single draws and the "interval" is noise that can
+flip a verdict. 100 keeps the Monte Carlo error of a 95% endpoint to a fraction of the
+interval's width; Efron & Tibshirani (1993, ch. 19) advise 1000 or more for percentile
+intervals, and the metrics default to 2000."""
+
+
+def check_bootstrap(n_boot: Any, confidence: Any) -> tuple[int, float]:
+    """``(n_boot, confidence)`` validated: ``n_boot >= MIN_BOOTSTRAP`` (see there for
+    why), ``0 < confidence < 1``."""
+    n = int_scalar(n_boot, "n_boot")
+    if n < MIN_BOOTSTRAP:
+        raise ValueError(f"n_boot={n}: a bootstrap interval needs at least {MIN_BOOTSTRAP} resamples (with "
+                         "fewer, its endpoints are single draws and the interval is noise); use the default "
+                         "2000, or 1000 or more for a percentile interval")
+    return n, real_scalar(confidence, "confidence", lo=0.0, hi=1.0)
+
+
+def check_sample(values: Any, name: str) -> np.ndarray:
+    """A non-empty finite 1-D sample as float64 numpy, read without passing through
+    float32 (``torch.as_tensor`` of a Python list of floats would make float32)."""
+    if isinstance(values, torch.Tensor):
+        if values.is_complex() or values.dtype == torch.bool:
+            raise TypeError(f"{name} must hold real numbers, got dtype {values.dtype}")
+        a = values.detach().to(device="cpu", dtype=torch.float64).numpy()
+    else:
+        try:
+            a = np.asarray(values)
+        except Exception as exc:
+            raise TypeError(f"{name} must be a 1-D array-like of numbers, got {type(values).__name__}") from exc
+        if a.dtype == object or a.dtype.kind not in "iuf":
+            raise TypeError(f"{name} must hold real numbers, got {a.dtype}")
+        a = a.astype(np.float64)
+    if a.ndim != 1 or a.size == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D sample, got shape {a.shape}")
+    bad = int((~np.isfinite(a)).sum())
+    if bad:
+        raise ValueError(f"{name} contains {bad} NaN/Inf value(s)")
+    return a
 
 
 def percentiles(values: torch.Tensor, qs: tuple[float, ...] = (50, 90, 99)) -> dict[str, float]:

@@ -13,7 +13,7 @@ import torch
 from scipy import stats
 
 from ..accumulate import Accumulator
-from ._checks import Result, check_preds, check_probs
+from ._checks import Result, check_preds, check_probs, check_sample
 
 __all__ = ["confidence", "entropy", "KSResult", "ks_shift", "OutputShift", "output_shift", "ClassShift",
            "predicted_class_shift", "ClassHistogramAccumulator"]
@@ -46,13 +46,8 @@ class KSResult(Result):
 def ks_shift(base_values, variant_values, name: str = "values") -> KSResult:
     """Two-sample KS test (``scipy.stats.ks_2samp``, two-sided, exact for small samples)
     between two 1-D samples, e.g. per-example confidences of base and variant."""
-    a = torch.as_tensor(base_values).double().cpu().numpy()
-    b = torch.as_tensor(variant_values).double().cpu().numpy()
-    for nm, x in (("base", a), ("variant", b)):
-        if x.ndim != 1 or x.size == 0:
-            raise ValueError(f"{nm} {name} must be a non-empty 1-D sample, got shape {x.shape}")
-        if not np.isfinite(x).all():
-            raise ValueError(f"{nm} {name} contains NaN/Inf")
+    a = check_sample(base_values, f"base {name}")  # float64; Python lists never pass through float32
+    b = check_sample(variant_values, f"variant {name}")
     res = stats.ks_2samp(a, b)
     return KSResult(float(res.statistic), float(res.pvalue), float(a.mean()), float(b.mean()),
                     float(np.median(a)), float(np.median(b)))

@@ -15,7 +15,8 @@ import torch
 from scipy import stats
 
 from .. import agreement as _agree
-from ._checks import Result, check_preds, check_probs, check_same_length, percentiles, require_labels
+from ._checks import (Result, check_bootstrap, check_preds, check_probs, check_same_length, check_sample, percentiles,
+                      require_labels)
 
 __all__ = ["AccuracyCI", "accuracy", "bootstrap_mean_ci", "accuracy_ci", "accuracy_difference_ci", "FlipSummary", "churn", "flips",
            "McNemarResult", "mcnemar", "DivergenceSummary", "per_example_divergence", "divergence_summary"]
@@ -57,14 +58,11 @@ def bootstrap_mean_ci(values, n_boot: int = 2000, confidence: float = 0.95, seed
     index-resampling bootstrap at O(n_boot x #distinct) cost. Per-example
     correctness takes 2 values (``P + 1`` for a population of P models), so this is
     cheap for any M. The interval is the ``(1 -+ confidence)/2`` quantiles (linear
-    interpolation) of the ``n_boot`` resampled means.
+    interpolation) of the ``n_boot`` resampled means. ``n_boot`` must be at least
+    ``MIN_BOOTSTRAP`` (100; see :data:`minidiff.metrics._checks.MIN_BOOTSTRAP`).
     """
-    _check_boot(n_boot, confidence)
-    v = torch.as_tensor(values).detach().double().cpu().numpy().reshape(-1)
-    if v.size == 0:
-        raise ValueError("bootstrap of zero examples is undefined")
-    if not np.isfinite(v).all():
-        raise ValueError("bootstrap values contain NaN/Inf")
+    n_boot, confidence = check_bootstrap(n_boot, confidence)
+    v = check_sample(values, "bootstrap values")  # float64 throughout, lists never via float32
     uniq, counts = np.unique(v, return_counts=True)
     m = v.size
     rng = np.random.default_rng(seed)
@@ -83,6 +81,7 @@ def accuracy_ci(preds, labels, n_boot: int = 2000, confidence: float = 0.95, see
     comes from :func:`bootstrap_mean_ci` on ``r`` (for one model, ``r_i in {0, 1}`` and
     the bootstrap distribution is ``Binomial(M, acc) / M``).
     """
+    n_boot, confidence = check_bootstrap(n_boot, confidence)
     p = check_preds(preds, "preds", 2)
     y = require_labels(labels, "accuracy_ci", p.shape[1])
     r = (p == y[None]).double().mean(0)
@@ -99,6 +98,7 @@ def accuracy_difference_ci(base_preds, variant_preds, labels, n_boot: int = 2000
     right); the interval is :func:`bootstrap_mean_ci` on ``d``. Resampling examples
     jointly (paired) makes it much narrower than two independent intervals.
     """
+    n_boot, confidence = check_bootstrap(n_boot, confidence)
     b = check_preds(base_preds, "base_preds", 2)
     v = check_preds(variant_preds, "variant_preds", 2)
     if b.shape[1] != v.shape[1]:
@@ -108,13 +108,6 @@ def accuracy_difference_ci(base_preds, variant_preds, labels, n_boot: int = 2000
     d = (v == y[None]).double().mean(0) - (b == y[None]).double().mean(0)
     diff, lo, hi = bootstrap_mean_ci(d, n_boot, confidence, seed)
     return AccuracyCI(diff, lo, hi, int(b.shape[1]), int(n_boot), confidence, seed, int(v.shape[0]))
-
-
-def _check_boot(n_boot: int, confidence: float) -> None:
-    if int(n_boot) < 1:
-        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
 
 
 def _pair(base_preds, variant_preds, labels, metric: str):

@@ -3,7 +3,8 @@ on, raised in Python before any native code sees a pointer."""
 
 from __future__ import annotations
 
-from typing import Iterable
+import math
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -49,3 +50,45 @@ def native_ready(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Ten
 def num_threads() -> int:
     """Thread count for native CPU kernels: torch's own, so we never oversubscribe."""
     return max(1, torch.get_num_threads())
+
+
+def real_scalar(value: Any, name: str, *, lo: float | None = None, hi: float | None = None,
+                lo_open: bool = True, hi_open: bool = True) -> float:
+    """A finite real number as ``float``: Python ``int``/``float``, numpy scalars and
+    0-d arrays or tensors are all accepted (never ``bool``, complex or strings);
+    ``lo``/``hi`` bound it (open bounds by default). Raises TypeError / ValueError
+    naming ``name``."""
+    v = value
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1 or v.ndim != 0:
+            raise TypeError(f"{name} must be a real scalar, got a tensor of shape {tuple(v.shape)}")
+        v = v.item()
+    elif isinstance(v, np.ndarray):
+        if v.ndim != 0:
+            raise TypeError(f"{name} must be a real scalar, got an array of shape {v.shape}")
+        v = v.item()
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    f = float(v)
+    if not math.isfinite(f):
+        raise ValueError(f"{name} must be finite, got {f}")
+    if lo is not None and (f < lo or (lo_open and f == lo)):
+        raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {f}")
+    if hi is not None and (f > hi or (hi_open and f == hi)):
+        raise ValueError(f"{name} must be {'<' if hi_open else '<='} {hi}, got {f}")
+    return f
+
+
+def int_scalar(value: Any, name: str, *, lo: int | None = None, hi: int | None = None) -> int:
+    """An integer as ``int`` (Python/numpy integers, 0-d integer arrays or tensors;
+    never ``bool`` or a float such as 2.5), within ``[lo, hi]``."""
+    v = value
+    if isinstance(v, (torch.Tensor, np.ndarray)) and v.ndim == 0 and not (v.dtype == torch.bool or v.dtype == np.bool_):
+        v = v.item()
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    i = int(v)
+    if (lo is not None and i < lo) or (hi is not None and i > hi):
+        rng = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+        raise ValueError(f"{name} must be in {rng}, got {i}")
+    return i

@@ -45,7 +45,6 @@ the same op, which validates its operands before any kernel sees a pointer.
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 
 import torch
