@@ -126,6 +126,20 @@ def cka_scenario(ctx: DistContext) -> dict:
     return out
 
 
+def harness_scenario(ctx: DistContext, out_dir: str) -> None:
+    """Every accumulator registered in tests/test_accumulators.py: each rank streams its
+    shard, ``ctx.sync`` reduces it; rank 0 saves the results."""
+    from test_accumulators import CASES, stream
+    results = {}
+    for name, case in CASES.items():
+        start, stop = ctx.shard_range(case.n)
+        acc = stream(case, case.data(), start, stop)
+        ctx.sync(acc)
+        results[name] = case.result(acc)
+    if ctx.is_main:
+        torch.save(results, os.path.join(out_dir, "harness.pt"))
+
+
 def study_scenario(ctx: DistContext, out_dir: str) -> dict | None:
     """Run a study file through the library (what ``minidiff run`` does); rank
     ``DIE_RANK`` exits after its chunk ``DIE_AFTER_CHUNK`` of the evaluation pass."""
@@ -153,6 +167,10 @@ def main() -> None:
         result = {f"toy_{n}": toy_scenario(ctx, n) for n in (101, 2)}
         result["cka"] = cka_scenario(ctx)
         result["metrics"] = metrics_scenario(ctx)
+    elif scenario == "harness":
+        harness_scenario(ctx, out_dir)
+        ctx.close()
+        return
     elif scenario == "study":
         result = study_scenario(ctx, out_dir)
         if result is None:  # Study.run wrote results.json itself on rank 0
