@@ -8,10 +8,14 @@
      ``pip install --no-deps torchattacks``),
    - the same minidiff PGD one example at a time,
    - the whole ``run_adversarial`` (all models, transfer matrix, bootstrap CIs).
-2. The word-substitution attack over 256 chatterbot-corpus English sentences on the
-   embedded all-MiniLM-L6-v2 with a topic head trained here on frozen features. Compared
-   with the floor: the same number of queries sent as plain MiniLM forward passes in
-   batches, and with the attack run one sentence at a time (on 16 sentences).
+2. The word-substitution stage of ``run_adversarial`` on 48 chatterbot-corpus English
+   sentences (the demo study's attack), the embedded all-MiniLM-L6-v2 with a topic head
+   trained here on frozen features plus its 50%-pruned and int8 versions, with the words
+   ranked by drop-one queries and by the input-embedding gradient. Every query each
+   model receives is counted by a forward pre-hook (passes, examples, attended tokens;
+   gradient passes apart), and the stage is compared with its floor: those tokens sent
+   as bare forward (or forward+backward) passes on full batches of equal-length
+   sentences, at each model's own measured tokens/s.
 
 Runs on CUDA when available. Prints medians (examples per second) and ratios.
 
@@ -34,7 +38,6 @@ import torch.nn.functional as F  # noqa: E402
 
 from minidiff.adversarial import AdversarialConfig, run_adversarial  # noqa: E402
 from minidiff.adversarial import continuous as C  # noqa: E402
-from minidiff.adversarial import text as T  # noqa: E402
 from minidiff.adversarial.textmodel import TextModel  # noqa: E402
 from minidiff.data import load_builtin  # noqa: E402
 from minidiff.models import TextClassifier, make_mlp  # noqa: E402
@@ -134,12 +137,34 @@ def bench_pgd(dev, repeats, n_models):
     print(f"ours / floor time: {t_ours / t_floor:.2f}" + (f"; torchattacks / ours: {t_ta / t_ours:.2f}" if t_ta else ""))
 
 
-def bench_words(dev, repeats, n_sentences):
-    data = load_builtin("chatterbot-en")
-    train, test = data.split(0.3, seed=0)
-    test = test.subset(range(min(n_sentences, len(test))))
-    model = TextClassifier.from_pretrained("minilm", num_classes=data.num_classes, seed=0).to(dev).eval()
-    # train the head on frozen, pooled MiniLM features
+class QueryCounter:
+    """Counts what a model is asked, from a forward pre-hook: forward passes, examples and
+    attended tokens, split into plain queries and passes with autograd on (gradient word
+    ranking, gradient probes)."""
+
+    def __init__(self, model):
+        self.passes = self.examples = self.tokens = self.padded = 0
+        self.grad_passes = self.grad_examples = self.grad_tokens = 0
+        self._h = model.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, _m, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        ref = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+        b = int(ref.shape[0]) if ref is not None else int(args[0].shape[0])
+        t = int(mask.sum()) if mask is not None else b * int(ref.shape[1])
+        if torch.is_grad_enabled():
+            self.grad_passes, self.grad_examples, self.grad_tokens = (self.grad_passes + 1, self.grad_examples + b,
+                                                                      self.grad_tokens + t)
+        else:
+            self.passes, self.examples, self.tokens = self.passes + 1, self.examples + b, self.tokens + t
+            self.padded += b * int(ref.shape[1]) if ref is not None else t
+
+    def close(self):
+        self._h.remove()
+
+
+def train_text_head(model, train, dev):
+    """Train the linear head on frozen, mean-pooled MiniLM features (seeded)."""
     with torch.no_grad():
         feats = []
         for s in range(0, len(train), 128):
@@ -147,68 +172,106 @@ def bench_words(dev, repeats, n_sentences):
             feats.append(model.pool(model.encoder(**enc).last_hidden_state, enc["attention_mask"]))
         feats = torch.cat(feats)
     ytr = train.labels.to(dev)
+    torch.manual_seed(0)
     opt = torch.optim.Adam(model.head.parameters(), lr=1e-2)
     for _ in range(300):
         opt.zero_grad()
         F.cross_entropy(model.head(feats), ytr).backward()
         opt.step()
+    return model
+
+
+def token_rates(tm, texts, bs, repeats):
+    """Seconds per attended token of a plain forward and of a forward+backward to the input
+    embeddings, on full batches of equal-length sentences (10th/50th/90th length percentiles)."""
+    ntok = [int(m.sum()) for m in tm.encode(texts)[1]]
+    by_len = sorted(range(len(texts)), key=lambda i: ntok[i])
+    picks = [by_len[int(q * (len(texts) - 1))] for q in (0.1, 0.5, 0.9)]
+    blocks = [[texts[i]] * bs for i in picks]
+    tokens = bs * sum(ntok[i] for i in picks)
+    dev = tm.device
+    t_fwd, _ = timed(lambda: [tm.logits(b, bs) for b in blocks], dev, repeats)
+
+    def fwd_bwd():
+        for b in blocks:
+            ids, mask = tm.encode(b)
+            emb = tm.embedding_module()(ids).detach().requires_grad_(True)
+            with torch.enable_grad():
+                torch.autograd.grad(tm.logits_from_embeds(emb, mask).sum(), emb)
+
+    try:
+        t_bwd, _ = timed(fwd_bwd, dev, repeats)
+    except RuntimeError:  # no backward through this model (e.g. an int8 kernel)
+        t_bwd = float("nan")
+    return t_fwd / tokens, t_bwd / tokens, [ntok[i] for i in picks]
+
+
+def bench_words(dev, repeats, n_sentences, variants):
+    from minidiff.compress import prune, quantize
+
+    data = load_builtin("chatterbot-en")
+    train, test = data.split(0.3, seed=0)
+    test = test.subset(range(min(n_sentences, len(test))))
+    model = TextClassifier.from_pretrained("minilm", num_classes=data.num_classes, seed=0).to(dev).eval()
+    train_text_head(model, train, dev)
+    models = {"minilm": model}
+    if variants:
+        models["pruned50"] = prune(model, sparsity=0.5).model.to(dev).eval()
+        models["int8"] = quantize(model, "int8").model.to(dev).eval()
     cfg = AdversarialConfig(attacks=["word-substitution"], max_examples=None, bootstrap=0, batch_size=128)
     n = len(test)
     print(f"\n== word substitution (word budget {cfg.word_budget}, query budget {cfg.query_budget}, "
-          f"{cfg.num_candidates} embedding-neighbour candidates): {n} chatterbot sentences, MiniLM + head on {dev}")
-    tm = TextModel(model, None, cfg.max_length)
-    splits = [T.SplitText.of(t) for t in test.inputs]
-    t_cand, cands = timed(lambda: T.embedding_neighbour_candidates(
-        splits, tm, cfg.num_candidates, T.stopword_set(True)), dev, repeats)
-    labels = test.labels.tolist()
+          f"{cfg.num_candidates} embedding-neighbour candidates): {n} chatterbot sentences, models "
+          f"{list(models)} on {dev}")
+    tms = {k: TextModel(m, model.tokenizer, cfg.max_length) for k, m in models.items()}
+    rates = {k: token_rates(tm, test.inputs, cfg.batch_size, repeats) for k, tm in tms.items()}
+    for k, (f, b, lens) in rates.items():
+        print(f"  {k}: forward {1 / f:,.0f} tokens/s, forward+backward to the embeddings "
+              f"{'n/a' if b != b else f'{1 / b:,.0f} tokens/s'} (sentences of {lens} tokens)")
 
-    def attack(bs, k=n):
-        return T.word_substitution(tm, test.inputs[:k], labels[:k], cands[:k], word_budget=cfg.word_budget,
-                                   query_budget=cfg.query_budget, batch_size=bs, splits=splits[:k])
-
-    # the attack itself runs once: its query count, not its repetition, sets the cost here
-    t_attack, res = timed(lambda: attack(cfg.batch_size), dev, 1)
-    queries = sum(res.queries)
-    # floor: the attack's queries as plain forward passes, without padding. Cost ~ tokens:
-    # measure MiniLM's tokens/s on full batches of equal-length sentences (the 10th, 50th and
-    # 90th length percentiles, 128 copies each) and charge every query the token count of its
-    # clean sentence.
-    ntok = [int(m.sum()) for m in tm.encode(test.inputs)[1]]
-    by_len = sorted(range(n), key=lambda i: ntok[i])
-    picks = [by_len[int(q * (n - 1))] for q in (0.1, 0.5, 0.9)]
-    blocks = [[test.inputs[i]] * cfg.batch_size for i in picks]
-    t_blocks, _ = timed(lambda: [tm.logits(b, cfg.batch_size) for b in blocks], dev, repeats)
-    tok_per_s = cfg.batch_size * sum(ntok[i] for i in picks) / t_blocks
-    t_floor = sum(q * t for q, t in zip(res.queries, ntok)) / tok_per_s
-    k = 16
-    t_batched_k, _ = timed(lambda: attack(cfg.batch_size, k), dev, 1)
-    t_one, _ = timed(lambda: attack(1, k), dev, 1)
-    sub = test.subset(range(k))
-    t_full, _ = timed(lambda: run_adversarial({"minilm": model}, sub, cfg, base="minilm"), dev, 1)
-    correct = sum(res.correct)
-    print(f"clean accuracy {correct / n:.3f}; success rate {sum(res.success) / max(correct, 1):.3f}; "
-          f"{queries} queries ({statistics.mean([q for q, c in zip(res.queries, res.correct) if c] or [0]):.1f} per "
-          f"attacked sentence); mean fraction of words changed (successes) "
-          f"{statistics.mean([f for f, s in zip(res.fraction_changed(), res.success) if s] or [0]):.3f}")
-    print(f"{'what':58s} {'median s':>9s} {'examples/s':>11s} {'vs ours':>8s}")
-    for name, t, cnt in [("candidates (once, shared by all models)", t_cand, n),
-                         (f"minidiff word substitution (batched queries), {n} sentences", t_attack, n),
-                         (f"floor: {queries} queries as MiniLM forwards (token-weighted)", t_floor, n),
-                         (f"minidiff word substitution (batched), first {k} sentences", t_batched_k, k),
-                         (f"minidiff word substitution, one at a time, first {k}", t_one, k),
-                         (f"run_adversarial (candidates + attack + results), first {k}", t_full, k)]:
-        print(f"{name:58s} {t:9.3f} {cnt / t:11.1f} {(cnt / t) / (n / t_attack):8.2f}")
-    print(f"queries/s during the attack: {queries / t_attack:.1f}; plain MiniLM forward: {tok_per_s:.0f} tokens/s "
-          f"(sentences of {[ntok[i] for i in picks]} tokens); "
-          f"ours / floor time: {t_attack / t_floor:.2f}; batched / one-at-a-time speed-up on the same "
-          f"{k} sentences: {t_one / t_batched_k:.2f}x")
+    rows = []
+    outcome = {}
+    for ranking in ("drop-one", "gradient"):
+        counters = {k: QueryCounter(m) for k, m in models.items()}
+        t0 = time.perf_counter()
+        res = run_adversarial(models, test, cfg, base="minilm", word_ranking=ranking)
+        t_stage = time.perf_counter() - t0
+        for c in counters.values():
+            c.close()
+        run = res["attacks"]["word-substitution"]
+        floor = 0.0
+        for k, c in counters.items():
+            f, b, _ = rates[k]
+            floor += c.tokens * f + (c.grad_tokens * b if c.grad_tokens else 0.0)
+        fwd = sum(c.examples for c in counters.values())
+        grad = sum(c.grad_examples for c in counters.values())
+        passes = sum(c.passes + c.grad_passes for c in counters.values())
+        padding = sum(c.padded for c in counters.values()) / max(1, sum(c.tokens for c in counters.values()))
+        rows.append((ranking, t_stage, floor, fwd, grad, passes, padding))
+        outcome[ranking] = {k: (v["success_rate"], v["mean_queries"], v["gradient"])
+                            for k, v in run["per_model"].items()}
+    n_models = len(models)
+    print(f"{'word ranking':14s} {'stage s':>8s} {'floor s':>8s} {'ratio':>6s} {'fwd examples':>13s} "
+          f"{'grad examples':>14s} {'passes':>7s} {'padded/attended tokens':>23s}")
+    for ranking, t, fl, fwd, grad, passes, padding in rows:
+        print(f"{ranking:14s} {t:8.2f} {fl:8.2f} {t / fl:6.2f} {fwd:13d} {grad:14d} {passes:7d} {padding:23.2f}")
+    print(f"(transfer before this change re-queried all {n_models * (n_models - 1) * n} adversarial texts of the "
+          f"other models; now only the changed ones)")
+    for ranking, per in outcome.items():
+        print(f"  {ranking}: " + "; ".join(f"{k} success {sr:.3f}, {mq:.1f} queries/attacked sentence "
+                                           f"({how})" for k, (sr, mq, how) in per.items()))
+    d, g = rows
+    print(f"gradient ranking: {g[3] + g[4]} model examples vs {d[3] + d[4]} with drop-one "
+          f"({(g[3] + g[4]) / (d[3] + d[4]):.2f}x), stage time {g[1] / d[1]:.2f}x")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--models", type=int, default=4)
-    ap.add_argument("--sentences", type=int, default=256)
+    ap.add_argument("--sentences", type=int, default=48, help="sentences attacked (the demo study's 48)")
+    ap.add_argument("--no-variants", action="store_true",
+                    help="attack MiniLM alone (default: also its 50%%-pruned and int8 versions, as in the study)")
     ap.add_argument("--quick", action="store_true", help="fewer repeats and sentences (smoke run)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--part", choices=["all", "pgd", "words"], default="all")
@@ -218,7 +281,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.quick:
-        args.repeats, args.sentences = 2, 32
+        args.repeats, args.sentences = 2, 16
     dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                        ("cpu" if args.device == "auto" else args.device))
     import transformers
@@ -229,7 +292,7 @@ def main():
     if args.part in ("all", "pgd"):
         bench_pgd(dev, args.repeats, args.models)
     if args.part in ("all", "words"):
-        bench_words(dev, args.repeats, args.sentences)
+        bench_words(dev, args.repeats, args.sentences, not args.no_variants)
 
 
 if __name__ == "__main__":

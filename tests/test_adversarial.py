@@ -377,6 +377,13 @@ def test_word_substitution_deterministic_and_zero_budget(tiny_text):
     assert pm["n_correct"] == len(data) and pm["n_success"] == 0 and len(pm["success"]) == len(data)
 
 
+def test_stopwords_are_scikit_learns_list():
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+    assert T.stopword_set(True) == frozenset(ENGLISH_STOP_WORDS) and len(T.stopword_set(True)) > 300
+    assert T.stopword_set(False) == frozenset()
+
+
 def test_word_substitution_query_count_and_transfer_reuse(tiny_text):
     models, data, tok = tiny_text
     cfg = AdversarialConfig(attacks=["word-substitution"], word_budget=0.3, query_budget=30,

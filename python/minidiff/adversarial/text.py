@@ -28,7 +28,11 @@ alphabetic, at least two letters and (by default) not English stop words.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import pathlib
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -84,8 +88,27 @@ def attackable(core: str, stopwords: frozenset) -> bool:
 
 
 def stopword_set(skip: bool) -> frozenset:
-    if not skip:
-        return frozenset()
+    """scikit-learn's English stop words (``ENGLISH_STOP_WORDS``), or none."""
+    return _english_stop_words() if skip else frozenset()
+
+
+@functools.lru_cache(maxsize=1)
+def _english_stop_words() -> frozenset:
+    # The list is a plain frozenset in sklearn/feature_extraction/_stop_words.py. Importing
+    # it the usual way imports all of scikit-learn (2-6 s on a loaded CPU, more than the
+    # whole attack on a few dozen sentences), so the file is executed on its own; the
+    # ordinary import is the fallback where the file is not found.
+    loaded = sys.modules.get("sklearn.feature_extraction._stop_words")
+    if loaded is not None:
+        return frozenset(loaded.ENGLISH_STOP_WORDS)
+    spec = importlib.util.find_spec("sklearn")
+    path = pathlib.Path(spec.origin).parent / "feature_extraction" / "_stop_words.py" if spec and spec.origin \
+        else None
+    if path is not None and path.is_file():
+        file_spec = importlib.util.spec_from_file_location("_minidiff_english_stop_words", path)
+        module = importlib.util.module_from_spec(file_spec)
+        file_spec.loader.exec_module(module)
+        return frozenset(module.ENGLISH_STOP_WORDS)
     from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
     return frozenset(ENGLISH_STOP_WORDS)
 

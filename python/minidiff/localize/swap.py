@@ -132,7 +132,8 @@ def _outermost(names: Sequence[str]) -> list[str]:
 
 
 def _valid_names_hint(base: nn.Module, variant: nn.Module) -> str:
-    blocks = [n for n in block_names(base) if n in dict(variant.named_modules())]
+    v_names = {n for n, _ in variant.named_modules()}
+    blocks = [n for n in block_names(base) if n in v_names]
     lins = linear_names(base, variant)
     shown = lins if len(lins) <= 40 else lins[:40] + [f"... ({len(lins) - 40} more)"]
     return f"blocks: {blocks}; linear layers: {shown}"
