@@ -158,13 +158,38 @@ def train(model: nn.Module, data: Data, *, epochs: int = 1, lr: float = 1e-3, ba
                     if callback is not None:
                         callback(result.steps, model)
                     if max_steps is not None and result.steps >= max_steps:
+                        _check_diverged(result, params, lr)
                         return result
     finally:
         for m, flag in flags:
             m.training = flag
         for p, flag in frozen:
             p.requires_grad_(flag)
+    _check_diverged(result, params, lr)
     return result
+
+
+#: A loss spike this many times the starting loss, after which training ends no better than it
+#: started, means the run diverged (typically every ReLU died: constant, all-zero features).
+DIVERGENCE_SPIKE = 10.0
+
+
+def _check_diverged(result: TrainResult, params: list[torch.Tensor], lr: float) -> None:
+    """Refuse a model that training broke (non-finite weights, or a loss that exploded and
+    never came back below where it started), before anything downstream fails on its
+    dead or exploding features."""
+    bad = sum(int((~torch.isfinite(p.detach())).sum()) for p in params)
+    if bad:
+        raise ValueError(f"training diverged: {bad} weight(s) became NaN/Inf (learning rate {lr}); "
+                         "lower the learning rate")
+    n = len(result.losses)
+    if n >= 10:
+        k = max(1, n // 10)
+        first, last, peak = result.losses[0], sum(result.losses[-k:]) / k, max(result.losses)
+        if peak > DIVERGENCE_SPIKE * first and last >= first:
+            raise ValueError(f"training diverged: the loss jumped from {first:.3g} to {peak:.3g} and ended at "
+                             f"{last:.3g} (mean of the last {k} steps), no better than it started, with learning "
+                             f"rate {lr}; lower the learning rate")
 
 
 @torch.no_grad()

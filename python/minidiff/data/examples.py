@@ -216,14 +216,21 @@ class ExampleSet:
         return f"ExampleSet({self.name!r}, {self.kind}, {shape}, {lab})"
 
 
+#: Integer labels are class indices 0..C-1; more classes than this, with far fewer of them
+#: present, is almost surely an id column or a typo, not a C-class problem.
+SPARSE_LABELS_LIMIT = 1000
+
+
 def encode_labels(values: Sequence[Any], source: str) -> tuple[torch.Tensor, list[str]]:
     """Map raw labels to int64 class indices.
 
-    Strings -> indices into the sorted unique names (strings of digits count as
-    integers). Integers (or integral floats,
-    as CSV readers produce) -> themselves, with ``class_names = [str(c) for c in
-    range(max + 1)]``. Negative, missing (None, NaN, empty string) or non-integral
-    values raise ValueError.
+    Numbers (ints, integral floats, and strings that spell them: ``"3"``, ``"3.0"``,
+    ``"-1"``, as CSV readers produce) are class indices themselves, with
+    ``class_names = [str(c) for c in range(max + 1)]``; ``3`` and ``"3.0"`` are the same
+    class. Any other strings -> indices into the sorted unique names. Negative,
+    missing (None, NaN, empty string) or non-integral numeric values raise
+    ValueError, as do integer labels that would make a huge, mostly empty class
+    range (max + 1 > 1000 classes with under a tenth of them present).
     """
     vals = list(values)
 
@@ -237,15 +244,34 @@ def encode_labels(values: Sequence[Any], source: str) -> tuple[torch.Tensor, lis
                          "remove them or drop the label column")
     if all(isinstance(v, (bool, np.bool_)) for v in vals):
         return torch.tensor([int(v) for v in vals], dtype=torch.int64), ["False", "True"]
-    if vals and all(isinstance(v, str) and re.fullmatch(r"\s*\d+\s*", v) for v in vals):
-        vals = [int(v) for v in vals]  # "3" from a CSV cell is the integer class 3
-    numeric = all(isinstance(v, (int, np.integer)) or (isinstance(v, (float, np.floating)) and float(v).is_integer())
-                  for v in vals)
-    if numeric and vals:
-        ints = [int(v) for v in vals]
+
+    def as_number(v: Any) -> float | None:
+        if isinstance(v, (bool, np.bool_)):
+            return None
+        if isinstance(v, (int, np.integer, float, np.floating)):
+            return float(v)
+        if isinstance(v, str) and re.fullmatch(r"\s*[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?\s*", v):
+            return float(v)
+        return None
+
+    nums = [as_number(v) for v in vals]
+    if vals and all(x is not None for x in nums):
+        frac = [v for v, x in zip(vals, nums) if not float(x).is_integer()]
+        if frac:
+            raise ValueError(f"{source}: labels look numeric but {len(frac)} are not whole numbers (e.g. "
+                             f"{frac[0]!r}); class labels are integers 0..C-1 or names")
+        ints = [int(x) for x in nums]
         if min(ints) < 0:
-            raise ValueError(f"{source}: integer labels must be >= 0, found {min(ints)}")
-        return torch.tensor(ints, dtype=torch.int64), [str(c) for c in range(max(ints) + 1)]
+            bad = next(v for v, i in zip(vals, ints) if i < 0)
+            raise ValueError(f"{source}: integer labels are class indices and must be >= 0, found {bad!r} "
+                             f"({sum(i < 0 for i in ints)} such label(s)); remove those examples or remap the labels")
+        top, distinct = max(ints) + 1, len(set(ints))
+        if top > SPARSE_LABELS_LIMIT and distinct * 10 < top:
+            raise ValueError(f"{source}: integer labels are class indices, but they reach {top - 1} while only "
+                             f"{distinct} distinct values occur: that would be a {top}-class problem with "
+                             f"{top - distinct} empty classes. Remap them to 0..{distinct - 1} (or write them "
+                             f"as names, e.g. 'c{top - 1}', to use them as class names)")
+        return torch.tensor(ints, dtype=torch.int64), [str(c) for c in range(top)]
     names = sorted({str(v) for v in vals})
     index = {n: i for i, n in enumerate(names)}
     return torch.tensor([index[str(v)] for v in vals], dtype=torch.int64), names

@@ -1,0 +1,107 @@
+"""Study-level bad input: each case gets a clear error naming what is wrong and how to
+fix it (regression tests for the hostile-input probe)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from minidiff.data.examples import encode_labels
+from minidiff.study.config import StudyFileError, parse_config
+
+BASE = {"data": {"source": "builtin", "name": "digits"}, "base": {"kind": "mlp"},
+        "variants": [{"name": "p", "recipe": "prune"}]}
+
+
+def _cfg(mutate):
+    d = copy.deepcopy(BASE)
+    mutate(d)
+    return parse_config(d)
+
+
+@pytest.mark.parametrize("mutate, words", [
+    (lambda d: d["base"].update(seeds=[]), ["base.seeds is empty", "seeds = [0]"]),
+    (lambda d: d["base"].update(seeds=[1, 1]), ["repeats [1]"]),
+    (lambda d: d["base"].update(seeds=[-2]), ["must be >= 0"]),
+    (lambda d: d.update(study={"seed": -1}), ["study.seed", "greater than or equal to 0"]),
+    (lambda d: d.update(metrics={"bootstrap": 0}), ["metrics.bootstrap", "100"]),
+    (lambda d: d["variants"][0].update(name="x" * 300), ["300 characters", "at most 100"]),
+    (lambda d: d.update(study={"device": "gpu0"}), ["study.device", "not a device name"]),
+])
+def test_config_errors_name_the_key(mutate, words):
+    with pytest.raises(StudyFileError) as e:
+        _cfg(mutate)
+    msg = str(e.value)
+    for w in words:
+        assert w in msg, (w, msg)
+    assert "Traceback" not in msg and "\n" not in msg
+
+
+def test_study_file_stays_valid_without_its_device():
+    # a file written for a GPU machine parses here; the run checks the device
+    cfg = _cfg(lambda d: d.update(study={"device": "cuda"}))
+    assert cfg.study.device == "cuda"
+    from minidiff.validation import check_device
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no usable CUDA device.*use 'cpu'"):
+            check_device("cuda", "device")
+    with pytest.raises(ValueError, match="meta"):
+        check_device("meta")
+
+
+@pytest.mark.parametrize("values, expect", [
+    (["3", "3.0", "1"], ([3, 3, 1], 4)),         # 3 and "3.0" are one class, numeric order
+    ([1.0, 2.0, 0], ([1, 2, 0], 3)),
+    (["b", "a", "b"], ([1, 0, 1], 2)),
+])
+def test_labels_encode_as_classes(values, expect):
+    y, names = encode_labels(values, "t")
+    assert y.tolist() == expect[0] and len(names) == expect[1]
+
+
+@pytest.mark.parametrize("values, words", [
+    (["-1", "2"], ["must be >= 0", "'-1'"]),
+    ([0, 3_000_000, 2], ["3000001-class", "Remap them to 0..2"]),
+    (["2.5", "1"], ["not whole numbers"]),
+    ([None, 1], ["have no label"]),
+])
+def test_bad_labels_are_refused(values, words):
+    with pytest.raises(ValueError) as e:
+        encode_labels(values, "labels.csv column 'label'")
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+
+
+def test_diverging_training_says_so():
+    from minidiff.compress.training import train
+    from minidiff.models import make_mlp
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(400, 16, generator=g)
+    y = (x[:, 0] * 4).long().clamp(max=3)
+    with pytest.raises(ValueError, match="training diverged.*lower the learning rate"):
+        train(make_mlp(16, [32], 4), (x, y), epochs=5, lr=50.0, seed=0)
+    r = train(make_mlp(16, [32], 4), (x, y), epochs=5, lr=1e-2, seed=0)  # a sane rate trains
+    assert r.losses[-1] < r.losses[0]
+
+
+def test_check_refuses_a_folder_and_mismatched_kinds(tmp_path):
+    from minidiff.study.check import check_study
+    with pytest.raises(StudyFileError, match="is a folder"):
+        check_study(tmp_path)
+    f = tmp_path / "s.toml"
+    f.write_text('[data]\nsource = "builtin"\nname = "chatterbot-en"\n[base]\nkind = "mlp"\n'
+                 '[[variants]]\nname = "p"\nrecipe = "prune"\n')
+    with pytest.raises(StudyFileError, match="reads tensors, but \\[data\\] holds text"):
+        check_study(f)
+    model = tmp_path / "notes.txt"
+    model.write_text("not a model")
+    f.write_text('[data]\nsource = "builtin"\nname = "digits"\n[base]\nkind = "mlp"\n'
+                 f'[[variants]]\nname = "p"\nrecipe = "model"\nmodel = {{kind = "torch", path = "{model}"}}\n')
+    with pytest.raises(StudyFileError, match="text file, not a saved model"):
+        check_study(f)
+    f.write_text('[data]\nsource = "builtin"\nname = "digits"\n[base]\nkind = "mlp"\n'
+                 '[[variants]]\nname = "p"\nrecipe = "prune"\n')
+    done = check_study(f)
+    assert any("digits" in line and "10 classes" in line for line in done)
