@@ -105,3 +105,34 @@ def test_check_refuses_a_folder_and_mismatched_kinds(tmp_path):
                  '[[variants]]\nname = "p"\nrecipe = "prune"\n')
     done = check_study(f)
     assert any("digits" in line and "10 classes" in line for line in done)
+
+
+def test_report_on_a_corrupt_cache_says_so_and_keeps_the_file(tmp_path):
+    from minidiff.study.cache import StudyCache
+    from minidiff.study.study import report_from_cache
+    cache = StudyCache(tmp_path / "cache")
+    cache.save_json("results.json", {"schema": "minidiff.results/2"})
+    f = tmp_path / "cache" / "results.json"
+    f.write_bytes(f.read_bytes()[:-3] + b"xyz")
+    with pytest.raises(ValueError, match="corrupt.*Run the study again"):
+        report_from_cache(tmp_path / "cache", tmp_path / "out")
+    assert f.exists()  # a read-only command deletes nothing
+    from minidiff.cli import main
+    assert main(["report", "--cache", str(tmp_path / "cache"), "-o", str(tmp_path / "out")]) == 2
+
+
+def test_a_rebuilt_corrupt_model_is_noted_in_the_results(tmp_path):
+    from minidiff.study.build import build_parts
+    cfg = parse_config({"data": {"source": "builtin", "name": "digits", "limit": 200},
+                        "base": {"kind": "mlp", "hidden": [16], "train": {"epochs": 1}},
+                        "variants": [{"name": "p", "recipe": "prune"}]})
+    kwargs, _ = build_parts(cfg, cache_dir=tmp_path, progress=False)
+    assert not kwargs["notes"]
+    weights = sorted((tmp_path / "built").glob("*/model.safetensors"))
+    assert weights
+    data = bytearray(weights[0].read_bytes())
+    data[-1] ^= 0xFF
+    weights[0].write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="rebuilding"):
+        kwargs, _ = build_parts(cfg, cache_dir=tmp_path, progress=False)
+    assert any("corrupt built model" in n and "rebuilt" in n for n in kwargs["notes"]), kwargs["notes"]

@@ -34,6 +34,10 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 
+class CacheCorruptionError(ValueError):
+    """A corrupt entry in a cache opened read-only (``minidiff report``), which cannot recompute it."""
+
+
 class CacheCorruptionWarning(UserWarning):
     """A cache entry failed its checksum; it is recomputed."""
 
@@ -97,9 +101,11 @@ class StudyCache:
         The cache directory (created when needed).
     """
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, *, read_only: bool = False) -> None:
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.read_only = read_only
+        if not read_only:
+            self.root.mkdir(parents=True, exist_ok=True)
         self.corrupt_entries: list[str] = []
 
     # -- generic checked files ---------------------------------------------------
@@ -118,6 +124,10 @@ class StudyCache:
         data = path.read_bytes()
         if sha256_bytes(data) != ck.read_text().strip():
             rel = str(path.relative_to(self.root))
+            if self.read_only:  # nothing here recomputes: say so, and leave the evidence in place
+                raise CacheCorruptionError(
+                    f"cache entry {rel} in {str(self.root)!r} is corrupt (checksum mismatch); it cannot be used. "
+                    "Run the study again (`minidiff run STUDY -o OUT`) to recompute it")
             warnings.warn(f"minidiff cache: {rel} is corrupt (checksum mismatch); recomputing it",
                           CacheCorruptionWarning, stacklevel=3)
             self.corrupt_entries.append(rel)

@@ -380,7 +380,7 @@ def report_from_cache(cache_dir: str | Path, out: str | Path, *, overwrite: bool
     cache_dir = Path(cache_dir)
     if not cache_dir.is_dir():
         raise ValueError(f"cache folder {str(cache_dir)!r} does not exist")
-    cache = StudyCache(cache_dir)
+    cache = StudyCache(cache_dir, read_only=True)
     res = cache.load_json("results.json")
     if res is None:
         raise ValueError(f"{str(cache_dir)!r} holds no completed study (no valid results.json); "
