@@ -92,6 +92,17 @@ def _threads(n: int) -> None:
         torch.set_num_threads(n)
 
 
+def _is_lm_study(path: str) -> bool:
+    """Whether a study file asks for a language-model study (``[study] task = "causal-lm"``)."""
+    import tomllib
+
+    from minidiff.lm.config import is_lm_study
+    try:
+        return is_lm_study(tomllib.loads(Path(path).read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return False  # the classifier path reports the file's problem with its own message
+
+
 def _overrides(cfg, args: argparse.Namespace):
     """Apply --device / --seed to a validated study file (validated again)."""
     from minidiff.study.config import parse_config
@@ -128,6 +139,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "quiet", False) or not sys.stderr.isatty():
         _quiet()
     try:
+        if args.command == "check" and _is_lm_study(args.study):
+            from minidiff.lm.config import load_lm_config
+            cfg = load_lm_config(args.study)
+            from minidiff.validation import check_device
+            check_device(args.device or cfg.study.device, "device")
+            if not args.quiet:
+                print(f"{args.study}: OK — language-model study ({cfg.study.task}), {len(cfg.variants)} variant(s): "
+                      + ", ".join(v.name for v in cfg.variants))
+            return 0
         if args.command == "check":
             from minidiff.study.check import check_study
             checks = check_study(args.study, device=args.device)
@@ -144,6 +164,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             res = report_from_cache(args.cache, args.out, overwrite=args.overwrite)
             print(f"report written: {Path(args.out) / 'report.html'} ({len(res['variants'])} variants, "
                   "from the cache; no model was run)")
+            return 0
+        if args.command == "run" and _is_lm_study(args.study):
+            _threads(args.threads)
+            from minidiff.lm.config import build_lm_study, load_lm_config
+            cfg = load_lm_config(args.study)
+            if args.device:
+                cfg.study.device = args.device
+            if args.seed is not None:
+                cfg.study.seed = args.seed
+            cache = Path(args.cache) if args.cache else Path(args.out) / "cache"
+            res = build_lm_study(cfg, cache_dir=cache).run(out=args.out)
+            from minidiff.distributed import shutdown
+            shutdown()
+            if res is not None:
+                print(res.table())
+                print(f"\nreport: {Path(args.out) / 'report.html'}\nnumbers: {Path(args.out) / 'results.json'}")
             return 0
         if args.command == "run":
             _threads(args.threads)
