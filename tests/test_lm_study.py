@@ -321,3 +321,31 @@ cka = false
     with pytest.raises(StudyFileError, match="group_sizes|unknown|Extra inputs"):
         parse_lm_config({"data": {"name": "chatterbot-en"}, "base": {}, "variants": [{"name": "a", "recipe": "int8",
                                                                                          "group_sizes": 3}]})
+
+
+def test_masked_lm_pseudo_log_likelihood(text):
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
+    from minidiff.models.loading import embedded_minilm_dir
+
+    btok = AutoTokenizer.from_pretrained(embedded_minilm_dir())
+    torch.manual_seed(0)
+    conf = BertConfig(vocab_size=len(btok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      intermediate_size=64, max_position_embeddings=64)
+    base = BertForMaskedLM(conf).eval()
+    var = _perturbed(base, 0.2)
+    st = LMStudy(base, {"v": var}, text=text, tokenizer=btok, task="masked-lm", n_ctx=12, batch_size=10,
+                 max_windows=3, cka=False)
+    w = st.windows
+    assert int(w.input_ids[0, 0]) == btok.cls_token_id and int(w.input_ids[0, -1]) == btok.sep_token_id
+    assert w.target_positions.tolist() == [7, 8, 9, 10]  # second half of the 10 text tokens
+    res = st.run().variants["v"].divergence
+    nll = []
+    with torch.no_grad():
+        for x in w.input_ids:
+            for p in w.target_positions.tolist():
+                xm = x.clone()
+                xm[p] = btok.mask_token_id
+                nll.append(-float(torch.log_softmax(base(input_ids=xm[None]).logits[0, p].double(), -1)[x[p]]))
+    assert res["ppl_base"] == pytest.approx(math.exp(sum(nll) / len(nll)), rel=1e-5)
+    assert res["n_tokens"] == 12 and res["kld"] > 0

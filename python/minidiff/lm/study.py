@@ -576,8 +576,9 @@ class LMStudy:
         through both models (a few forward passes; the base from the base file in
         that mode) to show every scored token's KLD, both models' probability of
         the correct token and their top ``explain_top_k`` candidates. Flipped
-        tokens come from the accumulator's bounded list (first in text order),
-        decoded with the text before them.
+        tokens come from the accumulator's bounded list (the first ``max_flips``
+        in text order); the ``max_flipped`` with the largest KLD among them are
+        decoded with the text around them.
         """
         from .divergence import token_divergence
 
@@ -613,7 +614,8 @@ class LMStudy:
             windows_out.append({"window": wid, "mean_kld": float(d["kld"].mean()),
                                 "flips": int((d["top1_base"] != d["top1_variant"]).sum()), "tokens": tokens})
         flips_out = []
-        for f in (divergence.get("flips") or [])[: self.max_flipped]:
+        kept = sorted(divergence.get("flips") or [], key=lambda f: -float(f.get("kld") or 0.0))
+        for f in kept[: self.max_flipped]:
             wid, pos = int(f["window_id"]), int(f["position"])
             if not 0 <= wid < w.n_windows or not 0 <= pos < w.n_ctx:
                 continue

@@ -285,7 +285,7 @@ def lm_section(res: Mapping[str, Any], plots: bool = True) -> str:
                          "<p>Scored tokens are shaded by KLD(base‖variant); outlined tokens are top-1 flips; "
                          "hover a token for both models' top candidates. Grey: unscored context.</p>")
             parts += [_window_html(w) for w in wins]
-        parts.append("<h4>Flipped tokens in context (first in text order)</h4>" + _flips_html(v.get("flipped_tokens")
+        parts.append("<h4>Flipped tokens in context (largest KLD first)</h4>" + _flips_html(v.get("flipped_tokens")
                                                                                                or []))
     parts.append("</section>")
     return "\n".join(parts)
