@@ -25,11 +25,11 @@ is enough (the statistics' uncertainties say how little that is).
 
 Masked language models are scored by **pseudo-log-likelihood** (Salazar et al.
 2020, "Masked Language Model Scoring"): the window holds ``[CLS]``, ``n_ctx - 2``
-text tokens and ``[SEP]``; the same target positions (the second half of the
-window, as above) are scored, each by a copy of the window in which only that
-token is replaced by ``[MASK]``; the logits at the masked position give the
+text tokens and ``[SEP]``; the text tokens in the second half (positions
+``first+1 .. n_ctx-2``) are scored, each by a copy of the window in which only
+that token is replaced by ``[MASK]``; the logits at the masked position give the
 model's distribution for that token. A window therefore costs
-``n_ctx - 1 - first`` forward passes (run batched, see
+``n_ctx - 2 - first`` forward passes (run batched, see
 :meth:`TokenWindows.masked_copies`), and the result is not a perplexity in the
 causal sense: "PPL" of a masked LM is ``exp(mean -log p(token | all other tokens))``.
 
