@@ -20,8 +20,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from minidiff.study.cache import StudyCache, hash_json, hash_module
-from minidiff.study.config import (CNNModel, DataConfig, HubModel, MiniLMModel, MLPModel, PathModel, SourceModel,
-                                   StudyConfig, VariantConfig, load_config)
+from minidiff.study.config import (TOOLCHAIN_RECIPES, CNNModel, DataConfig, HubModel, MiniLMModel, MLPModel,
+                                   PathModel, SourceModel, StudyConfig, VariantConfig, load_config)
 
 
 def load_data(dc: DataConfig, what: str = "data") -> Any:
@@ -195,7 +195,8 @@ class Builder:
                 m = tok_holder
                 info = self._train_head(m, hc, seed, spec.max_length)
                 name = "all-MiniLM-L6-v2" if isinstance(spec, MiniLMModel) else spec.id
-                return m, {"recipe": f"{name} + head trained on its features", **info}
+                return m, {"recipe": f"{name} + head trained on its features", "head": "trained on its features",
+                           **info}
             return self._cached(key, build, tokenizer)
         if isinstance(spec, HubModel):
             # pretrained classifiers live in the Hugging Face cache already: not copied into ours
@@ -205,7 +206,7 @@ class Builder:
             m.tokenizer = lm.tokenizer
             if m.tokenizer is None:
                 raise ValueError(f"{spec.id!r} has no tokenizer files; minidiff cannot feed it text")
-            return m.eval(), {"recipe": f"{spec.id} (pretrained classifier)"}
+            return m.eval(), {"recipe": f"{spec.id} (pretrained classifier)", "head": "its own (from its checkpoint)"}
         if isinstance(spec, SourceModel):
             return self.source_model(spec)
         if isinstance(spec, PathModel):
@@ -248,13 +249,15 @@ class Builder:
         prov = lm.provenance
         made = " ".join(str(x) for x in (prov.get("tool"), prov.get("version"), prov.get("method")) if x)
         recipe = f"{spec.kind} model {Path(spec.path).name or spec.id}" + (f", made by {made}" if made else "")
-        return m, {"recipe": recipe, "runtime": lm.runtime, "provenance": prov, "source_notes": list(lm.notes),
-                   "layer_map": dict(spec.layer_map)}
+        return m, {"recipe": recipe, "head": "its own (from its checkpoint)", "runtime": lm.runtime,
+                   "provenance": prov, "source_notes": list(lm.notes), "layer_map": dict(spec.layer_map)}
 
     # -- compressed variants ------------------------------------------------------------------
     def variant(self, vc: VariantConfig, parent: nn.Module, parent_meta: dict, seed: int) -> tuple[nn.Module, dict]:
         if vc.recipe == "model":
             return self.model(vc.model, seed)
+        if vc.recipe in TOOLCHAIN_RECIPES:
+            return self.toolchain_variant(vc, parent)
         from minidiff.compress import distill, prune, quantize
         is_text = hasattr(parent, "head") and hasattr(parent, "encoder")
         max_length = getattr(self.cfg.base, "max_length", 64)
@@ -300,11 +303,214 @@ class Builder:
             if is_text and vc.recipe != "distill":
                 if getattr(m, "tokenizer", None) is None:
                     m.tokenizer = tokenizer
-                hc = getattr(self.cfg.base, "head", None) or getattr(self.cfg.base, "train")
+                hc = self.cfg.base.head if isinstance(self.cfg.base, MiniLMModel) else self.cfg.base.train
                 info.update(self._train_head(m, hc, seed, max_length))
                 info["recipe"] += "; head retrained on its own features"
+                info["head"] = "trained on its own features"
+            elif is_text:
+                info["head"] = "its own (distilled with the student)"
             return m, info
         return self._cached(key, build, tokenizer)
+
+    # -- variants made by other toolchains ------------------------------------------------------
+    def toolchain_variant(self, vc: VariantConfig, parent: nn.Module) -> tuple[nn.Module, dict]:
+        """The base quantized by another toolchain, head included (``recipe = "ort-int8"`` or
+        ``"torchao-int8"``, see :data:`minidiff.study.config.TOOLCHAIN_RECIPES`).
+
+        * ``ort-int8``: the base (encoder and head) exported with ``torch.onnx`` (TorchScript
+          exporter, opset 17, dynamic batch and sequence axes), quantized with
+          ``onnxruntime.quantization.quantize_dynamic`` (``QInt8`` weights; activations
+          quantized per batch at run time) and loaded back with
+          :func:`minidiff.models.load_model` (``kind="onnx"``): outputs come from the
+          unmodified session, the base's layers (same module names) from a second one.
+        * ``torchao-int8``: ``torchao.quantization.quantize_`` on a copy of the base, int8
+          weight-only by default (``Int8WeightOnlyConfig``), int8 dynamic activations
+          (``Int8DynamicActivationInt8WeightConfig``) with ``int8_mode = "dynamic"``.
+
+        Every ``Linear`` is quantized, the head too, so the variant's head is the base's
+        (the model notes say so); nothing is retrained. The artefact (the ``.onnx`` file,
+        the torchao state dict) is cached under ``built/<key>``, where the key hashes the
+        recipe, the tool and torch versions and the base's exact fingerprint
+        (:func:`minidiff.models.fingerprint`); a base that cannot be fingerprinted exactly is
+        rebuilt on every run, never cached.
+        """
+        from minidiff.models.fingerprint import UnhashableModelError
+        from minidiff.models.sources._common import require, version_of
+        purpose = f"recipe {vc.recipe!r} (variant {vc.name!r})"
+        if vc.recipe == "ort-int8":
+            require("onnxruntime", purpose)
+            require("onnx", purpose)
+            tool, mode = "onnxruntime", "dynamic"
+        else:
+            require("torchao", purpose)
+            tool, mode = "torchao", vc.torchao_mode()
+        layers = self._base_layers(parent)
+        try:
+            key: str | None = hash_json({"toolchain": vc.recipe, "mode": mode, "tool": [tool, version_of(tool)],
+                                         "torch": torch.__version__, "layers": layers,
+                                         "parent": hash_module(parent)})[:32]
+        except UnhashableModelError:
+            key = None
+        if vc.recipe == "ort-int8":
+            return self._ort_int8(parent, key, layers)
+        return self._torchao_int8(parent, key, mode)
+
+    def _base_layers(self, parent: nn.Module) -> list[str]:
+        from minidiff.study.capture import auto_layers
+        cap = self.cfg.layers.capture
+        return list(cap) if cap != "auto" else auto_layers(parent)
+
+    def _export_example(self, parent: nn.Module) -> tuple[dict[str, Any], list[str], dict[str, dict[int, str]]]:
+        """Two evaluation examples as ``torch.onnx.export`` keyword inputs, their names and
+        dynamic axes (batch, and tokens for text)."""
+        if self.eval.kind == "text":
+            tok = getattr(parent, "tokenizer", None)
+            if tok is None:
+                raise ValueError("recipe 'ort-int8' exports a text model with example sentences, but the base has "
+                                 "no .tokenizer")
+            max_length = getattr(self.cfg.base, "max_length", 64)
+            enc = tok(list(self.eval.inputs[:2]), padding=True, truncation=True, max_length=max_length,
+                      return_tensors="pt")
+            names = ["input_ids", "attention_mask"]
+            return {n: enc[n] for n in names}, names, {n: {0: "batch", 1: "tokens"} for n in names}
+        x = self.eval.inputs[:2]
+        params = list(parent.parameters())
+        if params and params[0].is_floating_point():
+            x = x.to(params[0].dtype)
+        return {"input": x}, ["input"], {"input": {0: "batch"}}
+
+    def _export_ort_int8(self, parent: nn.Module, layers: list[str]) -> tuple[bytes, dict]:
+        import logging
+        import tempfile
+        import warnings
+
+        import onnx
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        from minidiff.models.sources._common import version_of
+        from minidiff.models.sources.onnx import OnnxModule, graph_module_outputs
+        kwargs, names, axes = self._export_example(parent)
+        with tempfile.TemporaryDirectory(prefix="minidiff-ort-int8-") as d:
+            f32, q8 = Path(d) / "model.onnx", Path(d) / "model-int8.onnx"
+            parent.eval()
+            try:
+                with warnings.catch_warnings(), torch.no_grad():
+                    warnings.simplefilter("ignore")  # tracer warnings about data-dependent Python values
+                    if kwargs.keys() == {"input"}:
+                        torch.onnx.export(parent, (kwargs["input"],), str(f32), input_names=names,
+                                          output_names=["logits"], dynamic_axes=axes, dynamo=False, opset_version=17)
+                    else:
+                        torch.onnx.export(parent, (), str(f32), kwargs=kwargs, input_names=names,
+                                          output_names=["logits"], dynamic_axes=axes, dynamo=False, opset_version=17)
+            except Exception as e:  # noqa: BLE001 - the exporter raises many types
+                raise ValueError(f"recipe 'ort-int8': torch.onnx.export failed for {type(parent).__name__}: "
+                                 f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+            # layer tensors are named on the float graph, whose nodes carry the torch module scopes;
+            # onnxruntime's quantizer keeps the names of the float tensors it leaves in place
+            outs, _ = graph_module_outputs(onnx.load(str(f32), load_external_data=False).graph)
+            missing = [n for n in layers if n not in outs]
+            if missing:
+                raise ValueError(f"recipe 'ort-int8': the exported graph has no output for layer(s) {missing}; "
+                                 f"module outputs found: {sorted(outs)[:12]}; set [layers] capture accordingly")
+            layer_map = {n: outs[n] for n in layers}
+            head = OnnxModule(f32, providers=["CPUExecutionProvider"], layers=layer_map, head_input=True).head_tensor
+            root = logging.getLogger()
+            level = root.level
+            root.setLevel(logging.ERROR)  # the quantizer logs a pre-processing hint at WARNING
+            try:
+                quantize_dynamic(str(f32), str(q8), weight_type=QuantType.QInt8)
+            finally:
+                root.setLevel(level)
+            data = q8.read_bytes()
+        ver = version_of("onnxruntime")
+        meta = {"recipe": f"ONNX Runtime {ver} dynamic int8 (quantize_dynamic, QInt8 weights, activations quantized "
+                          f"per batch) of the base exported with torch.onnx (torch {torch.__version__}, opset 17)",
+                "layers": layer_map, "head_input": head, "tool": "onnxruntime", "version": ver}
+        return data, meta
+
+    def _ort_int8(self, parent: nn.Module, key: str | None, layers: list[str]) -> tuple[nn.Module, dict]:
+        import shutil
+        import tempfile
+        import weakref
+
+        from minidiff.models import load_model
+        data = meta = None
+        if key is not None:
+            meta = self.cache.load_json(f"built/{key}/meta.json")
+            data = self.cache._read_checked(self.cache.root / "built" / key / "model-int8.onnx")
+        if data is None or meta is None:
+            self.built_fresh += 1
+            data, meta = self._export_ort_int8(parent, layers)
+            if key is not None:
+                self.cache._write_checked(self.cache.root / "built" / key / "model-int8.onnx", data)
+                self.cache.save_json(f"built/{key}/meta.json", meta)
+        # the session reads layers lazily from the file: a private copy lives as long as the module
+        # (the study's cache may be a temporary folder removed once the models are built)
+        tmp = Path(tempfile.mkdtemp(prefix="minidiff-ort-int8-"))
+        f = tmp / "model-int8.onnx"
+        f.write_bytes(data)
+        try:
+            lm = load_model(f, kind="onnx", task="sequence-classification", layers=meta["layers"],
+                            head_input=meta["head_input"] or False, tokenizer=getattr(parent, "tokenizer", None),
+                            providers=["CPUExecutionProvider"])
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        weakref.finalize(lm.model, shutil.rmtree, str(tmp), True)
+        prov = {**lm.provenance, "tool": "onnxruntime", "version": meta["version"], "exporter": "torch.onnx",
+                "exporter_version": torch.__version__}
+        notes = list(lm.notes) + ["dynamic int8 quantizes activations per batch, so its numbers depend on the "
+                                  "study's batch_size"]
+        return lm.model, {"recipe": meta["recipe"], "head": "the base's (exported and quantized with the model)",
+                          "runtime": lm.runtime, "provenance": prov, "source_notes": notes}
+
+    def _torchao_int8(self, parent: nn.Module, key: str | None, mode: str) -> tuple[nn.Module, dict]:
+        import copy
+        import io
+
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
+
+        from minidiff.models import load_model
+        from minidiff.models.sources._common import version_of
+        tok = getattr(parent, "tokenizer", None)
+
+        def base_copy() -> nn.Module:
+            if tok is not None:
+                parent.tokenizer = None  # not copied
+            try:
+                return copy.deepcopy(parent).eval()
+            finally:
+                if tok is not None:
+                    parent.tokenizer = tok
+        # the quantized state dict is cached (torchao's tensor classes load with weights_only=True,
+        # no pickled code); torchao's modules themselves do not pickle
+        path = None if key is None else self.cache.root / "built" / key / "torchao-state.pt"
+        meta = None if key is None else self.cache.load_json(f"built/{key}/meta.json")
+        data = None if path is None or meta is None else self.cache._read_checked(path)
+        if data is not None:
+            m = base_copy()
+            m.load_state_dict(torch.load(io.BytesIO(data), weights_only=True, map_location="cpu"), assign=True)
+            for p in m.parameters():
+                p.requires_grad_(False)
+        else:
+            self.built_fresh += 1
+            m = base_copy()
+            name = "Int8WeightOnlyConfig" if mode == "weight-only" else "Int8DynamicActivationInt8WeightConfig"
+            quantize_(m, Int8WeightOnlyConfig() if mode == "weight-only" else Int8DynamicActivationInt8WeightConfig())
+            what = "int8 weight-only" if mode == "weight-only" else "int8 weights, int8 activations per batch"
+            meta = {"recipe": f"torchao {version_of('torchao')} {what} (quantize_ with {name}, every Linear)"}
+            if path is not None:
+                buf = io.BytesIO()
+                torch.save(m.state_dict(), buf)
+                self.cache._write_checked(path, buf.getvalue())
+                self.cache.save_json(f"built/{key}/meta.json", meta)
+        if tok is not None:
+            m.tokenizer = tok
+        lm = load_model(m, kind="torch")
+        notes = [] if mode == "weight-only" else [
+            "dynamic int8 quantizes activations per batch, so its numbers depend on the study's batch_size"]
+        return lm.model.eval(), {"recipe": meta["recipe"], "head": "the base's (quantized with the model)",
+                                 "runtime": lm.runtime, "provenance": lm.provenance, "source_notes": notes}
 
 
 def build_parts(cfg: StudyConfig | str | Path, *, cache_dir: str | Path | None = None,
@@ -361,7 +567,7 @@ def build_parts(cfg: StudyConfig | str | Path, *, cache_dir: str | Path | None =
         base_meta.append(meta)
         bar.update(1)
     variants: dict[str, list[nn.Module]] = {}
-    _shown = ("recipe", "achieved_sparsity", "runtime", "provenance", "source_notes", "layer_map")
+    _shown = ("recipe", "head", "achieved_sparsity", "runtime", "provenance", "source_notes", "layer_map")
     notes_by_group: dict[str, dict] = {"base": {k: v for k, v in base_meta[0].items() if k in _shown}}
     for vc in cfg.variants:
         mods = []
@@ -375,6 +581,9 @@ def build_parts(cfg: StudyConfig | str | Path, *, cache_dir: str | Path | None =
     bar.close()
     if ctx.is_distributed and ctx.is_main:
         ctx.barrier()
+    if cache.corrupt_entries:  # rebuilt from scratch: the results must say so, not only stderr
+        notes.append(f"{len(cache.corrupt_entries)} corrupt built model(s) in the cache failed their checksum "
+                     "and were rebuilt: " + ", ".join(cache.corrupt_entries[:5]))
     tok = getattr(base[0], "tokenizer", None)
     max_length = getattr(cfg.base, "max_length", 128)
     kwargs = dict(base=base, variants=variants, data=ev, ood=ood, name=cfg.study.name, layers=cfg.layers.capture,

@@ -43,11 +43,23 @@ def auto_layers(module: nn.Module) -> list[str]:
     return [name for name, m in module.named_modules() if isinstance(m, _ACTIVATIONS)]
 
 
+def _packed(m: nn.Module) -> bool:
+    # torch.ao quantized modules keep their weights in a ``*PackedParams`` child that forward
+    # never calls: it is the parent's state, and the parent is the leaf that runs
+    return type(m).__name__.endswith("PackedParams")
+
+
 def last_parametrised_leaf(module: nn.Module) -> str:
-    """Name of the last leaf module (registration order) holding parameters or buffers."""
+    """Name of the last leaf module (registration order) holding parameters or buffers
+    (a ``torch.ao`` quantized module, whose weights sit in a packed-params child, counts as a leaf)."""
     last = ""
     for name, m in module.named_modules():
-        if name and not list(m.children()) and (list(m.parameters(recurse=False)) or list(m.buffers(recurse=False))):
+        if not name or _packed(m):
+            continue
+        kids = list(m.children())
+        if any(not _packed(c) for c in kids):
+            continue
+        if list(m.parameters(recurse=False)) or list(m.buffers(recurse=False)) or kids:
             last = name
     if not last:
         raise ValueError(f"{type(module).__name__} has no parametrised module to take the embedding from")
@@ -82,6 +94,12 @@ class Member:
         Module names whose outputs feed CKA.
     key : str
         Hash of the weights (filled by the study).
+    follows : Member, optional
+        The base member whose layer list this one mirrors (set by the study when the
+        layers are aligned, :func:`minidiff.models.align_layers`). Whether the final
+        embedding is reported as an extra layer is then the base's decision, so both
+        sides always list the same layers (a bf16 copy pools its embedding in bf16 and
+        would otherwise differ numerically from its pooled last layer).
     """
 
     name: str
@@ -92,6 +110,7 @@ class Member:
     layers: list[str] = field(default_factory=list)
     key: str = ""
     info: dict[str, Any] = field(default_factory=dict)
+    follows: "Member | None" = None
 
     def __post_init__(self) -> None:
         # None: decide per batch by identity; set by probe_layers when the embedding duplicates
@@ -146,7 +165,9 @@ class Member:
             # the embedding is a layer too, unless it is the last captured output itself
             # or (token mode) it has one row per example where the layers have one per token
             append = self.append_embedding
-            if append is None:
+            if self.follows is not None and self.follows.append_embedding is not None:
+                append = self.follows.append_embedding
+            elif append is None:
                 append = not self.layers or raw[self.layers[-1]] is not embedding
             if append and (token_mode != "tokens" or embedding.ndim == 3):
                 layers.append(pool(embedding.float(), token_mode, mask))

@@ -40,7 +40,8 @@ Format (every key except ``[data]`` and ``[base]`` is optional)::
 
     [[variants]]             # compressed versions, each made from every base seed
     name = "prune-50"
-    recipe = "prune"         # prune | prune-2:4 | int8 | distill | model
+    recipe = "prune"         # prune | prune-2:4 | int8 | distill | model, or made by another
+                             # toolchain from the base: ort-int8 | torchao-int8
     sparsity = 0.5
 
     [layers]
@@ -62,6 +63,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
+from minidiff.metrics._checks import MIN_BOOTSTRAP  # the one rule, shared with the metric functions
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 if sys.version_info >= (3, 11):
@@ -70,9 +72,6 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
-#: Fewer resamples give intervals whose ends are noise (a 95% interval from 50 resamples rests on
-#: the 1st and 49th of them) and can flip a verdict.
-MIN_BOOTSTRAP = 100
 #: Variant names become file names (CSV tables, cache folders); keep them short and portable.
 MAX_NAME_LENGTH = 100
 
@@ -236,11 +235,21 @@ ModelSpec = Annotated[Union[MLPModel, CNNModel, MiniLMModel, HubModel, PathModel
                       Field(discriminator="kind")]
 
 
+#: Recipes whose variant another toolchain makes from the base at build time (the base's head
+#: goes with it): ``ort-int8`` exports the base with ``torch.onnx`` and quantizes it with
+#: ``onnxruntime.quantization.quantize_dynamic`` (int8 weights, activations per batch);
+#: ``torchao-int8`` applies ``torchao.quantization.quantize_`` with int8 weight-only
+#: (``Int8WeightOnlyConfig``) by default, or int8 dynamic activations
+#: (``Int8DynamicActivationInt8WeightConfig``) with ``int8_mode = "dynamic"`` (runs on CPU,
+#: but several times slower than float there). See :meth:`minidiff.study.build.Builder.toolchain_variant`.
+TOOLCHAIN_RECIPES = ("ort-int8", "torchao-int8")
+
+
 class VariantConfig(_Strict):
     """``[[variants]]``: one compressed version (made from every base seed), or a separate model."""
 
     name: str
-    recipe: Literal["prune", "prune-2:4", "int8", "distill", "model"]
+    recipe: Literal["prune", "prune-2:4", "int8", "distill", "model", "ort-int8", "torchao-int8"]
     sparsity: float = Field(0.5, ge=0.0, lt=1.0)
     scope: Literal["global", "layer"] = "global"
     finetune_epochs: int = Field(0, ge=0)
@@ -269,7 +278,19 @@ class VariantConfig(_Strict):
             raise ValueError("recipe 'model' needs a [variants.model] table (kind = hub | path | mlp | ...)")
         if self.recipe != "model" and self.model is not None:
             raise ValueError(f"recipe {self.recipe!r} derives the variant from the base; remove the 'model' table")
+        if self.recipe in TOOLCHAIN_RECIPES:
+            if self.finetune_epochs:
+                raise ValueError(f"recipe {self.recipe!r} quantizes the base as it is (its head included); "
+                                 "finetune_epochs applies to minidiff's own recipes only, remove it")
+            if self.recipe == "ort-int8" and "int8_mode" in self.model_fields_set and self.int8_mode != "dynamic":
+                raise ValueError("recipe 'ort-int8' is ONNX Runtime's dynamic int8 (int8 weights, activations "
+                                 "quantized per batch); int8_mode = 'weight-only' does not apply, remove it")
         return self
+
+    def torchao_mode(self) -> str:
+        """``torchao-int8``: ``"weight-only"`` unless ``int8_mode`` was set explicitly (see
+        :data:`TOOLCHAIN_RECIPES`)."""
+        return self.int8_mode if "int8_mode" in self.model_fields_set else "weight-only"
 
 
 class LayerConfig(_Strict):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -33,7 +34,7 @@ from minidiff.validation import check_device
 from minidiff.study.analysis import THRESHOLDS, Analysis
 from minidiff.study.cache import StudyCache, hash_json, hash_module
 from minidiff.models.capture import TOKEN_MODES
-from minidiff.study.capture import Member, tensor_prepare, text_prepare
+from minidiff.study.capture import Member, auto_layers, tensor_prepare, text_prepare
 from minidiff.study.config import MetricsConfig
 from minidiff.study.results import SCHEMA, write_output
 from minidiff.results import Results
@@ -177,24 +178,60 @@ class Study:
         return text_prepare(tok, self.max_length, with_token_type_ids=is_hf_cls)
 
     def _members(self) -> tuple[dict[str, list[Member]], list[Member]]:
+        """The study's members, each variant's layers aligned with its base's.
+
+        A variant's layers are the base's, matched by :func:`minidiff.models.align_layers`
+        (the variant's ``layer_map`` model note, else module names, else position); it then
+        follows its base member in reporting the final embedding as a layer or not, so a
+        cast, quantized or exported copy lists exactly the base's layers. A variant of
+        another architecture that no rule aligns (a distilled student of other depth, with
+        no ``layer_map``) keeps its own layers: CKA compares every layer with every layer.
+
+        Each member's cache key is its exact fingerprint; a model that cannot be fingerprinted
+        exactly (:class:`~minidiff.models.fingerprint.UnhashableModelError`) gets a fresh key
+        no later run can meet, i.e. it is never read from the cache, and the study notes say so.
+        """
+        from minidiff.models.align import align_layers
+        from minidiff.models.fingerprint import UnhashableModelError
         pop = len(self.base) > 1
         layers = None if self.layers == "auto" else list(self.layers)
         groups: dict[str, list[Member]] = {}
 
-        def mk(group: str, i: int, module: nn.Module) -> Member:
+        def mk(group: str, i: int, module: nn.Module, like: Member | None = None) -> Member:
             nm = f"{group}#s{self.seeds[i]}" if pop else group
             module = module.to(self.device).eval()
+            mine = list(layers) if layers else auto_layers(module)
+            follows = None
+            if like is not None:
+                lmap = self.model_notes.get(group, {}).get("layer_map") or None
+                try:
+                    al = align_layers(like.layers, mine, layer_map=lmap,
+                                      variant_modules=[n for n, _ in module.named_modules()])
+                except ValueError as e:
+                    if lmap or layers:
+                        raise ValueError(f"variant {group!r}: {e}") from None
+                else:
+                    mine, follows = al.variant, like
             return Member(name=nm, group=group, seed=self.seeds[i], module=module,
-                          prepare=self._prepare_for(module), layers=list(layers) if layers else [])
+                          prepare=self._prepare_for(module), layers=mine, follows=follows)
         groups["base"] = [mk("base", i, m) for i, m in enumerate(self.base)]
         for g, mods in self.variants.items():
             if len(mods) == 1 and len(self.base) > 1:
-                groups[g] = [mk(g, 0, mods[0])]
+                groups[g] = [mk(g, 0, mods[0], groups["base"][0])]
             else:
-                groups[g] = [mk(g, i, m) for i, m in enumerate(mods)]
+                groups[g] = [mk(g, i, m, groups["base"][i]) for i, m in enumerate(mods)]
         allm = [m for ms in groups.values() for m in ms]
+        unhashable = []
         for m in allm:
-            m.key = hash_module(m.module)
+            try:
+                m.key = hash_module(m.module)
+            except UnhashableModelError as e:
+                m.key = f"unhashable-{uuid.uuid4().hex}"
+                unhashable.append(f"{m.name} ({e})")
+        if unhashable:
+            note = ("not cached, recomputed on every run (no exact fingerprint of the weights): "
+                    + "; ".join(unhashable))
+            self.notes = [n for n in self.notes if not n.startswith("not cached, recomputed")] + [note]
         return groups, allm
 
     def _check_classes(self, groups: dict[str, list[Member]], logits: dict[str, torch.Tensor]) -> None:
