@@ -22,11 +22,26 @@ DEFAULT_CHUNK = 1024
 
 
 def normalize_rows(x: torch.Tensor, name: str = "embeddings") -> torch.Tensor:
-    """Rows scaled to unit L2 norm; a zero row is a ValueError (its direction is undefined)."""
-    norms = x.norm(dim=1, keepdim=True)
-    zero = int((norms == 0).sum())
+    """Rows scaled to unit L2 norm; a zero row is a ValueError (its direction is undefined).
+
+    A row whose sum of squares would overflow or underflow in its dtype (float32
+    entries beyond ~1e19 or below ~1e-19) is first divided by its largest magnitude,
+    so it keeps its direction instead of becoming NaN or "all zero"; other rows are
+    divided by their norm directly.
+    """
+    if x.shape[1] == 0:
+        raise ValueError(f"{name} has no features (shape {tuple(x.shape)}); pass (examples, features) with features >= 1")
+    amax = x.abs().amax(dim=1, keepdim=True)
+    zero = int((amax == 0).sum())
     if zero:
         raise ValueError(f"{name} has {zero} all-zero row(s); cosine similarity is undefined for them")
+    norms = x.norm(dim=1, keepdim=True)
+    fi = torch.finfo(x.dtype)
+    risky = ~torch.isfinite(norms) | (norms < fi.tiny ** 0.5 * 1e3) | (amax > fi.max ** 0.5 / 1e3)
+    if bool(risky.any()):
+        scaled = x / amax
+        x = torch.where(risky, scaled, x)
+        norms = torch.where(risky, scaled.norm(dim=1, keepdim=True), norms)
     return x / norms
 
 
