@@ -217,3 +217,86 @@ def test_bad_arguments_raise_without_a_signal(ops):
         else:
             assert outcome.startswith("error: "), f"{op} / {name}: {outcome}"
             assert len(outcome) > 30, f"{op} / {name}: the message says too little: {outcome}"
+
+
+# ---- one dispatch ------------------------------------------------------------------------
+def test_eager_calls_go_through_the_registered_ops():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import minidiff
+    from minidiff.ops import cka, int8, sparse
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    p = torch.randint(0, 4, (3, 50))
+    x = torch.randn(5, 8)
+    from minidiff.quant import quantize_weight_int8
+
+    w_q, w_s = quantize_weight_int8(torch.randn(6, 8))
+    with Record():
+        minidiff.disagreement_matrix(p)
+        minidiff.modal_labels(p, num_classes=4)
+        minidiff.cie_scores(p, p[:2], num_classes=4)
+        cka.batch_terms(x, x, [0, 8], [0, 3, 8])
+        int8.int8_linear(x, w_q, w_s)
+        int8.int8_weight_only_linear(x, w_q, w_s)
+        sparse.sparse_linear(x, *sparse.to_csr(torch.randn(6, 8)))
+    for op in ("agreement_pair_counts", "agreement_modal_labels", "agreement_cie_scores", "cka_batch_terms",
+               "int8_linear_w8a8", "int8_linear_weight_only", "sparse_linear"):
+        assert f"minidiff.{op}.default" in seen, (op, seen)
+
+
+def test_backend_environment(monkeypatch):
+    from minidiff.ops import agreement, dispatch
+
+    for var in ("MINIDIFF_BACKEND", "MINIDIFF_BACKEND_AGREEMENT", "MINIDIFF_AGREEMENT_BACKEND",
+                "MINIDIFF_GPU_BACKEND", "MINIDIFF_BACKEND_INT8"):
+        monkeypatch.delenv(var, raising=False)
+    assert dispatch.requested("agreement") == "auto"
+    monkeypatch.setenv("MINIDIFF_BACKEND", "reference")
+    assert dispatch.requested("agreement") == "torch" == dispatch.requested("cka")
+    monkeypatch.setenv("MINIDIFF_BACKEND_AGREEMENT", "native")  # the family variable wins
+    assert dispatch.requested("agreement") == "native" and dispatch.requested("cka") == "torch"
+    monkeypatch.delenv("MINIDIFF_BACKEND_AGREEMENT")
+    monkeypatch.setenv("MINIDIFF_AGREEMENT_BACKEND", "triton")  # deprecated, still honoured
+    with pytest.warns(DeprecationWarning, match="MINIDIFF_BACKEND_AGREEMENT"):
+        assert dispatch.requested("agreement") == "triton"
+    monkeypatch.setenv("MINIDIFF_GPU_BACKEND", "cuda")
+    with pytest.warns(DeprecationWarning, match="MINIDIFF_BACKEND_INT8"):
+        assert dispatch.requested("int8") == "cuda"
+    monkeypatch.setenv("MINIDIFF_BACKEND_INT8", "fastest")
+    with pytest.raises(ValueError, match="MINIDIFF_BACKEND_INT8='fastest'"):
+        dispatch.requested("int8")
+    # a preference that does not apply falls back to the default order; an explicit argument is strict
+    monkeypatch.delenv("MINIDIFF_AGREEMENT_BACKEND")
+    monkeypatch.setenv("MINIDIFF_BACKEND_AGREEMENT", "triton")
+    assert dispatch.choose("agreement", ["native", "torch"]) == "native"  # "triton" is not a candidate
+    monkeypatch.delenv("MINIDIFF_BACKEND_AGREEMENT")
+    monkeypatch.setenv("MINIDIFF_BACKEND", "torch")
+    p = torch.randint(0, 4, (3, 40), dtype=torch.int32)
+    assert agreement._resolve("auto", p) == "torch"
+    assert torch.equal(agreement.modal_labels(p, 4), agreement.modal_labels_reference(p, 4))
+    with pytest.raises(ValueError, match="cannot run this call"):
+        agreement.pair_counts(p, backend="cuda")
+
+
+def test_results_do_not_depend_on_the_backend(monkeypatch):
+    from minidiff.ops import agreement, cka
+
+    g = torch.Generator().manual_seed(1)
+    p = torch.randint(0, 5, (4, 500), generator=g)
+    x, y = torch.randn(64, 12, generator=g, dtype=torch.float64), torch.randn(64, 7, generator=g, dtype=torch.float64)
+    outs = {}
+    for backend in ("native", "torch"):
+        monkeypatch.setenv("MINIDIFF_BACKEND", backend)
+        outs[backend] = (agreement.pair_counts(p, p[0]), agreement.modal_labels(p, 5),
+                         agreement.cie_scores(p, p[:2], 5), cka.batch_terms(x, y, [0, 5, 12], [0, 7]))
+    for a, b in zip(outs["native"][:3], outs["torch"][:3]):
+        assert all(torch.equal(u, v) for u, v in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)))
+    for u, v in zip(outs["native"][3], outs["torch"][3]):
+        torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-12)
