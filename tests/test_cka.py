@@ -493,3 +493,80 @@ def test_streaming_wide_layers_equals_full_data(dtype, monkeypatch):
     mixed.update([f[150:].double() for f in fa], [f[150:].double() for f in fb])
     ref = _reference_matrix([f.double() for f in fa], [f.double() for f in fb], "unbiased")
     torch.testing.assert_close(mixed.compute(), ref, atol=1e-6, rtol=0)
+
+
+# -- numerical edge cases (regressions) ---------------------------------------------------------
+def test_gram_form_large_mean_small_spread_is_not_constant(monkeypatch):
+    """The Gram form judged a layer constant from its raw sum of squares; a mean of 1e6 with a
+    spread of 1e-3 is a real signal (the feature form always said so)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(40, 6, generator=g, dtype=torch.float64)
+    y = x @ torch.randn(6, 4, generator=g, dtype=torch.float64) + 0.3 * torch.randn(40, 4, generator=g,
+                                                                                    dtype=torch.float64)
+    shifted = 1e6 + 1e-3 * x
+    monkeypatch.setattr(functional, "_gram_cost", lambda *a: 0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gram = cka(shifted, y)
+    monkeypatch.setattr(functional, "_gram_cost", lambda *a: math.inf)
+    # centring 1e6 + 1e-3 x in float64 keeps ~7 digits of x
+    assert gram == pytest.approx(cka(shifted, y), abs=1e-6) and gram == pytest.approx(cka(x, y), abs=1e-6)
+    with pytest.warns(RuntimeWarning, match="zero variance"):
+        assert math.isnan(cka(torch.full((40, 3), 1e6, dtype=torch.float64), y))
+
+
+@pytest.mark.parametrize("scale", [1e-100, 1e-30, 1e30, 1e100])
+def test_extreme_feature_scales(scale, monkeypatch):
+    """CKA is scale invariant: features at 1e-100 .. 1e100 give the same numbers, in both forms
+    and for the RBF kernel (the layers are rescaled by exact powers of two)."""
+    x, y = (torch.tensor(v) for v in _kornblith())
+    for cost in (0.0, math.inf):
+        monkeypatch.setattr(functional, "_gram_cost", lambda *a, c=cost: c)
+        assert cka(x * scale, y) == pytest.approx(0.55761, abs=5e-6)
+        assert cka(x * scale, y / scale, estimator="unbiased") == pytest.approx(0.51346, abs=5e-6)
+    assert cka(x * scale, y, kernel="rbf", threshold=0.5) == pytest.approx(0.65483, abs=5e-6)
+    if scale in (1e-30, 1e30):  # float32 features at the edge of float32's range
+        assert cka((x * scale).float(), y.float()) == pytest.approx(0.55761, abs=5e-6)
+    # the streaming accumulator does not rescale: an extreme scale is refused, never a wrong number
+    acc = CKAAccumulator([10], [10])
+    if scale in (1e-100, 1e100):
+        with pytest.raises(ValueError, match="power of two"):
+            acc.update([x * scale], [y])
+            acc.compute()
+
+
+def test_float32_streaming_bound():
+    """float32 features streamed in batches against the float64 stream: within the README's
+    1e-6 at n = 8k, with transformer-like outlier dimensions (mean 200, 60x spread)."""
+    g = torch.Generator().manual_seed(1)
+    n = 8192
+    base = torch.randn(n, 16, generator=g)
+
+    def layer(f):
+        x = f(base) @ torch.randn(16, 96, generator=g) + 0.5 * torch.randn(n, 96, generator=g)
+        x[:, :4] = x[:, :4] * 60 + 200
+        return x
+
+    fa, fb = [layer(lambda b: b) for _ in range(2)], [layer(torch.tanh) for _ in range(2)]
+    a32, a64 = CKAAccumulator([96] * 2, [96] * 2), CKAAccumulator([96] * 2, [96] * 2)
+    for s in range(0, n, 2048):
+        a32.update([t[s:s + 2048] for t in fa], [t[s:s + 2048] for t in fb])
+        a64.update([t[s:s + 2048].double() for t in fa], [t[s:s + 2048].double() for t in fb])
+    assert float((a32.compute() - a64.compute()).abs().max()) < 1e-6
+
+
+def test_rbf_with_mostly_identical_samples_warns():
+    g = torch.Generator().manual_seed(2)
+    x = torch.zeros(20, 3, dtype=torch.float64)
+    x[:4] = torch.randn(4, 3, generator=g, dtype=torch.float64)  # 16 of 20 rows identical
+    y = torch.randn(20, 2, generator=g, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="median squared pairwise distance is 0"):
+        got = cka_matrix([x, y], [y], kernel="rbf")
+    assert math.isnan(float(got[0, 0])) and float(got[1, 0]) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_huge_accumulator_is_refused_with_the_memory_formula():
+    with pytest.raises(ValueError, match=r"need .*TiB .*8 \* \(D_a \* D_b \+ sum d_a\^2 \+ sum d_b\^2\)"):
+        CKAAccumulator([10 ** 6], [10 ** 6])
+    with pytest.raises(ValueError, match=r"8 \* D\^2"):
+        CKAAccumulator([10 ** 6])

@@ -265,7 +265,10 @@ class CKAAccumulator(Accumulator):
                 for l, name in enumerate(names):
                     x = layers[l] if offs is None else layers[0][:, offs[l]:offs[l + 1]]
                     _check_finite(x, f"layer {name}")
-            raise ValueError("the shifted features overflowed float32 in the squared norms; pass float64 features")
+            raise ValueError(f"the shifted features overflow {str(za.dtype).replace('torch.', '')} in their squared "
+                             "norms (|x| beyond ~1e19 in float32, ~1e154 in float64). CKA and the similarity "
+                             "measures are invariant to scaling a layer: divide it by a power of two near its "
+                             "max |x| (exact), or use cka_matrix/similarity_matrix, which do so")
         self.shift_a, self.shift_b = shift_a, shift_b
         if not self._counted:
             self._counted = True
@@ -602,6 +605,18 @@ class CKAAccumulator(Accumulator):
                              "align_shift() with one common shift on every shard before adding states "
                              "(merge() does this by itself)")
 
+    @staticmethod
+    def _check_range(h: torch.Tensor, zero: torch.Tensor, names) -> None:
+        """HSIC(K_l, K_l) scales as |x|^4: features near 1e-80 underflow float64 to 0, near
+        1e77 overflow; refuse instead of returning a wrong ratio."""
+        bad = (~torch.isfinite(h) | (h == 0)) & ~zero
+        if bool(bad.any()):
+            which = [names[i] for i in torch.nonzero(bad).flatten().tolist()]
+            raise ValueError(f"layer(s) {', '.join(which)}: HSIC of the layer with itself (fourth powers of the "
+                             "features) under- or overflows float64; the features are at an extreme scale. CKA "
+                             "is invariant to scaling a layer: multiply it by a power of two that brings its "
+                             "values near 1 (exact), or use cka_matrix/similarity_matrix, which do so")
+
     def _cka(self) -> torch.Tensor:
         n = float(self.n)
         if self.estimator == "minibatch":
@@ -629,6 +644,9 @@ class CKAAccumulator(Accumulator):
         hab = _hsic_cross(st, n, self._ia, self.la, self._ib, self.lb, self.estimator)
         zero_a = _zero_variance(self.sx, self.na, self._ia, self.la, n)
         zero_b = zero_a if self.same else _zero_variance(self.sy, self.nb, self._ib, self.lb, n)
+        self._check_range(haa, zero_a, self.names_a)
+        if not self.same:
+            self._check_range(hbb, zero_b, self.names_b)
         return _ratio(hab, haa, hbb, zero_a, zero_b, self.names_a, self.names_b)
 
 
