@@ -59,7 +59,7 @@ def layouts(draw, a: np.ndarray):
         return t
     if kind == "transposed":
         rev = tuple(range(a.ndim - 1, -1, -1))
-    return t.permute(rev).contiguous().permute(rev)  # same values, reversed (column-major) strides
+        return t.permute(rev).contiguous().permute(rev)  # same values, reversed (column-major) strides
     wide = torch.zeros(a.shape[:-1] + (2 * a.shape[-1],), dtype=t.dtype)
     wide[..., ::2] = t
     return wide[..., ::2]
@@ -283,7 +283,10 @@ def test_int8_linear_equals_the_reference(data, m, k, n, x_scale, weight_only):
         ref = I.int8_linear_reference(x, w_q, w_s)
         mag = ref.abs()
     assert y.dtype == torch.float32 and y.shape == (m, n)
-    assert torch.all((y.double() - ref).abs() <= 1e-6 * mag + 1e-300)
+    # float32 epilogue: besides 1e-6 relative, the scale product s_x s_w may be subnormal for
+    # activations below ~1e-33, where float32 resolves only multiples of 2**-149 (times acc <= 127^2 K)
+    subnormal = 0.0 if weight_only else 2 * 127 * 127 * k * 2.0**-149
+    assert torch.all((y.double() - ref).abs() <= 1e-6 * mag + subnormal + 1e-300)
 
 
 # ---- crash-prone: corrupt arguments to the registered ops, in a child process --------------
