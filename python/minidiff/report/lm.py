@@ -143,7 +143,7 @@ def breakdown_figure(variants: Mapping[str, Any], key: str, xlabel: str, log_x: 
         ax.spines["right"].set_visible(False)
         if log_x:
             ax.set_xscale("log", base=2)
-    ax_k.set_yscale("symlog", linthresh=1e-4)
+    ax_k.set_yscale("log", nonpositive="mask")  # KLD >= 0; exact zeros (identical models) are not drawn
     if variants:
         ax_f.legend(fontsize=8, frameon=False)
     fig.tight_layout()
