@@ -220,7 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _print_summary(res: dict, out: str, seconds: float) -> None:
     print(f"\n{res.get('study', {}).get('name', 'study')} — {seconds:.0f} s")
-    chars = ["accuracy", "prediction_errors", "representation", "distribution", "adversarial"]
+    from minidiff.results import characteristics
+    chars = [key for key, _ in characteristics()]
     width = max([len(v) for v in res.get("variants", [])] + [8])
     print("  " + "variant".ljust(width) + "  " + "  ".join(c[:18].ljust(18) for c in chars))
     for v in res.get("variants", []):

@@ -246,7 +246,7 @@ class Study:
                              f"({self.data.class_names[:10]}...); check the label column and the models' heads")
 
     # -- run ------------------------------------------------------------------------
-    def run(self, out: str | Path | None = None, *, on_chunk: Any = None, overwrite: bool = False) -> dict[str, Any]:
+    def run(self, out: str | Path | None = None, *, on_chunk: Any = None, overwrite: bool = False) -> Results:
         """Run the study (resuming from the cache) and, with ``out``, write the report.
 
         ``out`` holding another study's outputs is refused unless ``overwrite=True``
@@ -259,6 +259,9 @@ class Study:
         t_all = time.perf_counter()
         timing: dict[str, float] = {}
         ctx = DistContext.from_env()
+        if out is not None and ctx.is_main:  # refuse a folder of another study before running anything
+            from minidiff.results import check_output
+            check_output(out, self.name, overwrite=overwrite)
         tmp = None
         if self.cache_dir is not None:
             cache_root = Path(self.cache_dir)
