@@ -1,6 +1,9 @@
 // minidiff._C: the CPU core. Functions take raw addresses (uintptr_t) plus
-// sizes; the Python layer (minidiff.ops) validates dtype, device, shape and
-// contiguity before calling, so bad input never reaches this code.
+// sizes; the registered ops (minidiff.ops) validate dtype, device, shape and
+// contiguity before calling. Where it is cheap the entry points check again what
+// they index memory with (CSR structure, layer offsets, class-index ranges, sizes)
+// and throw std::invalid_argument (ValueError in Python) instead of reading or
+// writing out of range.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
