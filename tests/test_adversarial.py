@@ -384,6 +384,24 @@ def test_stopwords_are_scikit_learns_list():
     assert T.stopword_set(False) == frozenset()
 
 
+def test_length_bucketed_queries(tiny_text):
+    models, data, tok = tiny_text
+    texts = list(data.inputs) + ["Hi", "Robots", "A much longer sentence about the weather in the old town square today"]
+    tm = TextModel(models["base"], tok, 64)
+    full = tm.logits(texts, 64)
+    assert tm.n_forward == 1 and tm.n_queries == len(texts)
+    tm.max_padding = 0.25
+    bucketed = tm.logits(texts, 64)
+    assert torch.allclose(bucketed, full, atol=1e-5, rtol=1e-5)  # same logits up to rounding
+    lengths = sorted(tm._token_lengths(texts))
+    chunks = tm._batches(lengths, 64)
+    assert tm.n_forward == 1 + len(chunks) > 2 and [j for c in chunks for j in c] == list(range(len(texts)))
+    for c in chunks:
+        tokens, padded = sum(lengths[j] for j in c), len(c) * lengths[c[-1]]
+        assert len(c) == 1 or 1 - tokens / padded <= 0.25
+    assert all(len(c) <= 3 for c in tm._batches(lengths, 3))
+
+
 def test_word_substitution_query_count_and_transfer_reuse(tiny_text):
     models, data, tok = tiny_text
     cfg = AdversarialConfig(attacks=["word-substitution"], word_budget=0.3, query_budget=30,

@@ -70,16 +70,27 @@ class TextModel:
     def logits(self, texts: Sequence[str], batch_size: int) -> Tensor:
         """Logits (N, C), float32 on CPU, in the order of ``texts``.
 
-        The texts are sent in batches of ``batch_size`` after sorting them by length, so
-        that each batch pads to a similar length (padding is most of the work otherwise).
+        The texts are sorted by length and sent in batches of ``batch_size``, so that each
+        batch pads to a similar length (padding is most of the work otherwise). With
+        :attr:`max_padding` set (a share in (0, 1)), texts are sorted by their length in
+        tokens and, on CPU, where a forward pass costs in proportion to its padded tokens, a
+        batch is also cut where adding the next (longer) text would make padding exceed that
+        share of its tokens (on other devices batches stay full: padding is cheap there, small
+        batches are not). Off by default: a different batch shape changes logits by rounding
+        (1 ulp), which an int8 model's per-token activation rounding can amplify into a
+        different choice between two nearly equal candidates.
         """
         texts = list(texts)
         if not texts:
             return torch.zeros((0, 0))
-        order = sorted(range(len(texts)), key=lambda i: (len(texts[i]), i))
+        if self.max_padding is None:
+            lengths = [len(t) for t in texts]
+        else:
+            lengths = self._token_lengths(texts)
+        order = sorted(range(len(texts)), key=lambda i: (lengths[i], i))
         out = []
-        for s in range(0, len(texts), batch_size):
-            ids, mask = self.encode([texts[i] for i in order[s:s + batch_size]])
+        for chunk in self._batches([lengths[i] for i in order], batch_size):
+            ids, mask = self.encode([texts[order[j]] for j in chunk])
             out.append(self.model(input_ids=ids, attention_mask=mask).float().cpu())
             self.n_queries += len(ids)
             self.n_forward += 1
@@ -87,6 +98,30 @@ class TextModel:
         result = torch.empty_like(sorted_logits)
         result[torch.tensor(order)] = sorted_logits
         return result
+
+    #: largest share of padding tokens in a CPU batch, or None for full batches (see :meth:`logits`)
+    max_padding: Optional[float] = None
+
+    def _token_lengths(self, texts: list[str]) -> list[int]:
+        tok = self.tokenizer
+        if tok is None or not getattr(tok, "is_fast", False):
+            return [len(t) for t in texts]
+        enc = tok(texts, truncation=True, max_length=self.max_length)
+        return [len(ids) for ids in enc["input_ids"]]
+
+    def _batches(self, sorted_lengths: list[int], batch_size: int) -> list[range]:
+        """Consecutive runs of the length-sorted texts, one per forward pass."""
+        cut_padding = self.max_padding is not None and torch.device(self.device).type == "cpu"
+        out, start, tokens = [], 0, 0
+        for j, n in enumerate(sorted_lengths):
+            count = j - start
+            if count and (count >= batch_size or
+                          (cut_padding and (count + 1) * n > (tokens + n) / (1.0 - self.max_padding))):
+                out.append(range(start, j))
+                start, tokens = j, 0
+            tokens += n
+        out.append(range(start, len(sorted_lengths)))
+        return out
 
     def encode_with_offsets(self, texts: Sequence[str]) -> tuple[Tensor, Tensor, Tensor]:
         """``(input_ids, attention_mask, offsets)`` with ``offsets (N, L, 2)`` the character
