@@ -349,3 +349,19 @@ def test_masked_lm_pseudo_log_likelihood(text):
                 nll.append(-float(torch.log_softmax(base(input_ids=xm[None]).logits[0, p].double(), -1)[x[p]]))
     assert res["ppl_base"] == pytest.approx(math.exp(sum(nll) / len(nll)), rel=1e-5)
     assert res["n_tokens"] == 12 and res["kld"] > 0
+
+
+def test_load_text_sources(tmp_path):
+    from minidiff.lm.windows import load_text
+
+    (tmp_path / "a.txt").write_text("plain text\nline two", encoding="utf-8")
+    (tmp_path / "b.jsonl").write_text('{"text": "first"}\n{"text": "second", "x": 1}\n', encoding="utf-8")
+    assert load_text("text", path=tmp_path / "a.txt") == "plain text\nline two"
+    assert load_text("jsonl", path=tmp_path / "b.jsonl") == "first\n\nsecond"
+    held_out, train = load_text("builtin", name="chatterbot-en"), chatterbot_text("english", "train")
+    n = [t.count("\n\n") + 1 for t in (held_out, train, chatterbot_text("english", "all"))]
+    assert n[0] + n[1] == n[2] and n[0] == -(-n[2] // 10)  # every 10th conversation held out
+    with pytest.raises(ValueError, match="unknown built-in text"):
+        load_text("builtin", name="nope")
+    with pytest.raises(ValueError, match="needs a path"):
+        load_text("jsonl")
