@@ -143,20 +143,21 @@ def test_toolchain_variants_equal_hand_computation(mlps, tmp_path):
     path = _study_file(tmp_path, [
         {"name": "ort", "recipe": "ort-int8"},
         {"name": "tao", "recipe": "torchao-int8"},
+        {"name": "tao-dyn", "recipe": "torchao-int8", "int8_mode": "dynamic"},
         {"name": "ao", "recipe": "model", "model": {"kind": "torch", "path": "ao.pt"}},
         {"name": "saved", "recipe": "model", "model": {"kind": "variant", "path": "int8-folder"}},
     ])
     st, res = _run(path, tmp_path / "cache")
     x, y = st.data.inputs, st.data.labels
     base_out = _torch_outputs(st.base[0], x)
-    for var in ("tao", "ao", "saved"):
+    for var in ("tao", "tao-dyn", "ao", "saved"):
         _check(res, var, base_out, _torch_outputs(st.variants[var][0], x), y)
     ort_mod = st.variants["ort"][0]
     tensors = [ort_mod.layer_map[n] for n in LAYERS]
     ort_out = _ort_outputs(ort_mod.path, tensors, lambda a, b: {"input": x[a:b].numpy()}, len(x))
     _check(res, "ort", base_out, ort_out, y)
     # every variant lists the base's layers, whatever wraps them
-    for var in ("ort", "tao", "ao", "saved"):
+    for var in ("ort", "tao", "tao-dyn", "ao", "saved"):
         assert np.asarray(res["representation"][var]["cka"]["matrix"]).shape == (2, 2)
     # the model notes name the tool and version, the head and the runtime
     import onnxruntime
@@ -164,10 +165,12 @@ def test_toolchain_variants_equal_hand_computation(mlps, tmp_path):
     m = res["models"]
     assert f"ONNX Runtime {onnxruntime.__version__} dynamic int8" in m["ort"]["recipe"]
     assert m["ort"]["head"].startswith("the base's") and m["tao"]["head"].startswith("the base's")
+    assert "head: the base's" in m["ort"]["recipe"] and "head: the base's" in m["tao"]["recipe"]
     assert m["ort"]["runtime"].startswith("onnxruntime") and m["ort"]["provenance"]["method"] == "dynamic int8"
     assert any("second ONNX Runtime session" in n for n in m["ort"]["source_notes"])
     assert f"torchao {torchao.__version__} int8 weight-only" in m["tao"]["recipe"]
     assert m["tao"]["provenance"]["tool"] == "torchao"
+    assert "int8 activations per batch" in m["tao-dyn"]["recipe"] and m["tao-dyn"]["source_notes"]
     assert m["ao"]["provenance"]["tool"] == "torch.ao.quantization"
     assert m["ao"]["head"] == "its own (from its checkpoint)"
     # the recipes' artefacts are cached: a rebuild from the same cache makes nothing

@@ -451,8 +451,7 @@ class Builder:
         f.write_bytes(data)
         try:
             lm = load_model(f, kind="onnx", task="sequence-classification", layers=meta["layers"],
-                            head_input=meta["head_input"] or False, tokenizer=getattr(parent, "tokenizer", None),
-                            providers=["CPUExecutionProvider"])
+                            head_input=meta["head_input"] or False, tokenizer=getattr(parent, "tokenizer", None))
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -461,7 +460,8 @@ class Builder:
                 "exporter_version": torch.__version__}
         notes = list(lm.notes) + ["dynamic int8 quantizes activations per batch, so its numbers depend on the "
                                   "study's batch_size"]
-        return lm.model, {"recipe": meta["recipe"], "head": "the base's (exported and quantized with the model)",
+        head = "the base's (exported and quantized with the model)"
+        return lm.model, {"recipe": f"{meta['recipe']}; head: {head}", "head": head,
                           "runtime": lm.runtime, "provenance": prov, "source_notes": notes}
 
     def _torchao_int8(self, parent: nn.Module, key: str | None, mode: str) -> tuple[nn.Module, dict]:
@@ -509,7 +509,8 @@ class Builder:
         lm = load_model(m, kind="torch")
         notes = [] if mode == "weight-only" else [
             "dynamic int8 quantizes activations per batch, so its numbers depend on the study's batch_size"]
-        return lm.model.eval(), {"recipe": meta["recipe"], "head": "the base's (quantized with the model)",
+        head = "the base's (quantized with the model)"
+        return lm.model.eval(), {"recipe": f"{meta['recipe']}; head: {head}", "head": head,
                                  "runtime": lm.runtime, "provenance": lm.provenance, "source_notes": notes}
 
 
