@@ -138,6 +138,16 @@ def test_study_equals_direct_computation(tok, text):
     res = st.run().variants["v"]
     direct = _direct(st, base, var).compute()
     _close(res.divergence, direct)
+    # where it hurts: details kept while streaming == both models rerun on those windows
+    assert [x["window"] for x in res.where_it_hurts] == [t["window_id"] for t in direct.top_windows[:4]]
+    st._details = {}
+    rerun, _ = st.explain("v", res.divergence)
+    for a, b in zip(res.where_it_hurts, rerun):
+        assert a["mean_kld"] == pytest.approx(b["mean_kld"], rel=1e-6) and a["flips"] == b["flips"]
+        for ta, tb in zip(a["tokens"], b["tokens"]):
+            for key in ("base_top", "variant_top"):
+                assert [c[0] for c in ta.get(key, [])] == [c[0] for c in tb.get(key, [])]
+                assert [c[1] for c in ta.get(key, [])] == pytest.approx([c[1] for c in tb.get(key, [])], rel=1e-5)
     assert res.divergence["kld"] > 1e-4  # a real difference was measured
     for key in ("by_frequency", "by_position", "by_entropy", "top_windows"):
         assert res.divergence[key] == pytest.approx(_as_plain(direct[key]))

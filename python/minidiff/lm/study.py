@@ -94,11 +94,12 @@ def logits_of(output: Any) -> torch.Tensor:
                     "return a (batch, seq, vocab) tensor or an object with .logits")
 
 
-def make_forward(model: nn.Module, keep: int | None) -> Callable[..., Any]:
+def make_forward(model: nn.Module, keep: torch.Tensor | None) -> Callable[..., Any]:
     """``forward(model, batch, **kw)`` for :func:`capture_stream`: ``input_ids`` only,
-    and only the last ``keep`` positions' logits where the model supports it."""
+    and only the logits of positions ``keep`` (a 1-D index tensor) where the model
+    supports transformers' ``logits_to_keep``."""
     hf = _accepts(model, "input_ids")
-    extra = {"logits_to_keep": keep} if keep and _accepts(model, "logits_to_keep") else {}
+    extra = {"logits_to_keep": keep} if keep is not None and _accepts(model, "logits_to_keep") else {}
 
     def forward(m: nn.Module, batch: Any, **kw: Any) -> Any:
         x = batch["input_ids"]
@@ -328,6 +329,8 @@ class LMStudy:
         self.accumulator_options = dict(accumulator_options or {})
         self.dist, self.progress, self.name, self.meta = dist, progress, name, dict(meta or {})
         self._windows: TokenWindows | None = None
+        self._best: dict[str, dict[int, float]] = {}  # variant -> window -> mean KLD (explained windows)
+        self._details: dict[str, dict[int, dict[str, Any]]] = {}
 
     # -- data --------------------------------------------------------------------
     @property
@@ -355,15 +358,17 @@ class LMStudy:
         return {"input_ids": x, "example_id": torch.arange(lo, hi)}, rows
 
     def _scored_logits(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Scored rows ``(tokens, V)`` out of ``(sequences, kept, V)`` logits (``kept``
-        may be only the last positions, see ``logits_to_keep``)."""
+        """Scored rows ``(tokens, V)`` out of ``(sequences, positions, V)`` logits: every
+        position, or (causal transformers models) only the scored ones, already in order."""
+        if logits.ndim != 3:
+            raise ValueError(f"a language model must return logits (batch, seq, vocab), got shape {tuple(logits.shape)}")
         seqs, kept, vocab = logits.shape
-        offset = self.n_ctx - kept
-        seq_idx, pos = rows // self.n_ctx, rows % self.n_ctx - offset
-        if int(pos.min()) < 0:
-            raise ValueError(f"the model returned logits for {kept} positions; scoring needs position "
-                             f"{int((rows % self.n_ctx).min())} of {self.n_ctx}")
-        return logits[seq_idx.to(logits.device), pos.to(logits.device)]
+        if self.task == "causal-lm" and kept == self.windows.n_scored:  # logits_to_keep = logit_positions
+            return logits.reshape(-1, vocab)
+        if kept != self.n_ctx:
+            raise ValueError(f"the model returned logits for {kept} positions of a {self.n_ctx}-token window; "
+                             "return every position")
+        return logits[(rows // self.n_ctx).to(logits.device), (rows % self.n_ctx).to(logits.device)]
 
     def _row_meta(self, lo: int, hi: int) -> dict[str, torch.Tensor]:
         w = self.windows
@@ -373,19 +378,60 @@ class LMStudy:
                 "positions": w.target_positions.repeat(hi - lo),
                 "token_frequency": w.token_frequency[targets]}
 
-    def _keep(self) -> int | None:
-        return self.n_ctx - self.windows.first if self.task == "causal-lm" else None
+    def _keep(self) -> torch.Tensor | None:
+        return self.windows.logit_positions if self.task == "causal-lm" else None
 
     def _new_divergence(self) -> Any:
         from minidiff.lm import TokenDivergenceAccumulator
 
         return TokenDivergenceAccumulator(**self.accumulator_options)
 
-    def _update(self, acc: Any, base_logits: torch.Tensor, var_logits: torch.Tensor,
-                meta: Mapping[str, torch.Tensor]) -> None:
+    def _update(self, variant: str, acc: Any, base_logits: torch.Tensor, var_logits: torch.Tensor,
+                meta: Mapping[str, torch.Tensor], lo: int) -> None:
         dev = base_logits.device
-        acc.update(base_logits, var_logits.to(dev), meta["targets"].to(dev), window_ids=meta["window_ids"],
+        var_logits = var_logits.to(dev)
+        n0 = int(acc.windows.shape[0])
+        acc.update(base_logits, var_logits, meta["targets"].to(dev), window_ids=meta["window_ids"],
                    positions=meta["positions"], token_frequency=meta["token_frequency"])
+        if self.explain_windows:
+            self._track(variant, acc.windows[n0:], base_logits, var_logits, meta["targets"].to(dev), lo)
+
+    def _track(self, variant: str, new_rows: torch.Tensor, base_logits: torch.Tensor, var_logits: torch.Tensor,
+               targets: torch.Tensor, lo: int) -> None:
+        """Keep the token details of the ``explain_windows`` highest-mean-KLD windows seen so
+        far, taken from the logits already in memory (no second forward pass). The window
+        means come from the accumulator's per-window sums (one row per window per update)."""
+        from .accumulator import _WINDOW_COLS
+
+        iw, i_n, ik = (_WINDOW_COLS.index(c) for c in ("window_id", "n", "kld"))
+        best = self._best.setdefault(variant, {})
+        details = self._details.setdefault(variant, {})
+        s = self.windows.n_scored
+        for row in new_rows.detach().cpu().tolist():
+            wid, mean = int(row[iw]), row[ik] / row[i_n]
+            if len(best) >= self.explain_windows:
+                worst = min(best, key=lambda k: (best[k], -k))
+                if (mean, -wid) <= (best[worst], -worst):
+                    continue
+                del best[worst]
+                details.pop(worst, None)
+            best[wid] = mean
+            r = slice((wid - lo) * s, (wid - lo + 1) * s)
+            details[wid] = self._detail(base_logits[r], var_logits[r], targets[r])
+
+    def _detail(self, base_logits: torch.Tensor, var_logits: torch.Tensor, targets: torch.Tensor) -> dict[str, Any]:
+        """Per scored token of one window: KLD, both models' p(correct), flip, top-k candidates."""
+        from .divergence import token_divergence
+
+        d = token_divergence(base_logits, var_logits.to(base_logits.dtype), targets)
+        k = min(self.explain_top_k, base_logits.shape[-1])
+        tb = base_logits.float().softmax(-1).topk(k, -1)
+        tv = var_logits.float().softmax(-1).topk(k, -1)
+        return {"kld": d["kld"].cpu().tolist(), "p_base": d["p_base"].cpu().tolist(),
+                "p_variant": d["p_variant"].cpu().tolist(),
+                "flipped": (d["top1_base"] != d["top1_variant"]).cpu().tolist(),
+                "base_top": (tb.indices.cpu().tolist(), tb.values.cpu().tolist()),
+                "variant_top": (tv.indices.cpu().tolist(), tv.values.cpu().tolist())}
 
     # -- streaming ---------------------------------------------------------------
     def stream(self, start: int = 0, stop: int | None = None) -> dict[str, dict[str, Any]]:
@@ -420,7 +466,7 @@ class LMStudy:
                 if vl.shape[-1] != vocab:
                     raise ValueError(f"variant {v!r} has a vocabulary of {vl.shape[-1]} logits, the base {vocab}; "
                                      "token-level divergence needs one vocabulary")
-                self._update(out[v]["divergence"], base_l, vl, metas[step])
+                self._update(v, out[v]["divergence"], base_l, vl, metas[step], ranges[step][0])
 
         if self.layers is None:
             import contextlib
@@ -492,7 +538,7 @@ class LMStudy:
                     base_l = bf.read((lo - start) * w.n_scored, (hi - start) * w.n_scored).to(vl.device)
                     if base_l.shape[-1] != vl.shape[-1]:
                         raise ValueError(f"variant {v!r} has {vl.shape[-1]} logits, the base file {base_l.shape[-1]}")
-                    self._update(out[v]["divergence"], base_l, vl, self._row_meta(lo, hi))
+                    self._update(v, out[v]["divergence"], base_l, vl, self._row_meta(lo, hi), lo)
         return out
 
     # -- run -----------------------------------------------------------------------
@@ -506,6 +552,7 @@ class LMStudy:
         w = self.windows
         t_tok = time.perf_counter() - t0
         start, stop = ctx.shard_range(w.n_windows, align=self._batch_windows())
+        self._best, self._details = {}, {}
         t1 = time.perf_counter()
         if self.base_file is not None:
             folder = self.base_file if ctx.world_size == 1 else self.base_file / f"rank{ctx.rank}"
@@ -572,32 +619,32 @@ class LMStudy:
     def explain(self, variant: str, divergence: Mapping[str, Any]) -> tuple[list[dict], list[dict]]:
         """Decode the highest-KLD windows and the flipped tokens of ``variant`` for the report.
 
-        Windows come from the accumulator's bounded top-window list; each is rerun
-        through both models (a few forward passes; the base from the base file in
-        that mode) to show every scored token's KLD, both models' probability of
-        the correct token and their top ``explain_top_k`` candidates. Flipped
+        Windows come from the accumulator's bounded top-window list; their token
+        details (every scored token's KLD, both models' probability of the correct
+        token and their top ``explain_top_k`` candidates) were kept while streaming
+        (:meth:`_track`); a window another rank scored is rerun through both models. Flipped
         tokens come from the accumulator's bounded list (the first ``max_flips``
         in text order); the ``max_flipped`` with the largest KLD among them are
         decoded with the text around them.
         """
-        from .divergence import token_divergence
-
         w = self.windows
         top = [int(t["window_id"]) for t in divergence.get("top_windows") or []][: self.explain_windows]
         windows_out = []
-        model = self.variants[variant]
-        bf = BaseLogprobFile.open(self.base_file) if self.base_file is not None and \
-            (self.base_file / "meta.json").is_file() else None
         scored = {int(p): j for j, p in enumerate(w.target_positions.tolist())}
+        cached = self._details.get(variant, {})
+        bf = None
         for wid in top:
-            vl = self._window_logits(model, wid, wid + 1)
-            if bf is not None:
-                bl = bf.read(wid * w.n_scored, (wid + 1) * w.n_scored).to(vl.device)
-            else:
-                bl = self._window_logits(self.base, wid, wid + 1).to(vl.device)
-            d = token_divergence(bl, vl.to(bl.dtype), w.targets[wid].to(vl.device))
-            k = min(self.explain_top_k, bl.shape[-1])
-            tb, tv = bl.float().softmax(-1).topk(k, -1), vl.float().softmax(-1).topk(k, -1)
+            det = cached.get(wid)
+            if det is None:  # scored on another rank: run both models on this one window
+                model = self.variants[variant]
+                vl = self._window_logits(model, wid, wid + 1)
+                if self.base_file is not None and bf is None and (self.base_file / "meta.json").is_file():
+                    bf = BaseLogprobFile.open(self.base_file)
+                if bf is not None and bf.meta.get("start") == 0:
+                    bl = bf.read(wid * w.n_scored, (wid + 1) * w.n_scored).to(vl.device)
+                else:
+                    bl = self._window_logits(self.base, wid, wid + 1).to(vl.device)
+                det = self._detail(bl, vl, w.targets[wid].to(vl.device))
             ids = w.input_ids[wid].tolist()
             text = self._token_text(ids)
             tokens = []
@@ -605,14 +652,13 @@ class LMStudy:
                 entry: dict[str, Any] = {"text": s, "id": tid, "scored": pos in scored}
                 if pos in scored:
                     j = scored[pos]
-                    entry.update(kld=float(d["kld"][j]), p_base=float(d["p_base"][j]),
-                                 p_variant=float(d["p_variant"][j]),
-                                 flipped=int(d["top1_base"][j]) != int(d["top1_variant"][j]),
-                                 base_top=self._candidates(tb.indices[j], tb.values[j]),
-                                 variant_top=self._candidates(tv.indices[j], tv.values[j]))
+                    entry.update(kld=det["kld"][j], p_base=det["p_base"][j], p_variant=det["p_variant"][j],
+                                 flipped=bool(det["flipped"][j]),
+                                 base_top=self._candidates(det["base_top"][0][j], det["base_top"][1][j]),
+                                 variant_top=self._candidates(det["variant_top"][0][j], det["variant_top"][1][j]))
                 tokens.append(entry)
-            windows_out.append({"window": wid, "mean_kld": float(d["kld"].mean()),
-                                "flips": int((d["top1_base"] != d["top1_variant"]).sum()), "tokens": tokens})
+            windows_out.append({"window": wid, "mean_kld": sum(det["kld"]) / len(det["kld"]),
+                                "flips": int(sum(det["flipped"])), "tokens": tokens})
         flips_out = []
         kept = sorted(divergence.get("flips") or [], key=lambda f: -float(f.get("kld") or 0.0))
         for f in kept[: self.max_flipped]:
@@ -631,8 +677,8 @@ class LMStudy:
                                               for i, p in f["variant_top3"]]})
         return windows_out, flips_out
 
-    def _candidates(self, ids: torch.Tensor, probs: torch.Tensor) -> list[list[Any]]:
-        return [[self._token_text([int(i)])[0], float(p)] for i, p in zip(ids.tolist(), probs.tolist())]
+    def _candidates(self, ids: list[int], probs: list[float]) -> list[list[Any]]:
+        return [[t, float(p)] for t, p in zip(self._token_text([int(i) for i in ids]), probs)]
 
 
 def _to(batch: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
