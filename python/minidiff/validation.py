@@ -7,7 +7,10 @@ that several entry points share, so that each exists once.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from pydantic import ValidationError
 
 
 def check_device(device: str | torch.device, where: str = "") -> torch.device:
@@ -41,3 +44,56 @@ def check_device(device: str | torch.device, where: str = "") -> torch.device:
     if dev.type == "meta":
         raise ValueError(f"{pre}the 'meta' device holds no data, so nothing can be measured on it; use 'cpu'")
     return dev
+
+
+class StudyFileError(ValueError):
+    """A study file that cannot be used; the message says which key and why."""
+
+
+_TYPE_WORDS = {
+    "int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
+    "float_type": "a number", "float_parsing": "a number", "string_type": "a string",
+    "bool_type": "true or false", "bool_parsing": "true or false", "list_type": "a list",
+    "dict_type": "a table", "model_type": "a table", "model_attributes_type": "a table",
+}
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("mlp", "cnn", "minilm", "hub", "path", "torch", "hf", "onnx", "gguf", "variant",
+                      "function-after[_name_ok(), str]") and out:
+            continue  # discriminated-union tag, not a key the user wrote
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def format_validation_error(err: ValidationError, source: str = "study file") -> str:
+    """One line per problem: ``source: key 'a.b': expected an integer, got 'x'``."""
+    lines = []
+    for e in err.errors():
+        where = _loc(tuple(e.get("loc", ())))
+        typ = e.get("type", "")
+        got = e.get("input")
+        if typ == "extra_forbidden":
+            lines.append(f"unknown key '{where}' (remove it or check its spelling)")
+        elif typ == "missing":
+            lines.append(f"missing required key '{where}'")
+        elif typ in _TYPE_WORDS:
+            lines.append(f"key '{where}': expected {_TYPE_WORDS[typ]}, got {got!r}")
+        elif typ in ("literal_error", "union_tag_invalid"):
+            exp = e.get("ctx", {}).get("expected", e.get("ctx", {}).get("expected_tags", ""))
+            lines.append(f"key '{where}': expected one of {exp}, got {got!r}")
+        elif typ == "union_tag_not_found":
+            lines.append(f"key '{where}': needs a 'kind' (mlp, cnn, minilm, hub, path, torch, hf, onnx, gguf "
+                         "or variant)")
+        else:
+            msg = e.get("msg", "").removeprefix("Value error, ")
+            if not e.get("loc"):  # a rule across keys: its message names them
+                lines.append(msg)
+                continue
+            lines.append(f"key '{where}': {msg}" + (f" (got {got!r})" if typ.startswith(("greater", "less", "too_")) else ""))
+    return f"{source}: " + "; ".join(lines)

@@ -206,7 +206,7 @@ def is_lm_study(data: dict[str, Any]) -> bool:
 
 def parse_lm_config(data: dict[str, Any], source: str = "study file") -> LMStudyConfig:
     """Validate a parsed study file; errors become one readable ``StudyFileError``."""
-    from minidiff.study.config import StudyFileError, format_validation_error
+    from minidiff.validation import StudyFileError, format_validation_error
 
     try:
         return LMStudyConfig.model_validate(data)
@@ -216,7 +216,7 @@ def parse_lm_config(data: dict[str, Any], source: str = "study file") -> LMStudy
 
 def load_lm_config(path: str | Path) -> LMStudyConfig:
     """Read and validate a TOML language-model study file."""
-    from minidiff.study.config import StudyFileError
+    from minidiff.validation import StudyFileError
 
     path = Path(path)
     try:

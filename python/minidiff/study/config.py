@@ -64,6 +64,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 from minidiff.metrics._checks import MIN_BOOTSTRAP  # the one rule, shared with the metric functions
+from minidiff.validation import StudyFileError, format_validation_error  # noqa: F401  (re-exported)
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 if sys.version_info >= (3, 11):
@@ -379,59 +380,6 @@ class StudyConfig(_Strict):
         return d
 
 
-class StudyFileError(ValueError):
-    """A study file that cannot be used; the message says which key and why."""
-
-
-_TYPE_WORDS = {
-    "int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
-    "float_type": "a number", "float_parsing": "a number", "string_type": "a string",
-    "bool_type": "true or false", "bool_parsing": "true or false", "list_type": "a list",
-    "dict_type": "a table", "model_type": "a table", "model_attributes_type": "a table",
-}
-
-
-def _loc(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part in ("mlp", "cnn", "minilm", "hub", "path", "torch", "hf", "onnx", "gguf", "variant",
-                      "function-after[_name_ok(), str]") and out:
-            continue  # discriminated-union tag, not a key the user wrote
-        else:
-            out += ("." if out else "") + str(part)
-    return out or "(top level)"
-
-
-def format_validation_error(err: ValidationError, source: str = "study file") -> str:
-    """One line per problem: ``source: key 'a.b': expected an integer, got 'x'``."""
-    lines = []
-    for e in err.errors():
-        where = _loc(tuple(e.get("loc", ())))
-        typ = e.get("type", "")
-        got = e.get("input")
-        if typ == "extra_forbidden":
-            lines.append(f"unknown key '{where}' (remove it or check its spelling)")
-        elif typ == "missing":
-            lines.append(f"missing required key '{where}'")
-        elif typ in _TYPE_WORDS:
-            lines.append(f"key '{where}': expected {_TYPE_WORDS[typ]}, got {got!r}")
-        elif typ in ("literal_error", "union_tag_invalid"):
-            exp = e.get("ctx", {}).get("expected", e.get("ctx", {}).get("expected_tags", ""))
-            lines.append(f"key '{where}': expected one of {exp}, got {got!r}")
-        elif typ == "union_tag_not_found":
-            lines.append(f"key '{where}': needs a 'kind' (mlp, cnn, minilm, hub, path, torch, hf, onnx, gguf "
-                         "or variant)")
-        else:
-            msg = e.get("msg", "").removeprefix("Value error, ")
-            if not e.get("loc"):  # a rule across keys: its message names them
-                lines.append(msg)
-                continue
-            lines.append(f"key '{where}': {msg}" + (f" (got {got!r})" if typ.startswith(("greater", "less", "too_")) else ""))
-    return f"{source}: " + "; ".join(lines)
-
-
 def parse_config(data: dict[str, Any], source: str = "study file") -> StudyConfig:
     """Validate a study dict; raise :class:`StudyFileError` naming the bad key."""
     try:
@@ -440,7 +388,7 @@ def parse_config(data: dict[str, Any], source: str = "study file") -> StudyConfi
         raise StudyFileError(format_validation_error(e, source)) from None
 
 
-def load_config(path: str | Path) -> StudyConfig:
+def load_config(path: str | Path) -> Any:
     """Read and validate a TOML study file.
 
     Relative data/model paths in the file are resolved against the file's folder.
@@ -454,6 +402,9 @@ def load_config(path: str | Path) -> StudyConfig:
         raise StudyFileError(f"{p}: not valid TOML: {e}") from None
     except UnicodeDecodeError:
         raise StudyFileError(f"{p}: not a UTF-8 text file") from None
+    from minidiff.lm.config import is_lm_study, load_lm_config
+    if is_lm_study(raw):  # one entry for every study file: a language-model study validates as one
+        return load_lm_config(p)
     cfg = parse_config(raw, source=str(p))
     base_dir = p.resolve().parent
     for dc in (cfg.data, cfg.ood):
