@@ -15,7 +15,8 @@
    model receives is counted by a forward pre-hook (passes, examples, attended tokens;
    gradient passes apart), and the stage is compared with its floor: those tokens sent
    as bare forward (or forward+backward) passes on full batches of equal-length
-   sentences, at each model's own measured tokens/s.
+   sentences, at each model's own measured tokens/s. A third run sends the queries in
+   length-bucketed batches (``TextModel.max_padding = 0.25``).
 
 Runs on CUDA when available. Prints medians (examples per second) and ratios.
 
@@ -231,10 +232,15 @@ def bench_words(dev, repeats, n_sentences, variants):
 
     rows = []
     outcome = {}
-    for ranking in ("drop-one", "gradient"):
+    for label, ranking, max_padding in (("drop-one", "drop-one", None), ("gradient", "gradient", None),
+                                        ("drop-one, pad<=25%", "drop-one", 0.25)):
         counters = {k: QueryCounter(m) for k, m in models.items()}
+        TextModel.max_padding = max_padding
         t0 = time.perf_counter()
-        res = run_adversarial(models, test, cfg, base="minilm", word_ranking=ranking)
+        try:
+            res = run_adversarial(models, test, cfg, base="minilm", word_ranking=ranking)
+        finally:
+            TextModel.max_padding = None
         t_stage = time.perf_counter() - t0
         for c in counters.values():
             c.close()
@@ -247,20 +253,20 @@ def bench_words(dev, repeats, n_sentences, variants):
         grad = sum(c.grad_examples for c in counters.values())
         passes = sum(c.passes + c.grad_passes for c in counters.values())
         padding = sum(c.padded for c in counters.values()) / max(1, sum(c.tokens for c in counters.values()))
-        rows.append((ranking, t_stage, floor, fwd, grad, passes, padding))
-        outcome[ranking] = {k: (v["success_rate"], v["mean_queries"], v["gradient"])
+        rows.append((label, t_stage, floor, fwd, grad, passes, padding))
+        outcome[label] = {k: (v["success_rate"], v["mean_queries"], v["gradient"])
                             for k, v in run["per_model"].items()}
     n_models = len(models)
-    print(f"{'word ranking':14s} {'stage s':>8s} {'floor s':>8s} {'ratio':>6s} {'fwd examples':>13s} "
+    print(f"{'word ranking':20s} {'stage s':>8s} {'floor s':>8s} {'ratio':>6s} {'fwd examples':>13s} "
           f"{'grad examples':>14s} {'passes':>7s} {'padded/attended tokens':>23s}")
     for ranking, t, fl, fwd, grad, passes, padding in rows:
-        print(f"{ranking:14s} {t:8.2f} {fl:8.2f} {t / fl:6.2f} {fwd:13d} {grad:14d} {passes:7d} {padding:23.2f}")
+        print(f"{ranking:20s} {t:8.2f} {fl:8.2f} {t / fl:6.2f} {fwd:13d} {grad:14d} {passes:7d} {padding:23.2f}")
     print(f"(transfer before this change re-queried all {n_models * (n_models - 1) * n} adversarial texts of the "
           f"other models; now only the changed ones)")
     for ranking, per in outcome.items():
         print(f"  {ranking}: " + "; ".join(f"{k} success {sr:.3f}, {mq:.1f} queries/attacked sentence "
                                            f"({how})" for k, (sr, mq, how) in per.items()))
-    d, g = rows
+    d, g, _ = rows
     print(f"gradient ranking: {g[3] + g[4]} model examples vs {d[3] + d[4]} with drop-one "
           f"({(g[3] + g[4]) / (d[3] + d[4]):.2f}x), stage time {g[1] / d[1]:.2f}x")
 
