@@ -350,3 +350,54 @@ def test_registered_ops_survive_random_arguments():
                           env={**os.environ, "MINIDIFF_FUZZ_EXAMPLES": str(examples)})
     assert proc.returncode == 0, f"child failed with return code {proc.returncode}:\n{proc.stderr[-3000:]}"
     assert '{"ok": true}' in proc.stdout
+
+
+# ---- more metrics ----------------------------------------------------------------------------
+@st.composite
+def prob_rows(draw, max_m=30, max_c=6):
+    m, c = draw(st.integers(1, max_m)), draw(st.integers(1, max_c))
+    raw = draw(hnp.arrays(np.float64, (m, c), elements=POSITIVE))
+    sums = raw.sum(1, keepdims=True)
+    assume(np.all(np.isfinite(sums)) and np.all(sums > 0))
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    p = (raw / sums).astype(dtype)
+    assume(np.all(np.abs(p.astype(np.float64).sum(1) - 1) <= 1e-3))
+    y = draw(hnp.arrays(np.int64, (m,), elements=st.integers(0, c - 1)))
+    return p, y
+
+
+@given(data=st.data(), py=prob_rows(), n_bins=st.integers(1, 20))
+def test_calibration_and_entropy_equal_the_reference(data, py, n_bins):
+    p, y = py
+    p64 = p.astype(np.float64)
+    conf, pred = p64.max(1), p64.argmax(1)
+    b = np.clip(np.ceil(conf * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
+    ece = sum(abs((pred[b == i] == y[b == i]).sum() - conf[b == i].sum()) for i in range(n_bins)) / len(y)
+    onehot = np.eye(p.shape[1])[y]
+    cal = M.calibration(data.draw(layouts(p)), y, n_bins=n_bins)
+    assert cal.ece == pytest.approx(ece, rel=1e-12, abs=1e-15)
+    assert cal.brier == pytest.approx(((p64 - onehot) ** 2).sum(1).mean(), rel=1e-12, abs=1e-15)
+    from scipy.special import entr
+
+    np.testing.assert_allclose(M.entropy(p).numpy(), entr(p64).sum(1), rtol=1e-12, atol=1e-15)
+    np.testing.assert_array_equal(M.confidence(p).numpy(), conf)
+
+
+@given(data=st.data(), pc=predictions(max_models=2))
+def test_accuracy_and_churn_equal_the_reference(data, pc):
+    p, y, c = pc
+    b, v = p[0], p[-1]
+    assert M.accuracy(data.draw(layouts(b)), y) == (b == y).mean()
+    assert M.churn(b, data.draw(layouts(v))) == (b != v).mean()
+    f = M.flips(b, v, y)
+    assert f.to_dict()  # JSON-ready
+    ci = M.accuracy_ci(b, y, n_boot=100, seed=0)
+    assert ci.accuracy == (b == y).mean() and 0 <= ci.low <= ci.high <= 1
+
+
+@given(bad=st.sampled_from([0, -3, 2.5, True, "15", np.float64(3.0)]))
+def test_integer_arguments_reject_non_integers(bad):
+    p = np.full((4, 2), 0.5)
+    y = np.zeros(4, dtype=np.int64)
+    _raises_with_message(lambda: M.calibration(p, y, n_bins=bad))
+    _raises_with_message(lambda: M.bootstrap_mean_ci([1.0, 2.0], n_boot=bad))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..accumulate import Accumulator
-from ._checks import Result, check_probs, require_labels
+from ._checks import Result, check_probs, int_scalar, require_labels
 
 __all__ = ["DEFAULT_BINS", "ReliabilityBins", "Calibration", "CalibrationChange", "bin_index", "reliability_bins",
            "ece", "brier", "calibration", "calibration_change", "CalibrationAccumulator"]
@@ -55,9 +55,7 @@ class CalibrationChange(Result):
 
 
 def _check_bins(n_bins: int) -> int:
-    if int(n_bins) < 1:
-        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
-    return int(n_bins)
+    return int_scalar(n_bins, "n_bins", lo=1)  # an integer (2.5 is a TypeError, not 2 bins)
 
 
 def bin_index(confidence: torch.Tensor, n_bins: int) -> torch.Tensor:
