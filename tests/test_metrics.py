@@ -495,3 +495,11 @@ def test_knn_ood_scores_many_ties_fall_back_to_all_candidates():
     zq = q.double() / q.double().norm(dim=1, keepdim=True)
     ref = torch.cdist(zq, zt, compute_mode="donot_use_mm_for_euclid_dist").kthvalue(30, dim=1).values
     assert torch.allclose(got, ref, rtol=0, atol=2e-7)
+
+
+def test_summaries_and_layer_correspondence_read_lists_as_float64():
+    from minidiff.metrics.summaries import quantiles
+
+    assert quantiles([0.1, 0.2, 0.3], 0.5) == 0.2  # float32 0.2 is 0.200000003
+    # float32 would round 0.30000001 to 0.3 and make the argmax a tie
+    assert M.layer_correspondence([[0.3, 0.30000001], [0.5, 0.1]]).best_for_a.tolist() == [1, 0]

@@ -14,7 +14,10 @@ import torch
 
 
 def _sample(values, name: str) -> np.ndarray:
-    v = torch.as_tensor(values).detach().to(torch.float64).cpu().numpy().reshape(-1)
+    if isinstance(values, torch.Tensor):
+        v = values.detach().to(device="cpu", dtype=torch.float64).numpy().reshape(-1)
+    else:  # lists straight to float64 (torch.as_tensor would make float32 first)
+        v = np.asarray(values, dtype=np.float64).reshape(-1)
     if v.size == 0:
         raise ValueError(f"{name}: a summary of zero values is undefined")
     if np.isnan(v).any():
