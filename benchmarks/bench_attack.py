@@ -26,6 +26,7 @@ Runs on CUDA when available. Prints medians (examples per second) and ratios.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import statistics
@@ -228,7 +229,7 @@ def bench_words(dev, repeats, n_sentences, variants):
     rates = {k: token_rates(tm, test.inputs, cfg.batch_size, repeats) for k, tm in tms.items()}
     for k, (f, b, lens) in rates.items():
         print(f"  {k}: forward {1 / f:,.0f} tokens/s, forward+backward to the embeddings "
-              f"{'n/a' if b != b else f'{1 / b:,.0f} tokens/s'} (sentences of {lens} tokens)")
+              f"{'n/a' if math.isnan(b) else f'{1 / b:,.0f} tokens/s'} (sentences of {lens} tokens)")
 
     rows = []
     outcome = {}

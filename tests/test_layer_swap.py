@@ -6,10 +6,9 @@ from __future__ import annotations
 import copy
 import warnings
 
+import minidiff
 import pytest
 import torch
-
-import minidiff
 from minidiff.compress import prune, quantize
 from minidiff.compress.variant import state_sha256
 from minidiff.localize import block_names, layer_swap, linear_names, plan, swap_modules
@@ -113,7 +112,7 @@ def test_max_examples_and_plan_stated_before(mlp, xs, caplog):
         res = layer_swap(mlp, variant, iter([xs[:30], xs[30:60], xs[60:]]), granularity="linear", max_examples=50)
     assert res.n_examples == 50 and "forward passes" in caplog.text
     with torch.no_grad():
-        churn, kl = _ref_change(mlp(xs[:50]), variant(xs[:50]))
+        _, kl = _ref_change(mlp(xs[:50]), variant(xs[:50]))
     assert res.whole_kl == pytest.approx(kl, rel=1e-9)
 
 

@@ -22,7 +22,8 @@ _EXPORTS: dict[str, str] = {
     "SwapPlan": "swap",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = ["LayerSwapResult", "SwapEffect", "SwapPlan", "block_names", "layer_swap", "linear_names", "plan",
+           "swap_modules"]
 
 
 def __getattr__(name: str) -> Any:

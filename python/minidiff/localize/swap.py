@@ -41,9 +41,9 @@ import difflib
 import logging
 import math
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -125,9 +125,8 @@ def _outermost(names: Sequence[str]) -> list[str]:
     already brings them)."""
     keep = []
     for n in names:
-        if not any(n != o and n.startswith(o + ".") for o in names):
-            if n not in keep:
-                keep.append(n)
+        if not any(n != o and n.startswith(o + ".") for o in names) and n not in keep:
+            keep.append(n)
     return keep
 
 
