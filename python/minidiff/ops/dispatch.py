@@ -132,4 +132,16 @@ def define(name: str, schema: str, impl: Callable, fake: Callable):
     _LIB.define(f"{name}{schema}")
     _LIB.impl(name, impl, "CompositeExplicitAutograd")
     torch.library.register_fake(f"minidiff::{name}", fake, lib=_LIB)
+    torch.library.register_autograd(f"minidiff::{name}", _no_backward(name), lib=_LIB)
     return getattr(torch.ops.minidiff, name).default
+
+
+def _no_backward(name: str) -> Callable:
+    """The backward of an op that has none: raise, naming the op. Without it autograd's
+    fallback warns and returns no gradient for the op's inputs, which reads as a
+    silently incomplete gradient (e.g. an int8 layer behind a residual connection)."""
+    def backward(ctx: object, *grads: torch.Tensor) -> None:
+        raise RuntimeError(f"minidiff::{name} has no backward: its integer/sparse arithmetic is not "
+                           "differentiable. Differentiate the float model instead (the adversarial "
+                           "characteristic does so with no_gradient='surrogate')")
+    return backward
