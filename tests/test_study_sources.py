@@ -316,3 +316,14 @@ def test_unsupported_format_and_missing_package_are_one_line(mlps, tmp_path, mon
     with pytest.raises(ImportError) as e:
         Study.from_config(path, progress=False)
     assert "\n" not in str(e.value) and "pip install torchao" in str(e.value)
+
+
+def test_int8_mode_defaults_survive_a_round_trip():
+    """Unset int8_mode means dynamic for int8 and weight-only for torchao-int8, also after the
+    config is dumped and parsed again (as ``minidiff demo`` does with its overrides)."""
+    cfg = parse_config({"data": {"source": "builtin", "name": "digits"}, "base": {"kind": "mlp"},
+                        "variants": [{"name": "a", "recipe": "int8"}, {"name": "b", "recipe": "torchao-int8"},
+                                     {"name": "c", "recipe": "torchao-int8", "int8_mode": "dynamic"}]})
+    again = parse_config(cfg.model_dump(mode="python"))
+    for c in (cfg, again):
+        assert [v.resolved_int8_mode() for v in c.variants] == ["dynamic", "weight-only", "dynamic"]

@@ -277,8 +277,9 @@ class Builder:
                 v = prune(parent, structure="2:4", finetune=ft, seed=seed)
                 recipe = "2:4 semi-structured magnitude pruning (50%)"
             elif vc.recipe == "int8":
-                v = quantize(parent, "int8" if vc.int8_mode == "dynamic" else "int8-weight-only", seed=seed)
-                recipe = "int8 per-channel weights" + (", per-token int8 activations" if vc.int8_mode == "dynamic" else "")
+                dynamic = vc.resolved_int8_mode() == "dynamic"
+                v = quantize(parent, "int8" if dynamic else "int8-weight-only", seed=seed)
+                recipe = "int8 per-channel weights" + (", per-token int8 activations" if dynamic else "")
             elif vc.recipe == "distill":
                 st = dict(vc.student)
                 kw: dict[str, Any] = {}
@@ -343,7 +344,7 @@ class Builder:
             tool, mode = "onnxruntime", "dynamic"
         else:
             require("torchao", purpose)
-            tool, mode = "torchao", vc.torchao_mode()
+            tool, mode = "torchao", vc.resolved_int8_mode()
         layers = self._base_layers(parent)
         try:
             key: str | None = hash_json({"toolchain": vc.recipe, "mode": mode, "tool": [tool, version_of(tool)],

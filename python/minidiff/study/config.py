@@ -254,7 +254,8 @@ class VariantConfig(_Strict):
     sparsity: float = Field(0.5, ge=0.0, lt=1.0)
     scope: Literal["global", "layer"] = "global"
     finetune_epochs: int = Field(0, ge=0)
-    int8_mode: Literal["dynamic", "weight-only"] = "dynamic"
+    int8_mode: Literal["dynamic", "weight-only"] | None = Field(
+        None, description="int8: 'dynamic' unless set; torchao-int8: 'weight-only' unless set")
     student: dict[str, Any] = Field(default_factory=dict,
                                     description="student architecture, e.g. {hidden=[32]} or {layers=3}")
     temperature: float = Field(2.0, gt=0.0)
@@ -283,15 +284,17 @@ class VariantConfig(_Strict):
             if self.finetune_epochs:
                 raise ValueError(f"recipe {self.recipe!r} quantizes the base as it is (its head included); "
                                  "finetune_epochs applies to minidiff's own recipes only, remove it")
-            if self.recipe == "ort-int8" and "int8_mode" in self.model_fields_set and self.int8_mode != "dynamic":
+            if self.recipe == "ort-int8" and self.int8_mode == "weight-only":
                 raise ValueError("recipe 'ort-int8' is ONNX Runtime's dynamic int8 (int8 weights, activations "
                                  "quantized per batch); int8_mode = 'weight-only' does not apply, remove it")
         return self
 
-    def torchao_mode(self) -> str:
-        """``torchao-int8``: ``"weight-only"`` unless ``int8_mode`` was set explicitly (see
-        :data:`TOOLCHAIN_RECIPES`)."""
-        return self.int8_mode if "int8_mode" in self.model_fields_set else "weight-only"
+    def resolved_int8_mode(self) -> str:
+        """``int8_mode`` as the recipe applies it: when unset, ``"dynamic"`` for ``int8`` and
+        ``ort-int8``, ``"weight-only"`` for ``torchao-int8`` (see :data:`TOOLCHAIN_RECIPES`)."""
+        if self.int8_mode is not None:
+            return self.int8_mode
+        return "weight-only" if self.recipe == "torchao-int8" else "dynamic"
 
 
 class LayerConfig(_Strict):
