@@ -9,8 +9,8 @@ vocabulary: the text's own tokenizer has too small a vocabulary for the shape).
   the fused token-divergence kernel, the accumulators, the where-it-hurts decoding),
   once without and once with token-level CKA of all hidden-state pairs;
 * floor: the bare forward passes of the same models over the same windows and
-  batches, ``model(input_ids=x).logits`` under ``no_grad`` (what a user's own
-  evaluation loop costs at the least).
+  batches, ``model(input_ids=x, use_cache=False).logits`` under ``no_grad`` (what a
+  user's own evaluation loop costs at the least).
 
 Rounds alternate (floor, study, study+CKA); medians over rounds. Target: the study
 within 1.2x of the floor.
@@ -61,7 +61,7 @@ def main() -> None:
             for lo in range(0, a.windows, a.batch):
                 x = ids[lo * a.n_ctx:(lo + a.batch) * a.n_ctx].reshape(-1, a.n_ctx)
                 for m in models.values():
-                    m(input_ids=x).logits
+                    m(input_ids=x, use_cache=False).logits
         return time.perf_counter() - t
 
     def study(cka: bool) -> tuple[float, dict]:

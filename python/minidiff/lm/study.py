@@ -99,7 +99,9 @@ def make_forward(model: nn.Module, keep: torch.Tensor | None) -> Callable[..., A
     and only the logits of positions ``keep`` (a 1-D index tensor) where the model
     supports transformers' ``logits_to_keep``."""
     hf = _accepts(model, "input_ids")
-    extra = {"logits_to_keep": keep} if keep is not None and _accepts(model, "logits_to_keep") else {}
+    extra: dict[str, Any] = {"logits_to_keep": keep} if keep is not None and _accepts(model, "logits_to_keep") else {}
+    if _accepts(model, "use_cache"):
+        extra["use_cache"] = False  # one pass per window: a KV cache is only copying
 
     def forward(m: nn.Module, batch: Any, **kw: Any) -> Any:
         x = batch["input_ids"]
