@@ -300,3 +300,18 @@ def test_results_do_not_depend_on_the_backend(monkeypatch):
         assert all(torch.equal(u, v) for u, v in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)))
     for u, v in zip(outs["native"][3], outs["torch"][3]):
         torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-12)
+
+
+def test_backward_through_an_op_raises_and_plain_calls_record_no_graph():
+    from minidiff.ops import int8
+    from minidiff.quant import quantize_weight_int8
+
+    w_q, w_s = quantize_weight_int8(torch.randn(6, 8))
+    x = torch.randn(3, 8, requires_grad=True)
+    y = int8.int8_linear(x, w_q, w_s)
+    assert torch.equal(y, int8.int8_linear(x.detach(), w_q, w_s))
+    with pytest.raises(RuntimeError, match="minidiff::int8_linear_w8a8 has no backward"):
+        (y.sum() + x.sum()).backward()  # a residual path alone would hide the missing gradient
+    assert int8.int8_linear(x.detach(), w_q, w_s).grad_fn is None
+    with torch.no_grad():
+        assert int8.int8_linear(x, w_q, w_s).grad_fn is None

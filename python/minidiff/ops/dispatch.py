@@ -127,21 +127,60 @@ def check_backend(backend: str, family: str, candidates: Sequence[str]) -> str:
 
 def define(name: str, schema: str, impl: Callable, fake: Callable):
     """Register ``minidiff::<name>`` with ``schema`` (arguments and returns, as in
-    ``torch.library``), its implementation and its fake; return the op overload
+    ``torch.library``), its implementation, its fake and an autograd kernel whose
+    backward raises (:func:`_autograd_kernel`); return the op overload
     ``torch.ops.minidiff.<name>.default``."""
     _LIB.define(f"{name}{schema}")
     _LIB.impl(name, impl, "CompositeExplicitAutograd")
     torch.library.register_fake(f"minidiff::{name}", fake, lib=_LIB)
-    torch.library.register_autograd(f"minidiff::{name}", _no_backward(name), lib=_LIB)
-    return getattr(torch.ops.minidiff, name).default
+    op = getattr(torch.ops.minidiff, name).default
+    _LIB.impl(name, _autograd_kernel(name, op), "Autograd")
+    return op
 
 
-def _no_backward(name: str) -> Callable:
-    """The backward of an op that has none: raise, naming the op. Without it autograd's
-    fallback warns and returns no gradient for the op's inputs, which reads as a
-    silently incomplete gradient (e.g. an int8 layer behind a residual connection)."""
-    def backward(ctx: object, *grads: torch.Tensor) -> None:
-        raise RuntimeError(f"minidiff::{name} has no backward: its integer/sparse arithmetic is not "
-                           "differentiable. Differentiate the float model instead (the adversarial "
-                           "characteristic does so with no_gradient='surrogate')")
-    return backward
+def _no_backward_message(name: str) -> str:
+    return (f"minidiff::{name} has no backward: its integer/sparse arithmetic is not "
+            "differentiable. Differentiate the float model instead (the adversarial "
+            "characteristic does so with no_gradient='surrogate')")
+
+
+class _NoBackward(torch.autograd.Function):
+    """The op's floating outputs (copies), attached to the inputs that require grad by
+    a backward that raises, naming the op. Used only when a graph is being recorded."""
+
+    @staticmethod
+    def forward(ctx, name: str, n_out: int, *tensors: torch.Tensor):
+        ctx.name = name
+        return tuple(t.clone() for t in tensors[:n_out])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(_no_backward_message(ctx.name))
+
+
+def _autograd_kernel(name: str, op) -> Callable:
+    """The op's kernel at the Autograd key. Without one, autograd's fallback warns and
+    returns no gradient for the op's inputs, which reads as a silently incomplete
+    gradient (e.g. an int8 layer behind a residual connection); with one from
+    ``torch.library.register_autograd`` every call pays for an ``autograd.Function``
+    (~50-100 us). Here a call that records no graph (no input requires grad, or grad
+    mode is off) goes straight below autograd; otherwise the floating outputs get a
+    backward that raises RuntimeError naming the op."""
+    def kernel(*args, **kwargs):
+        needs_graph = torch.is_grad_enabled() and any(
+            isinstance(a, torch.Tensor) and a.requires_grad for a in (*args, *kwargs.values()))
+        with torch._C._AutoDispatchBelowAutograd():
+            out = op(*args, **kwargs)
+        if not needs_graph:
+            return out
+        outs = out if isinstance(out, tuple) else (out,)
+        floating = [i for i, t in enumerate(outs) if t.is_floating_point()]
+        if not floating:
+            return out
+        grad_inputs = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.requires_grad]
+        marked = _NoBackward.apply(name, len(floating), *(outs[i] for i in floating), *grad_inputs)
+        result = list(outs)
+        for i, t in zip(floating, marked):
+            result[i] = t
+        return tuple(result) if isinstance(out, tuple) else result[0]
+    return kernel
