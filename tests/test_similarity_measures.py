@@ -183,13 +183,12 @@ def ref_ridge(x, y):
 
 
 def test_measures_match_definitions_on_minilm_tokens(minilm_tokens):
-    """Real activations: MiniLM token features (layers 0 and 6; 384 wide) against the same model
-    with bfloat16-rounded weights. LayerNorm outputs satisfy one linear constraint (rank 383 of
-    384), so CCA and regression take the stated ridge on model a's side; their references are the
-    ridge definitions from the augmented data matrix."""
+    """Real activations: MiniLM token features (layers 0 and 6; 384 wide; 24 sentences, ~300
+    tokens) against the same model with bfloat16-rounded weights. Fewer tokens than units (and
+    LayerNorm outputs satisfy one linear constraint), so CCA and regression take the stated
+    ridge; their references are the ridge definitions from the augmented data matrices."""
     fa, fb = minilm_tokens
     n = fa[0].shape[0]
-    assert n > 384
     with pytest.warns(RuntimeWarning, match="rank-deficient"):
         got = _streamed(fa, fb, [97, 64, 128], shards=2).compute_measures(MEASURES)
         one = _streamed(fa, fb, [n]).compute_measures(MEASURES)
@@ -208,8 +207,7 @@ def test_measures_match_definitions_on_minilm_tokens(minilm_tokens):
         assert float(got["regression"][i, j]) == pytest.approx(r2, abs=1e-7)
     # matched layers of a model and its bf16-weight copy stay close
     assert float(got["procrustes"][1, 1]) > 0.9 and float(got["svcca"][0, 0]) > 0.99
-    with pytest.warns(RuntimeWarning, match="rank-deficient"):
-        torch.testing.assert_close(similarity_matrix(fa, fb, measure="cca"), got["cca"], rtol=0, atol=1e-8)
+    torch.testing.assert_close(similarity_matrix(fa, fb, measure="procrustes"), got["procrustes"], rtol=0, atol=1e-8)
 @pytest.fixture(scope="module")
 def minilm_tokens():
     from transformers import AutoModel, AutoTokenizer
@@ -224,7 +222,7 @@ def minilm_tokens():
     with torch.no_grad():
         for p in variant.parameters():
             p.copy_(p.to(torch.bfloat16).float())
-    texts = list(load_builtin("chatterbot-en").inputs[:40])
+    texts = list(load_builtin("chatterbot-en").inputs[:24])
     batch = dict(tok(texts, padding=True, return_tensors="pt"))
     mask = batch["attention_mask"].bool()
     out = []
