@@ -406,7 +406,7 @@ def _candidates(t: torch.Tensor) -> list[str]:
         rest = [b for b in _cuda_available_backends() if b != first]
         return [first] + rest + (["torch"] if first != "torch" else [])
     if t.device.type == "cpu":
-        return ["native", "torch"] + (["triton"] if triton_available() and interpreting() else [])
+        return ["native", "torch"] + (["triton"] if interpreting() and triton_available() else [])
     return ["torch"]
 
 

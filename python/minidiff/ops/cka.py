@@ -132,7 +132,7 @@ def _batch_terms_triton(x: torch.Tensor, y: torch.Tensor, offs_x: list[int], off
 def _candidates(device: torch.device) -> list[str]:
     """Backends that can run ``cka_batch_terms`` on ``device``, default first."""
     if device.type == "cpu":
-        return ["native"] + (["triton"] if triton_available() and interpreting() else []) + ["torch"]
+        return ["native"] + (["triton"] if interpreting() and triton_available() else []) + ["torch"]
     return (["triton"] if triton_available() else []) + ["torch"]
 
 
