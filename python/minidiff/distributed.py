@@ -5,7 +5,8 @@ shards the examples into K contiguous blocks (rank r gets block r), runs every
 model on its block, then synchronises every :class:`~minidiff.accumulate.Accumulator`
 from the reductions its states declare: ``"sum"``/``"max"``/``"min"`` with
 ``all_reduce``, ``"cat"`` with an ``all_gather`` of variable-length blocks in
-rank order, which is example order. Rank 0 then writes exactly what a single
+rank order, which is example order, and a callable reduction applied to every
+rank's state stacked in rank order. Rank 0 then writes exactly what a single
 process would. Without ``torchrun`` (no ``WORLD_SIZE`` in the environment) the
 context is a single process and every call is a no-op.
 

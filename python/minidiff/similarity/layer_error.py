@@ -28,6 +28,10 @@ from minidiff.similarity.inputs import _as_features, _layer_list, _names
 ERROR_KEYS = ("rel_error", "sqnr_db", "cosine", "max_abs")
 
 
+def _layer_names(names, count: int) -> list[str]:
+    return [str(i) for i in range(count)] if names is None else _names(names, count, "")
+
+
 def _pairs(batch_a, batch_b, dims: Sequence[int] | None, names: Sequence[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     la, lb = _layer_list(batch_a, "a"), _layer_list(batch_b, "b")
     if len(la) != len(lb):
@@ -97,7 +101,7 @@ def layer_error(layers_a, layers_b, *, names: Sequence[str] | None = None) -> di
     float64 tensor.
     """
     la = _layer_list(layers_a, "a")
-    names = _names(names, len(la), "layer")
+    names = _layer_names(names, len(la))
     pairs = _pairs(la, layers_b, None, names)
     sums = [_batch_sums(x, y) for x, y in pairs]
     stacked = [torch.stack([s[k].cpu() for s in sums]) for k in range(5)]
@@ -128,7 +132,7 @@ class LayerErrorAccumulator(Accumulator):
             raise ValueError(f"dims must be a sequence of layer widths, got {dims!r}") from exc
         if not self.dims or any(d <= 0 for d in self.dims):
             raise ValueError(f"dims must be a non-empty sequence of positive layer widths, got {self.dims}")
-        self.names = _names(names, len(self.dims), "layer")
+        self.names = _layer_names(names, len(self.dims))
         device = torch.device("cpu") if device is None else torch.device(device)
         z = torch.zeros(len(self.dims), dtype=torch.float64, device=device)
         for name in ("sig", "err", "cos", "count"):
