@@ -126,9 +126,46 @@ class PredictionErrorsEntry(Entry):
     epsilon: Optional[float] = None
 
 
+class SimilarityProfile(Record):
+    """Second-order similarity of matched layers (``[metrics] similarity``), mean over the
+    seed pairs. ``profile[measure][i]`` compares base layer ``layers[i]`` with the variant's
+    ``matched_layers[i]`` (``matched_by``: ``"position"`` for aligned layers, else
+    ``"cka_correspondence"``); ``matrices`` (layers x ``layers_variant``) only with
+    ``similarity_heatmaps``."""
+
+    measures: list[str] = []
+    matched_by: str = "position"
+    layers: list[str] = []
+    matched_layers: list[str] = []
+    pairs: Optional[int] = None
+    profile: dict[str, list[float]] = {}
+    matrices: Optional[dict[str, list[list[float]]]] = None
+    layers_variant: Optional[list[str]] = None
+
+
+class LayerErrorStats(Record):
+    """Per-layer error of matched layers (:func:`minidiff.layer_error`), pooled over the seed
+    pairs: one value per layer in ``layers``. SQNR is ``+inf`` where a layer is unchanged.
+    ``first_below`` (absent when no layer is) is the first layer whose SQNR is below
+    ``threshold_db``; ``samples`` counts rows per pair (tokens in token mode)."""
+
+    layers: list[str] = []
+    rel_error: list[float] = []
+    sqnr_db: list[float] = []
+    cosine: list[float] = []
+    max_abs: list[float] = []
+    samples: Optional[int] = None
+    pairs: Optional[int] = None
+    threshold_db: Optional[float] = None
+    below_threshold: list[str] = []
+    first_below: Optional[str] = None
+
+
 class RepresentationEntry(Entry):
     cka: Optional[dict[str, Any]] = None
     knn_overlap: Optional[dict[str, Any]] = None
+    similarity: Optional[Union[SimilarityProfile, NotComputed]] = None
+    layer_error: Optional[Union[LayerErrorStats, NotComputed]] = None
 
 
 class DistributionEntry(Entry):
@@ -262,20 +299,40 @@ class RepresentationSection(Section):
     key = "representation"
     title = "Data representation"
     Entry = RepresentationEntry
-    description = ("Layer-by-layer CKA (Kornblith et al. 2019; unbiased HSIC, Song et al. 2012) and "
-                   "k-nearest-neighbour overlap of final embeddings (Rai et al. 2024).")
+    description = ("Layer-by-layer CKA (Kornblith et al. 2019; unbiased HSIC, Song et al. 2012), "
+                   "k-nearest-neighbour overlap of final embeddings (Rai et al. 2024), and where the "
+                   "variant diverges: per-layer SQNR and relative error of matched layers and the "
+                   "matched-layer profile of CCA, SVCCA, Procrustes and regression measures "
+                   "(Klabunde et al. 2023).")
 
     def frames(self) -> dict[str, pd.DataFrame]:
+        """``representation`` (one row per variant), ``cka_<variant>`` (layer x layer),
+        ``layer_error_<variant>`` and ``similarity_<variant>`` (one row per layer)."""
         rows = [{"variant": v, "cka_final": _num(_g(r, "cka", "final")),
                  "cka_reference_final": _num(_g(r, "cka", "reference_final")),
                  "knn_overlap_mean": _num(_g(r, "knn_overlap", "mean")), "knn_k": _num(_g(r, "knn_overlap", "k")),
-                 "knn_overlap_reference": _num(_g(r, "knn_overlap", "reference_mean"))} for v, r in self.items()]
+                 "knn_overlap_reference": _num(_g(r, "knn_overlap", "reference_mean")),
+                 "sqnr_threshold_db": _num(_g(r, "layer_error", "threshold_db")),
+                 "first_layer_below_sqnr": _g(r, "layer_error", "first_below") or "",
+                 "sqnr_db_min": _min(_g(r, "layer_error", "sqnr_db"))} for v, r in self.items()]
         out = {self.key: pd.DataFrame(rows)}
         for var, e in self.items():
             cka = e.get("cka") if hasattr(e, "get") else None
             if cka and cka.get("matrix"):
                 out[f"cka_{var}"] = pd.DataFrame(cka["matrix"], index=pd.Index(cka["layers_base"], name="base_layer"),
                                                  columns=cka["layers_variant"]).map(_num)
+            le = e.get("layer_error") if hasattr(e, "get") else None
+            if le and le.get("layers"):
+                below = set(le.get("below_threshold") or [])
+                out[f"layer_error_{var}"] = pd.DataFrame(
+                    {"layer": le["layers"], **{k: [_num(x) for x in le[k]] for k in
+                                               ("rel_error", "sqnr_db", "cosine", "max_abs")},
+                     "below_threshold": [n in below for n in le["layers"]]})
+            sim = e.get("similarity") if hasattr(e, "get") else None
+            if sim and sim.get("layers"):
+                out[f"similarity_{var}"] = pd.DataFrame(
+                    {"layer": sim["layers"], "matched_layer": sim.get("matched_layers") or [""] * len(sim["layers"]),
+                     **{m: [_num(x) for x in vals] for m, vals in (sim.get("profile") or {}).items()}})
         return out
 
 
@@ -369,6 +426,12 @@ def _g(d: Any, *path: str) -> Any:
             return None
         d = get(p)
     return d
+
+
+def _min(xs: Any) -> Any:
+    """The smallest defined number of a list (NaN when there is none)."""
+    vals = [f for f in (as_float(x) for x in (xs or [])) if f is not None and not math.isnan(f)]
+    return min(vals) if vals else math.nan
 
 
 def _num(x: Any) -> Any:

@@ -126,6 +126,7 @@ class Analysis:
         # streamed statistics (minidiff.study.characteristics): computed once, read by every section
         self._agreement = None
         self._member_stats: dict[str, dict[str, Any]] = {}
+        self._pair_stats: dict[str, dict[str, Any]] = getattr(stats, "pair_stats", None) or {}
         if stats is not None:
             if "agreement" in stats.study_stats:
                 self._agreement = (stats.study_stats["agreement"].compute(),
@@ -333,6 +334,10 @@ class Analysis:
                 out["cka"]["reference_final"] = float(self.cka[f"{ref[0]}~{ref[1]}"][-1, -1])
         else:
             sk["cka"] = "no layer representations were captured for this variant"
+        for key, fn in (("similarity", self._similarity), ("layer_error", self._layer_error)):
+            got = self._try(sk, key, lambda fn=fn: fn(pairs))
+            if got is not None:
+                out[key] = got
         k = self.cfg.knn_k
         n = next(iter(self.emb.values())).shape[0]
         if n > k + 1:
@@ -346,6 +351,81 @@ class Analysis:
         else:
             sk["knn_overlap"] = f"needs more than k + 1 = {k + 1} examples, got {n}"
         out["skipped"] = sk
+        return out
+
+    def _matched(self, a: str, b: str) -> tuple[list[int], str]:
+        """For each of ``a``'s layers, the index of ``b``'s layer it is compared with, and how:
+        by position when the study aligned ``b``'s layers with ``a``'s (same count), else the
+        best CKA match (:func:`minidiff.metrics.layer_correspondence`)."""
+        la, lb = self.layer_names[a], self.layer_names[b]
+        if len(la) == len(lb):
+            return list(range(len(la))), "position"
+        m = self.cka.get(f"{a}~{b}")
+        if m is None:
+            raise MetricSkipped("similarity", "the layers differ in number and no CKA matrix matches them")
+        corr = layer_correspondence(torch.from_numpy(np.asarray(m, dtype=float)), la, lb)
+        return corr.best_for_a.tolist(), "cka_correspondence"  # -1: no match (an all-NaN row)
+
+    def _similarity(self, pairs: list[tuple[str, str]]) -> dict[str, Any]:
+        """The matched-layer profile of every measure in ``[metrics] similarity``, mean over the
+        seed pairs, from each pair's streamed CKA statistics (``CKAAccumulator.compute_measures``:
+        no second pass over the data); with ``similarity_heatmaps`` also the full matrices."""
+        measures = list(self.cfg.similarity)
+        if not measures:
+            raise MetricSkipped("similarity", "no measure chosen ([metrics] similarity = [])")
+        accs = [self._pair_stats.get(f"{a}~{b}", {}).get("cka") for a, b in pairs]
+        if any(acc is None for acc in accs):
+            why = ("the second-order measures come from the streamed linear-kernel statistics; "
+                   f"cka_kernel = {self.cfg.cka_kernel!r} keeps only the first rows"
+                   if self.cfg.cka_kernel != "linear" else "no layer representations were captured for this variant")
+            raise MetricSkipped("similarity", why)
+        rest = [m for m in measures if m != "cka"]
+        per_pair = []
+        for (a, b), acc in zip(pairs, accs):
+            got = {k: v.double().cpu().numpy() for k, v in acc.compute_measures(rest).items()} if rest else {}
+            if "cka" in measures:
+                got["cka"] = self.cka[f"{a}~{b}"]  # the matrix of the cka entry (same numbers as compute("cka"))
+            per_pair.append(got)
+        mats = {m: np.mean([p[m] for p in per_pair], axis=0) for m in measures}
+        a0, b0 = pairs[0]
+        idx, how = self._matched(a0, b0)
+        la, lb = self.layer_names[a0], self.layer_names[b0]
+        out: dict[str, Any] = {"measures": measures, "matched_by": how, "layers": la,
+                               "matched_layers": [lb[j] if j >= 0 else "" for j in idx], "pairs": len(pairs),
+                               "profile": {m: [float(mats[m][i, j]) if j >= 0 else math.nan for i, j in enumerate(idx)]
+                                           for m in measures}}
+        if self.cfg.similarity_heatmaps:
+            out["matrices"] = {m: mats[m].tolist() for m in measures}
+            out["layers_variant"] = lb
+        return out
+
+    def _layer_error(self, pairs: list[tuple[str, str]]) -> dict[str, Any]:
+        """Per-layer error of the matched layers (:func:`minidiff.layer_error`) over every seed
+        pair's samples together: the pairs' streamed sums are merged, so SQNR and relative error
+        pool signal and error power over all pairs, cosine averages over all samples (tokens in
+        token mode) and the max is over all. Names the first layer whose SQNR falls below
+        ``[metrics] sqnr_threshold_db`` (:func:`minidiff.similarity.layer_error.first_below`)."""
+        from minidiff.similarity import LayerErrorAccumulator
+        from minidiff.similarity.layer_error import first_below
+        accs = [self._pair_stats.get(f"{a}~{b}", {}).get("layer_error") for a, b in pairs]
+        if any(acc is None for acc in accs):
+            raise MetricSkipped("layer_error", "no layer representations were captured for this variant")
+        for acc in accs:
+            if not isinstance(acc, LayerErrorAccumulator):
+                acc.compute()  # NotApplicable: raises MetricSkipped with its reason
+        names = self.layer_names[pairs[0][0]]
+        total = LayerErrorAccumulator(accs[0].dims, names=names)
+        for acc in accs:
+            total.merge(acc)
+        res = {k: v.tolist() for k, v in total.compute().items()}  # +inf SQNR (identical layer) kept
+        thr = float(self.cfg.sqnr_threshold_db)
+        sq = torch.tensor(res["sqnr_db"], dtype=torch.float64)
+        out: dict[str, Any] = {"layers": names, **res, "samples": int(total.count[0]), "pairs": len(pairs),
+                               "threshold_db": thr,
+                               "below_threshold": [n for n, x in zip(names, res["sqnr_db"]) if x < thr]}
+        first = first_below(sq, thr, names)
+        if first is not None:
+            out["first_below"] = first
         return out
 
     def _ood_flags(self, member: str) -> Any:

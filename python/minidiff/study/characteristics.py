@@ -15,8 +15,15 @@ pair, the seed-to-seed reference included).
 ``"member"``: one accumulator per model (calibration bins, predicted-class
 histogram).
 ``"pair"``: one per compared (base, variant) pair, fed the captured layers
-(CKA statistics). Only these hold state that cannot be rebuilt from the cached
-per-example outputs, so only these are stored in the cache after each chunk.
+(CKA statistics, per-layer error). Only these hold state that cannot be rebuilt
+from the cached per-example outputs, so only these are stored in the cache after
+each chunk.
+
+A statistic that does not apply to a pair (per-layer error between layers of
+different widths) builds a :class:`NotApplicable` in its place: it holds no state,
+ignores every batch, and its ``compute()`` raises
+:class:`~minidiff.metrics._checks.MetricSkipped` with the reason, which the
+analysis reports under ``skipped``.
 """
 
 from __future__ import annotations
@@ -74,6 +81,29 @@ class StreamStat:
     needs_labels: bool = False
 
 
+class NotApplicable(Accumulator):
+    """Stands in for a statistic that does not apply to a pair; ``compute()`` says why.
+
+    It declares no state, so caching, resuming, merging and distributed sync treat it
+    like any accumulator (with nothing to store or reduce).
+    """
+
+    def __init__(self, metric: str, reason: str) -> None:
+        super().__init__()
+        self.metric = metric
+        self.reason = reason
+
+    def config(self) -> dict:
+        return {"metric": self.metric, "reason": self.reason}
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        """Ignore the batch (nothing is measured)."""
+
+    def compute(self) -> Any:
+        from minidiff.metrics._checks import MetricSkipped
+        raise MetricSkipped(self.metric, self.reason)
+
+
 def _agreement(setup: StatSetup) -> Accumulator:
     from minidiff.agreement import AgreementAccumulator
 
@@ -116,12 +146,33 @@ def _feed_cka(acc: Any, b: StatBatch) -> None:
     acc.update(b.layers[0], b.layers[1])
 
 
+def _layer_error(setup: StatSetup) -> Accumulator:
+    """Per-layer error (:class:`minidiff.LayerErrorAccumulator`) when the two members'
+    captured layers match one to one in width: a variant of the base's architecture
+    (pruned, quantized, cast, or an external model whose layers were matched by name)
+    gets the base's aligned layer list. Other pairs get a :class:`NotApplicable`."""
+    wa, wb = tuple(setup.widths_a), tuple(setup.widths_b)
+    if not wa or wa != wb:
+        why = (f"{len(wa)} layers of widths {list(wa)} against {len(wb)} of widths {list(wb)}"
+               if len(wa) != len(wb) else f"layer widths {list(wa)} against {list(wb)}")
+        return NotApplicable("layer_error", "per-layer error needs layers matched one to one with equal widths "
+                             f"(the base's architecture); this variant has {why}: compare it by CKA instead")
+    from minidiff.similarity import LayerErrorAccumulator
+
+    return LayerErrorAccumulator(wa, device=setup.device)
+
+
+def _feed_layer_error(acc: Any, b: StatBatch) -> None:
+    acc.update(b.layers[0], b.layers[1])
+
+
 #: Every streaming statistic of the study, by characteristic.
 STREAM_STATS: tuple[StreamStat, ...] = (
     StreamStat("agreement", "prediction_errors", "members", _agreement, _feed_agreement),
     StreamStat("calibration", "prediction_errors", "member", _calibration, _feed_calibration, needs_labels=True),
     StreamStat("class_histogram", "distribution", "member", _class_histogram, _feed_class_histogram),
     StreamStat("cka", "representation", "pair", _cka, _feed_cka),
+    StreamStat("layer_error", "representation", "pair", _layer_error, _feed_layer_error),
 )
 
 

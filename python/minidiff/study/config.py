@@ -304,6 +304,14 @@ class LayerConfig(_Strict):
     token_mode: Literal["cls", "mean", "tokens", "flatten"] = "cls"
 
 
+#: Default of ``[metrics] sqnr_threshold_db``. 20 dB is an error power of 1% of the signal
+#: power (relative error ||a - b|| / ||a|| = 0.1). One int8 rounding of a well-scaled
+#: activation stays far above it (about 6 dB per bit: ~40-50 dB), so a layer below 20 dB
+#: has lost more than rounding explains: accumulated error, outliers clipped by a scale,
+#: or a pruned layer that no longer computes the same features.
+SQNR_THRESHOLD_DB = 20.0
+
+
 class MetricsConfig(_Strict):
     """``[metrics]``: metric settings and which characteristics to measure."""
 
@@ -320,6 +328,26 @@ class MetricsConfig(_Strict):
     ci_level: float = Field(0.95, gt=0.0, lt=1.0)
     ece_bins: int = Field(15, ge=2)
     pie_examples: int = Field(12, ge=0)
+    similarity: list[str] = Field(
+        default_factory=lambda: ["cka"],
+        description="representation-similarity measures whose matched-layer profile is reported, from the "
+                    "statistics the linear CKA pass already streams (minidiff.similarity.MEASURES)")
+    sqnr_threshold_db: float = Field(
+        SQNR_THRESHOLD_DB, allow_inf_nan=False,
+        description="the report names the first layer whose SQNR falls below this many dB")
+    similarity_heatmaps: bool = Field(False, description="draw the layer x layer matrix of every chosen measure")
+
+    @field_validator("similarity")
+    @classmethod
+    def _measures(cls, v: list[str]) -> list[str]:
+        from minidiff.similarity.measures import MEASURES
+        bad = [m for m in v if m not in MEASURES]
+        if bad:
+            raise ValueError(f"unknown similarity measure(s) {bad}; choose from {list(MEASURES)}")
+        dup = sorted({m for m in v if v.count(m) > 1})
+        if dup:
+            raise ValueError(f"similarity measures are listed more than once: {dup}")
+        return list(v)
 
 
 class StudyConfig(_Strict):
