@@ -154,7 +154,8 @@ def study_scenario(ctx: DistContext, out_dir: str) -> dict | None:
 
     cfg = load_config(os.environ["STUDY_FILE"])
     study = build_study(cfg, cache_dir=os.path.join(out_dir, "cache"), progress=False)
-    res = study.run(out=out_dir, on_chunk=on_chunk)
+    # the study's outputs in a folder of their own: out_dir also holds this harness's files
+    res = study.run(out=os.path.join(out_dir, "out"), on_chunk=on_chunk)
     with open(os.path.join(out_dir, f"rank{ctx.rank}.json"), "w") as f:
         json.dump(study.last_run, f)
     return None if not res else {"done": True}

@@ -305,7 +305,7 @@ def test_killed_worker_fails_within_timeout_then_rerun_resumes(study_single, tmp
     assert codes[1] == 3, outputs[1][-2000:]
     assert codes[0] != 0, outputs[0][-2000:]
     assert "DistributedRunError" in outputs[0] and "per-shard cache" in outputs[0], outputs[0][-3000:]
-    assert not (tmp_path / "results.json").exists()  # nothing half-written
+    assert not (tmp_path / "out" / "results.json").exists()  # nothing half-written
     # the rerun computes only what the dead rank had not finished
     env.update(DIE_RANK="-1")
     codes, outputs = _launch("study", tmp_path, 2, env, timeout=150)
@@ -314,4 +314,4 @@ def test_killed_worker_fails_within_timeout_then_rerun_resumes(study_single, tmp
     r1 = json.loads((tmp_path / "rank1.json").read_text())
     assert set(r0["forward_chunks"].values()) == {0}  # rank 0 had finished its 2 chunks
     assert set(r1["forward_chunks"].values()) == {1}  # rank 1 redoes its 2nd chunk only
-    _compare_results(_results(tmp_path), expected)
+    _compare_results(_results(tmp_path / "out"), expected)
