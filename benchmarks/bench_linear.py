@@ -311,7 +311,7 @@ def bench_gpu(repeats: int) -> None:
     except ImportError as exc:
         print(f"\nskipped: minidiff.ops.gpu_linear is not available ({exc})")
         return
-    from minidiff.ops.int8 import quantize_weight
+    from minidiff.quant import quantize_weight_int8 as quantize_weight
 
     print("\n| K x N | M | bf16 cuBLAS ms | torch._int_mm ms | minidiff int8 ms | vs _int_mm | vs bf16 |")
     print("|---|---|---|---|---|---|---|")

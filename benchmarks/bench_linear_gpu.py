@@ -69,6 +69,7 @@ def main() -> None:
     from minidiff.kernels.int8_matmul import int8_matmul, int8_weight_only_matmul, quantize_per_token
     from minidiff.kernels.sparse24 import compress_24, sparse24_matmul
     from minidiff.nn.semistructured import prune_24
+    from minidiff import quant as Q
     from minidiff.ops import gpu_linear as G
 
     cu = cuda_core()
@@ -161,7 +162,7 @@ def main() -> None:
 
             # --- weight-only ------------------------------------------------------------
             f = lambda: int8_weight_only_matmul(x, w_i8, w_s)  # noqa: E731
-            check("weight-only triton", f()[:64], G.int8_weight_only_reference(x[:64], w_i8, w_s), 1e-2)
+            check("weight-only triton", f()[:64], Q.int8_weight_only_linear_reference(x[:64], w_i8, w_s), 1e-2)
             times["int8 weight-only triton"] = t_ms(f)
 
             # --- 2:4 ---------------------------------------------------------------------

@@ -64,8 +64,8 @@ def make_pool(dims_a, dims_b, batches: int, rows: int, seed: int, device="cpu") 
 
 
 def formula_bytes(dims_a, dims_b, float32_inputs: bool = True) -> int:
-    """The README's formula (``minidiff.distributed.cka_state_bytes``)."""
-    from minidiff.distributed import cka_state_bytes
+    """The README's formula (``minidiff.similarity.cka_state_bytes``)."""
+    from minidiff.similarity import cka_state_bytes
     return cka_state_bytes(dims_a, dims_b, float32_inputs=float32_inputs)
 
 

@@ -7,7 +7,7 @@ TRITON_INTERPRET when it is unset) and the CUDA extension built:
     TRITON_INTERPRET=0 python -m pytest -q -m gpu tests/test_cuda_linear.py
 
 Every backend (CUDA kernel, Triton, torch fallback) is forced in turn with
-MINIDIFF_GPU_BACKEND and compared with the float64 / exact-integer references.
+MINIDIFF_BACKEND and compared with the float64 / exact-integer references.
 """
 
 import pytest
@@ -47,7 +47,7 @@ def _need_cuda_module():
 def test_int8_gemm_raw_exact(monkeypatch, backend, m, n, k):
     if backend == "cuda":
         _need_cuda_module()
-    monkeypatch.setenv("MINIDIFF_GPU_BACKEND", backend)
+    monkeypatch.setenv("MINIDIFF_BACKEND", backend)
     a, w = _i8(m, k), _i8(n, k)
     out = G.int8_matmul_cuda(a, w)
     assert out.dtype == torch.int32 and out.is_cuda
@@ -71,7 +71,7 @@ def test_cuda_int8_kernel_direct_and_worst_case():
 def test_int8_linear_vs_float64(monkeypatch, backend, out_dtype, rtol):
     if backend == "cuda":
         _need_cuda_module()
-    monkeypatch.setenv("MINIDIFF_GPU_BACKEND", backend)
+    monkeypatch.setenv("MINIDIFF_BACKEND", backend)
     m, n, k = 300, 200, 512
     x = torch.randn(m, k, device="cuda")
     x[7] = 0.0
@@ -86,7 +86,7 @@ def test_int8_linear_vs_float64(monkeypatch, backend, out_dtype, rtol):
 def test_quantize_per_token_bit_identical(monkeypatch, backend, dtype):
     if backend == "cuda":
         _need_cuda_module()
-    monkeypatch.setenv("MINIDIFF_GPU_BACKEND", backend)
+    monkeypatch.setenv("MINIDIFF_BACKEND", backend)
     x = (torch.randn(64, 1000) * torch.logspace(-3, 3, 64)[:, None]).to(dtype)
     x[1] = 0.0
     x[2, 5] = float("nan")
@@ -101,7 +101,7 @@ def test_quantize_per_token_bit_identical(monkeypatch, backend, dtype):
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
 def test_weight_only_vs_float64(monkeypatch, backend, dtype, rtol):
-    monkeypatch.setenv("MINIDIFF_GPU_BACKEND", backend)
+    monkeypatch.setenv("MINIDIFF_BACKEND", backend)
     m, n, k = 96, 320, 400
     x = torch.randn(m, k, device="cuda").to(dtype)
     w, w_s, b = _i8(n, k), torch.rand(n, device="cuda") / 100, torch.randn(n, device="cuda")
@@ -116,7 +116,7 @@ def test_weight_only_vs_float64(monkeypatch, backend, dtype, rtol):
 def test_sparse24_vs_dense_float64(monkeypatch, backend, dtype, rtol, m, n, k):
     if backend == "cuda":
         _need_cuda_module()
-    monkeypatch.setenv("MINIDIFF_GPU_BACKEND", backend)
+    monkeypatch.setenv("MINIDIFF_BACKEND", backend)
     w = prune_24(torch.randn(n, k)).to(dtype)
     values, meta = compress_24(w)
     x = torch.randn(m, k).to(dtype)

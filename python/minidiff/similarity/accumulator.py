@@ -326,7 +326,7 @@ class CKAAccumulator(Accumulator):
 
     def nbytes(self) -> int:
         """Bytes held: the states plus the partial-sum buffers (independent of n; the
-        formula is ``minidiff.distributed.cka_state_bytes``)."""
+        formula is ``minidiff.similarity.cka_state_bytes``)."""
         held = [*self.state_dict().values(), *self._pending.values(), *(g.buffer for g in self._grams.values())]
         return sum(t.numel() * t.element_size() for t in held)
 
