@@ -136,3 +136,17 @@ def test_a_rebuilt_corrupt_model_is_noted_in_the_results(tmp_path):
     with pytest.warns(UserWarning, match="rebuilding"):
         kwargs, _ = build_parts(cfg, cache_dir=tmp_path, progress=False)
     assert any("corrupt built model" in n and "rebuilt" in n for n in kwargs["notes"]), kwargs["notes"]
+
+
+def test_rbf_threshold_accepts_any_real_scalar():
+    import numpy as np
+
+    import minidiff
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 5, dtype=torch.float64, generator=g)
+    y = x + 0.1 * torch.randn(40, 5, dtype=torch.float64, generator=g)
+    ref = minidiff.cka(x, y, kernel="rbf", threshold=0.5)
+    assert minidiff.cka(x, y, kernel="rbf", threshold=np.float32(0.5)) == ref
+    assert minidiff.cka(x, y, kernel="rbf", threshold=torch.tensor(0.5)) == ref
+    with pytest.raises(ValueError, match="threshold"):
+        minidiff.cka(x, y, kernel="rbf", threshold=0.0)

@@ -7,12 +7,12 @@ Gram form (~ n^2 (d1 + d2); the only form for the RBF kernel).
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Sequence
 
 import torch
 
+from minidiff.ops._validate import real_scalar
 from minidiff.ops.cka import gram_rbf
 from minidiff.similarity.accumulator import CKAAccumulator
 from minidiff.similarity.hsic import _GRAM_MEMORY_LIMIT, _feature_cost, _gram_cost, _grams_hsic, _ratio
@@ -45,8 +45,8 @@ def cka_matrix(feats_a, feats_b=None, *, kernel: str = "linear", estimator: str 
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS} for in-memory CKA, got {estimator!r} "
                          "(the minibatch estimator is CKAAccumulator(estimator='minibatch'))")
-    if kernel == "rbf" and not (isinstance(threshold, (int, float)) and threshold > 0 and math.isfinite(threshold)):
-        raise ValueError(f"threshold must be a positive number, got {threshold!r}")
+    if kernel == "rbf":  # any real scalar: a np.float32 or 0-d tensor threshold is a number too
+        threshold = real_scalar(threshold, "threshold", lo=0.0)
     same = feats_b is None
     fa = _layer_list(feats_a, "a")
     na_ = _names(names_a, len(fa), "a")
