@@ -58,7 +58,7 @@ import torch
 __all__ = ["BACKENDS", "FAMILIES", "interpreting", "requested", "choose", "check_backend", "define"]
 
 BACKENDS = ("auto", "native", "cuda", "triton", "torch", "reference")
-FAMILIES = ("cka", "agreement", "int8", "sparse")
+FAMILIES = ("cka", "agreement", "int8", "sparse", "token_divergence")
 _LEGACY = {"agreement": "MINIDIFF_AGREEMENT_BACKEND", "int8": "MINIDIFF_GPU_BACKEND",
            "sparse": "MINIDIFF_GPU_BACKEND"}
 

@@ -1,6 +1,6 @@
 """Dispatch for the fused token-divergence op, with its float64 reference.
 
-Op (``torch.library.custom_op`` with a fake implementation, so it traces under
+Op (registered by ``minidiff.ops.dispatch.define`` with a fake implementation, so it traces under
 ``torch.compile``)::
 
     minidiff::token_divergence(base (R, V), variant (R, V), targets (R,)?) -> (stats_f (R, 8) f64, stats_i (R, 4) i64)
@@ -40,12 +40,13 @@ reaches native code: dtypes, shapes, devices, contiguity, targets in ``[0, V)``.
 
 from __future__ import annotations
 
-import os
+from typing import Any
 
 import torch
 
 from minidiff._native import cpu_core, triton_available
 from minidiff.ops._validate import num_threads
+from minidiff.ops.dispatch import choose, define, interpreting
 
 F_COLUMNS = ("kld", "kld_reverse", "js", "entropy_base", "top5_overlap", "top10_overlap",
              "logp_base", "logp_variant")
@@ -205,7 +206,7 @@ def _native(base: torch.Tensor, variant: torch.Tensor, targets: torch.Tensor | N
 
 # ---- Triton -----------------------------------------------------------------------
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return interpreting()
 
 
 def _triton(base: torch.Tensor, variant: torch.Tensor, targets: torch.Tensor | None
@@ -227,10 +228,13 @@ def resolve_backend(backend: str, t: torch.Tensor) -> str:
     """Name of the backend a call with ``backend`` runs on tensor ``t``'s device."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: use one of {BACKENDS}")
-    if backend == "auto":
+    if backend == "auto":  # the environment's preference (MINIDIFF_BACKEND...) where it applies
         if t.device.type == "cpu":
-            return "native" if native_available() else "reference"
-        return "triton" if t.is_cuda and triton_available() else "reference"
+            cands = (["native"] if native_available() else []) + ["reference"]
+        else:
+            cands = (["triton"] if t.is_cuda and triton_available() else []) + ["reference"]
+        pick = choose("token_divergence", ["torch" if c == "reference" else c for c in cands])
+        return "reference" if pick == "torch" else pick
     if backend == "native" and not native_available():
         raise ValueError("backend='native': this build of minidiff._C has no token_divergence; "
                          "rebuild with `pip install --no-build-isolation --no-deps -e .`")
@@ -256,23 +260,21 @@ def _impl(base: torch.Tensor, variant: torch.Tensor, targets: torch.Tensor | Non
     return token_divergence_reference(base, variant, targets)
 
 
-@torch.library.custom_op("minidiff::token_divergence", mutates_args=())
-def _op(base: torch.Tensor, variant: torch.Tensor, targets: torch.Tensor | None
-        ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _impl(base, variant, targets)
-
-
-@_op.register_fake
-def _(base, variant, targets):
+def _fake(base: torch.Tensor, variant: torch.Tensor, targets: torch.Tensor | None
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    check_args(base, variant, targets)
     rows = base.shape[0]
     return (base.new_empty((rows, len(F_COLUMNS)), dtype=torch.float64),
             base.new_empty((rows, len(I_COLUMNS)), dtype=torch.int64))
 
 
-def _traced(t: torch.Tensor) -> bool:
-    """True while tracing (torch.compile, export, fake tensors): only then does a call
-    go through the registered op, whose first eager call would import torch._dynamo."""
-    return torch.compiler.is_compiling() or type(t) is not torch.Tensor
+def _registered(base: torch.Tensor, variant: torch.Tensor, targets: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _impl(base, variant, targets)
+
+
+_OP = define("token_divergence", "(Tensor base, Tensor variant, Tensor? targets) -> (Tensor, Tensor)",
+             _registered, _fake)
 
 
 def token_divergence_rows(base: torch.Tensor, variant: torch.Tensor,
@@ -280,12 +282,12 @@ def token_divergence_rows(base: torch.Tensor, variant: torch.Tensor,
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(stats_f, stats_i)`` for ``(R, V)`` logits (see the module docstring);
     validates every argument, then runs ``backend``."""
-    if backend == "auto" and _traced(base):
-        return _op(base, variant, targets)
+    if backend == "auto":  # eager and compiled calls alike go through the registered op
+        return _OP(base, variant, targets)
     return _impl(base, variant, targets, backend)
 
 
-def op() -> torch.library.CustomOpDef:
-    """The registered ``minidiff::token_divergence`` custom op."""
-    return _op
+def op() -> Any:
+    """The registered ``torch.ops.minidiff.token_divergence`` op."""
+    return _OP
 
