@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import triton
 
+from minidiff._env import triton_interpreting
+
 #: True when kernels run under the Triton CPU interpreter (tests on machines without CUDA).
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRET = triton_interpreting()
 
 
 def tile_configs(tiles: Sequence[tuple[int, int, int, int, int]], group_m: int = 8) -> list[triton.Config]:

@@ -22,13 +22,14 @@ they run on CPU tensors (tests), with tiles of 32.
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from minidiff._env import triton_interpreting
+
+_INTERPRET = triton_interpreting()
 
 
 @triton.jit

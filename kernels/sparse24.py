@@ -27,9 +27,9 @@ halved math.
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from minidiff._env import triton_interpreting
 
 try:  # the 2:4 format helpers below are pure torch and work without Triton
     import triton
@@ -41,7 +41,7 @@ except ImportError:  # pragma: no cover - Triton is an optional dependency
 
 __all__ = ["compress_24", "decompress_24", "count_24_violations", "sparse24_matmul", "INTERPRET"]
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRET = triton_interpreting()
 
 
 def count_24_violations(w: torch.Tensor) -> int:

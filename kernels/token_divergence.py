@@ -27,11 +27,12 @@ Under ``TRITON_INTERPRET=1`` these run on CPU tensors (tests), with BLOCK 32+.
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from minidiff._env import triton_interpreting
 
 
 @triton.jit
@@ -180,7 +181,7 @@ def token_divergence(base: torch.Tensor, variant: torch.Tensor, targets: torch.T
     out_i = torch.empty((rows, 4), dtype=torch.int64, device=base.device)
     if rows == 0:
         return out_f, out_i
-    interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    interp = triton_interpreting()
     block = 256 if interp else min(4096, max(32, triton.next_power_of_2(vocab)))
     t = targets.to(torch.int64).contiguous() if targets is not None else out_i  # dummy pointer
     _row_kernel[(rows,)](base, variant, t, out_f, out_i, vocab, HAS_T=targets is not None, BLOCK=block,

@@ -55,6 +55,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from minidiff._env import triton_interpreting
+
 __all__ = ["BACKENDS", "FAMILIES", "interpreting", "requested", "choose", "check_backend", "define"]
 
 BACKENDS = ("auto", "native", "cuda", "triton", "torch", "reference")
@@ -68,7 +70,7 @@ _LIB = torch.library.Library("minidiff", "FRAGMENT")
 def interpreting() -> bool:
     """True when Triton kernels run in the interpreter (``TRITON_INTERPRET=1``), so
     they accept CPU tensors and are never the fast choice."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return triton_interpreting()
 
 
 def _canonical(value: str, source: str) -> str:
