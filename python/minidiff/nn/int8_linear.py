@@ -133,16 +133,13 @@ class Int8Linear(nn.Module):
             raise ValueError(f"input is on {x2.device} but this Int8Linear is on {bufs['weight_int8'].device}; "
                              "move one of them (module.to(device) or x.to(device))")
         args = (x2, bufs["weight_int8"], bufs["weight_scale"], bufs.get("bias"))
-        compiling = torch.compiler.is_compiling()
+        # eager and compiled calls go through the same registered (validating) op
         if self.mode == "w8a8":
             cpu = x2.device.type == "cpu"
             packed = (bufs["_w_packed"], bufs["_w_colsum"]) if cpu else (None, None)
-            # the module's buffers are consistent by construction: skip the op-level checks
-            fn = int8_ops._int8_linear_op if compiling else int8_ops._int8_linear_impl
-            y = fn(*args, *packed, self.out_dtype)
+            y = int8_ops._int8_linear_op(*args, *packed, self.out_dtype)
         else:
-            fn = int8_ops._int8_weight_only_op if compiling else int8_ops._int8_weight_only_impl
-            y = fn(*args, self.out_dtype)
+            y = int8_ops._int8_weight_only_op(*args, self.out_dtype)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
