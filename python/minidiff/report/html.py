@@ -21,6 +21,7 @@ from minidiff.results import SECTIONS, Results, Verdict, as_float, characteristi
 from minidiff.results.core import coerce
 
 from . import adversarial as _adversarial  # noqa: F401  (registers the adversarial renderer)
+from . import localization as _localization  # the depth profile of the representation section
 from . import plots
 from .context import RENDERERS, RenderContext, badge, e, fmt, missing, pval, register_renderer
 
@@ -264,7 +265,7 @@ def _prediction_errors(res: Results, ctx: RenderContext) -> str:
 
 @register_renderer("representation")
 def _representation(res: Results, ctx: RenderContext) -> str:
-    return _per_variant(res, "representation", _rep_entry, ctx)
+    return _localization.render(res, ctx) + _per_variant(res, "representation", _rep_entry, ctx)
 
 
 @register_renderer("distribution")
