@@ -224,8 +224,8 @@ def render(res: Any, ctx: RenderContext) -> str:
            "variant shares the base's architecture): SQNR = 10 log<sub>10</sub>(‖a‖² / ‖a − b‖²) in dB and relative "
            "error ‖a − b‖ / ‖a‖ over every evaluation sample (every token in token mode), pooled over the seed "
            f"pairs, as in torch.ao's numeric suite; the threshold is {_db(thr)} dB "
-           "(<code>[metrics] sqnr_threshold_db</code>). An unchanged layer has SQNR ∞ and leaves a gap in the "
-           "figure.</p>"]
+           "(<code>[metrics] sqnr_threshold_db</code>; each variant's first layer below it is circled). An unchanged "
+           "layer has SQNR ∞ and leaves a gap in the figure.</p>"]
     out.append(f"<table><tr><th>variant</th><th>first layer below {_db(thr)} dB</th><th>lowest SQNR</th>"
                "<th>last-layer SQNR [dB]</th><th>last-layer relative error</th><th>last-layer cosine</th></tr>"
                + "".join(_row(v, reps[v], thr) for v in variants) + "</table>")
