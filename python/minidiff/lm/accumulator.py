@@ -416,6 +416,17 @@ class TokenDivergenceAccumulator(Accumulator):
         where = pos[idx] if (pos is not None and wid is not None) else idx + offset
         order = _key_order(win, where)[: self.max_flips]
         idx, win, where = idx[order], win[order], where[order]
+        if self.flips.shape[0] >= self.max_flips:
+            # The list is full: a flip enters only with a key below the largest kept key
+            # (on an equal key the kept row wins, as in the stable sort of _trim_flips),
+            # so the others are dropped before their top-3 is computed.
+            last = _key_order(self.flips[:, 0], self.flips[:, 1])[self.max_flips - 1]
+            kw, kp = self.flips[last, 0], self.flips[last, 1]
+            wf, pf = win.to(torch.float64), where.to(torch.float64)
+            enters = (wf < kw) | ((wf == kw) & (pf < kp))
+            if not bool(enters.any()):
+                return
+            idx, win, where = idx[enters], win[enters], where[enters]
         rec = torch.empty((idx.numel(), len(_FLIP_COLS)), dtype=torch.float64, device=z.device)
         rec[:, 0], rec[:, 1] = win.to(torch.float64), where.to(torch.float64)
         rec[:, 2] = -1.0 if targets is None else targets[idx].to(torch.float64)
@@ -425,11 +436,11 @@ class TokenDivergenceAccumulator(Accumulator):
         for start, logits in ((6, z), (12, w)):
             lp = torch.log_softmax(logits[idx].to(torch.float64), dim=-1)
             k = min(3, lp.shape[-1])
-            top = torch.sort(lp, dim=-1, descending=True, stable=True)
+            ids, vals = _top_k_smallest_id_first(lp, k)
             rec[:, start:start + 3] = -1.0
             rec[:, start + 3:start + 6] = 0.0
-            rec[:, start:start + k] = top.indices[:, :k].to(torch.float64)
-            rec[:, start + 3:start + 3 + k] = top.values[:, :k].exp()
+            rec[:, start:start + k] = ids.to(torch.float64)
+            rec[:, start + 3:start + 3 + k] = vals.exp()
         self.flips = self._trim_flips(torch.cat([self.flips, rec]))
 
     def _trim_flips(self, flips: torch.Tensor) -> torch.Tensor:
@@ -556,6 +567,25 @@ class TokenDivergenceAccumulator(Accumulator):
                 "variant_top3": [(int(i), p) for i, p in zip(r[12:15], r[15:18]) if i >= 0],
             })
         return rows
+
+
+def _top_k_smallest_id_first(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest entries of each row, ordered by (value descending, index
+    ascending): the first ``k`` of a stable descending sort, without sorting the row.
+
+    ``torch.topk`` does not fix the order of tied values, so it is asked for the
+    ``m`` largest, ``m`` = the most entries any row has at or above its ``k``-th
+    largest value (``k`` unless there are ties at the cut); those ``m`` contain every
+    candidate and are put in (value, index) order by two stable sorts.
+    """
+    kth = torch.topk(x, k, dim=-1).values[:, -1:]
+    m = int((x >= kth).sum(dim=-1).max())
+    top = torch.topk(x, m, dim=-1)
+    by_id = torch.sort(top.indices, dim=-1, stable=True)
+    vals = torch.gather(top.values, -1, by_id.indices)
+    by_val = torch.sort(vals, dim=-1, descending=True, stable=True)
+    ids = torch.gather(by_id.values, -1, by_val.indices)
+    return ids[:, :k], by_val.values[:, :k]
 
 
 def _key_order(primary: torch.Tensor, secondary: torch.Tensor) -> torch.Tensor:
