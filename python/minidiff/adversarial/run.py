@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 from torch import nn
 
 from . import continuous as C
@@ -47,7 +48,7 @@ WORD_RANKINGS = ("drop-one", "gradient")
 
 def run_adversarial(models: Mapping[str, nn.Module], data: Any, config: AdversarialConfig | Mapping,
                     *, base: str, tokenizer: Any = None, device: Any = None,
-                    word_ranking: str | None = None) -> dict:
+                    word_ranking: str | None = None, progress: bool = False) -> dict:
     """Attack every model with the same budget; measure vulnerability, transfer and change.
 
     Parameters
@@ -69,6 +70,8 @@ def run_adversarial(models: Mapping[str, nn.Module], data: Any, config: Adversar
     device : optional
         Move the models there first (otherwise they stay where they are; inputs follow each
         model's device).
+    progress : bool
+        Show a progress bar over the attack runs (one per attack and budget).
     word_ranking : {"drop-one", "gradient"}, optional
         How the word-substitution attack orders the words (default: the config's
         ``word_ranking`` if it has one, else ``"drop-one"``). ``"gradient"`` ranks by the
@@ -101,12 +104,15 @@ def run_adversarial(models: Mapping[str, nn.Module], data: Any, config: Adversar
         raise ValueError(f"word_ranking must be one of {WORD_RANKINGS}, got {word_ranking!r}")
     names = [base] + [k for k in models if k != base]
     flags = eval_mode(models)
+    bar = tqdm(total=_n_runs(config, attacks), desc=f"attacks on {len(names)} models", unit="run",
+               disable=not progress, leave=False)
     try:
         if kind == "text":
-            runs = _run_text(models, names, inputs, labels, config, attacks, tokenizer, word_ranking)
+            runs = _run_text(models, names, inputs, labels, config, attacks, tokenizer, word_ranking, bar=bar)
         else:
-            runs = _run_continuous(models, names, inputs, labels, config, attacks)
+            runs = _run_continuous(models, names, inputs, labels, config, attacks, bar=bar)
     finally:
+        bar.close()
         restore_mode(models, flags)
     for run in runs.values():
         _finish(run, names, config)
@@ -179,7 +185,27 @@ def _gradient_plan(models, names, base, x, y, config, probe) -> tuple[dict, dict
     return plan, notes
 
 
-def _run_continuous(models, names, x_all, y_all, config, attacks):
+def _n_runs(config: AdversarialConfig, attacks: list[str]) -> int:
+    """Attack runs ahead (one per attack and budget), for the progress bar."""
+    per = {"pgd-l2": len(config.epsilon_l2), "word-substitution": 1}
+    return sum(per.get(a, len(config.embedding_epsilon) if a.startswith("embedding") else len(config.epsilon))
+               for a in attacks)
+
+
+class _Runs(dict):
+    """The runs of an attack stage; each finished run advances the progress bar."""
+
+    def __init__(self, bar: Any) -> None:
+        super().__init__()
+        self._bar = bar
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        super().__setitem__(key, value)
+        if self._bar is not None:
+            self._bar.update(1)
+
+
+def _run_continuous(models, names, x_all, y_all, config, attacks, bar=None):
     if not isinstance(x_all, torch.Tensor):
         raise ValueError("image/tabular data needs .inputs as a float tensor (N, ...)")
     if not torch.isfinite(x_all).all():
@@ -199,7 +225,7 @@ def _run_continuous(models, names, x_all, y_all, config, attacks):
     plan, notes = _gradient_plan(models, names, base, x_all[:probe_n], y_all[:probe_n], config,
                                  C.probe_gradient)
     clean = {k: _predict(models[k], x_all, bs) for k in names}
-    runs = {}
+    runs = _Runs(bar)
     for a, attack in enumerate(attacks):
         norm = "l2" if attack == "pgd-l2" else "linf"
         radii = config.epsilon_l2 if attack == "pgd-l2" else config.epsilon
@@ -265,7 +291,7 @@ def _predict(model, x, bs):
 
 
 # ---------------------------------------------------------------------- text
-def _run_text(models, names, texts, y_all, config, attacks, tokenizer, word_ranking="drop-one"):
+def _run_text(models, names, texts, y_all, config, attacks, tokenizer, word_ranking="drop-one", bar=None):
     if not all(isinstance(t, str) for t in texts):
         raise ValueError("text data needs .inputs as a list of str")
     base = names[0]
@@ -275,7 +301,7 @@ def _run_text(models, names, texts, y_all, config, attacks, tokenizer, word_rank
           for k in names}
     n = len(texts)
     bs = config.batch_size
-    runs = {}
+    runs = _Runs(bar)
     for a, attack in enumerate(attacks):
         if attack == "word-substitution":
             runs["word-substitution"] = _run_words(tm, names, texts, y_all, config, word_ranking)

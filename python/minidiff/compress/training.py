@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
+from tqdm.auto import tqdm
 from torch import nn
 
 from minidiff.models.saved import Variant, clone_model, make_manifest
@@ -100,14 +101,14 @@ def train(model: nn.Module, data: Data, *, epochs: int = 1, lr: float = 1e-3, ba
           seed: int = 0, masks: Mapping[str, torch.Tensor] | None = None, loss_fn: LossFn | None = None,
           weight_decay: float = 0.0, optimizer: str = "adam", max_steps: int | None = None,
           trainable: Callable[[str], bool] | None = None,
-          callback: Callable[[int, nn.Module], None] | None = None) -> TrainResult:
+          callback: Callable[[int, nn.Module], None] | None = None, progress: bool = False) -> TrainResult:
     """Train ``model`` in place with cross-entropy (or ``loss_fn(logits, labels, inputs)``).
 
     ``masks`` (parameter name -> 0/1 tensor) are enforced after every step, so
     pruned weights stay exactly zero. ``trainable(name) -> bool`` freezes the
     others (e.g. train only the head). ``callback(step, model)`` runs after
     each step (used for early rewinding). The model's train/eval flags are
-    restored afterwards.
+    restored afterwards. ``progress`` shows a bar over the epochs.
     """
     if epochs < 0 or batch_size < 1 or lr <= 0:
         raise ValueError(f"need epochs >= 0, batch_size >= 1, lr > 0; got {epochs}, {batch_size}, {lr}")
@@ -135,7 +136,7 @@ def train(model: nn.Module, data: Data, *, epochs: int = 1, lr: float = 1e-3, ba
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))
             model.train()
-            for _ in range(epochs):
+            for _ in tqdm(range(epochs), desc="training", unit="epoch", disable=not progress, leave=False):
                 for xb, yb in iterate(data, batch_size, shuffle=True, generator=gen):
                     xb = {k: v.to(device) for k, v in xb.items()} if isinstance(xb, Mapping) else xb.to(device)
                     yb = yb.to(device)

@@ -161,7 +161,7 @@ class Builder:
         with seeded(seed):
             head.reset_parameters()
         res = train(head, (feats, self.train.labels), epochs=tc.epochs, lr=tc.lr, batch_size=tc.batch_size,
-                    seed=seed, weight_decay=tc.weight_decay)
+                    seed=seed, weight_decay=tc.weight_decay, progress=self.progress)
         return {"head_epochs": tc.epochs, "head_final_loss": res.losses[-1] if res.losses else None}
 
     # -- base and separate models ---------------------------------------------------------
@@ -179,7 +179,7 @@ class Builder:
                     else:
                         m = make_cnn(int(x.shape[1]), spec.channels, self.num_classes)
                 res = train(m, (x, y), epochs=spec.train.epochs, lr=spec.train.lr, batch_size=spec.train.batch_size,
-                            seed=seed, weight_decay=spec.train.weight_decay)
+                            seed=seed, weight_decay=spec.train.weight_decay, progress=self.progress)
                 return m, {"recipe": f"{spec.kind} trained {spec.train.epochs} epochs", "final_loss":
                            res.losses[-1] if res.losses else None}
             return self._cached(key, build)

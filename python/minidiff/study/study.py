@@ -351,7 +351,8 @@ class Study:
         t = time.perf_counter()
         models = {g: ms[0].module for g, ms in groups.items()}
         tok = getattr(groups["base"][0].module, "tokenizer", None) or self.tokenizer
-        res = run_adversarial(models, self.data, self.adversarial, base="base", tokenizer=tok, device=self.device)
+        res = run_adversarial(models, self.data, self.adversarial, base="base", tokenizer=tok, device=self.device,
+                              progress=self.progress)
         timing["adversarial_s"] = time.perf_counter() - t
         from minidiff.metrics._checks import _jsonable
         res = _jsonable(res)
