@@ -305,10 +305,11 @@ class LayerConfig(_Strict):
 
 
 #: Default of ``[metrics] sqnr_threshold_db``. 20 dB is an error power of 1% of the signal
-#: power (relative error ||a - b|| / ||a|| = 0.1). One int8 rounding of a well-scaled
-#: activation stays far above it (about 6 dB per bit: ~40-50 dB), so a layer below 20 dB
-#: has lost more than rounding explains: accumulated error, outliers clipped by a scale,
-#: or a pruned layer that no longer computes the same features.
+#: power (relative error ||a - b|| / ||a|| = 0.1). int8 rounding stays above it: measured
+#: 47-50 dB on a digits MLP, and on dynamic-int8 all-MiniLM-L6-v2 (48 chatterbot sentences)
+#: 32 dB after the first block, falling to 21 dB after the sixth as the error accumulates;
+#: an 80%-pruned digits MLP is at 6-7 dB. A layer below 20 dB has lost more than rounding
+#: explains (outliers clipped by a scale, a layer pruned or replaced).
 SQNR_THRESHOLD_DB = 20.0
 
 
