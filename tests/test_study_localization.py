@@ -222,3 +222,14 @@ def test_metrics_keys_are_validated():
         parse_config({**base, "metrics": {"similarity": ["cka", "cosine"]}})
     with pytest.raises(StudyFileError, match="sqnr_threshold_db"):
         parse_config({**base, "metrics": {"sqnr_threshold_db": "nan"}})
+
+
+def test_rbf_kernel_keeps_cka_profile_and_states_why_for_the_rest(models):
+    res = _study(models, {"prune-80": models["variants"]["prune-80"]}, cka_kernel="rbf", rbf_max_examples=40,
+                 similarity=["cka", "cca"], similarity_heatmaps=False, characteristics=["representation"]).run()
+    rep = res["representation"]["prune-80"]
+    m = np.asarray(rep["cka"]["matrix"], dtype=float)
+    assert rep["similarity"]["measures"] == ["cka"]
+    np.testing.assert_allclose(rep["similarity"]["profile"]["cka"], np.diagonal(m), rtol=0, atol=0)
+    assert "cka_kernel = 'rbf'" in rep["skipped"]["similarity_measures"]
+    assert rep["layer_error"]["samples"] == models["data"].inputs.shape[0]  # per-layer error streams all rows

@@ -334,8 +334,9 @@ class Analysis:
                 out["cka"]["reference_final"] = float(self.cka[f"{ref[0]}~{ref[1]}"][-1, -1])
         else:
             sk["cka"] = "no layer representations were captured for this variant"
-        for key, fn in (("similarity", self._similarity), ("layer_error", self._layer_error)):
-            got = self._try(sk, key, lambda fn=fn: fn(pairs))
+        for key, fn in (("similarity", lambda: self._similarity(pairs, sk)),
+                        ("layer_error", lambda: self._layer_error(pairs))):
+            got = self._try(sk, key, fn)
             if got is not None:
                 out[key] = got
         k = self.cfg.knn_k
@@ -366,20 +367,25 @@ class Analysis:
         corr = layer_correspondence(torch.from_numpy(np.asarray(m, dtype=float)), la, lb)
         return corr.best_for_a.tolist(), "cka_correspondence"  # -1: no match (an all-NaN row)
 
-    def _similarity(self, pairs: list[tuple[str, str]]) -> dict[str, Any]:
+    def _similarity(self, pairs: list[tuple[str, str]], sk: dict[str, str]) -> dict[str, Any]:
         """The matched-layer profile of every measure in ``[metrics] similarity``, mean over the
         seed pairs, from each pair's streamed CKA statistics (``CKAAccumulator.compute_measures``:
-        no second pass over the data); with ``similarity_heatmaps`` also the full matrices."""
+        no second pass over the data); with ``similarity_heatmaps`` also the full matrices.
+        ``"cka"`` is the section's CKA matrix (either kernel)."""
         measures = list(self.cfg.similarity)
         if not measures:
             raise MetricSkipped("similarity", "no measure chosen ([metrics] similarity = [])")
+        if any(f"{a}~{b}" not in self.cka for a, b in pairs):
+            raise MetricSkipped("similarity", "no layer representations were captured for this variant")
         accs = [self._pair_stats.get(f"{a}~{b}", {}).get("cka") for a, b in pairs]
-        if any(acc is None for acc in accs):
-            why = ("the second-order measures come from the streamed linear-kernel statistics; "
-                   f"cka_kernel = {self.cfg.cka_kernel!r} keeps only the first rows"
-                   if self.cfg.cka_kernel != "linear" else "no layer representations were captured for this variant")
-            raise MetricSkipped("similarity", why)
         rest = [m for m in measures if m != "cka"]
+        if rest and any(acc is None for acc in accs):
+            why = (f"{', '.join(rest)}: the second-order measures come from the streamed linear-kernel "
+                   f"statistics, and cka_kernel = {self.cfg.cka_kernel!r} streams none (set cka_kernel = 'linear')")
+            if "cka" not in measures:
+                raise MetricSkipped("similarity", why)
+            sk["similarity_measures"] = why
+            measures, rest = ["cka"], []
         per_pair = []
         for (a, b), acc in zip(pairs, accs):
             got = {k: v.double().cpu().numpy() for k, v in acc.compute_measures(rest).items()} if rest else {}
