@@ -134,8 +134,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from minidiff.study.results import OutputWriteError
     warnings.simplefilter("always", CacheCorruptionWarning)
     t0 = time.perf_counter()
-    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
-                        format="minidiff: %(message)s", stream=sys.stderr)
+    # minidiff's own logger only: other libraries' log records keep their own names and levels
+    log = logging.getLogger("minidiff")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("minidiff: %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+    log.setLevel(logging.INFO if getattr(args, "verbose", False) else logging.WARNING)
     if getattr(args, "quiet", False) or not sys.stderr.isatty():
         _quiet()
     try:
