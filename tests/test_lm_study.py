@@ -288,12 +288,31 @@ def test_quick_lm_demo(tmp_path, capsys, lm_cache):
     for line in ("====== Perplexity statistics ======", "Mean PPL(Q)/PPL(base)", "====== KL divergence statistics",
                  "99.9%   KLD:", "RMS Δp    :", "Same top p:"):
         assert line in table
-    assert set(res["variants"]) == {"int8", "int4-g32", "prune-50"}
-    kl = {k: v["divergence"]["kld"] for k, v in res["variants"].items()}
+    assert res.variants == ["int8", "int4-g32", "prune-50"]
+    kl = {k: v["divergence"]["kld"] for k, v in res["language_model"]["variants"].items()}
     assert 0 < kl["int8"] < kl["prune-50"]
     page = (tmp_path / "lm" / "report.html").read_text(encoding="utf-8")
-    assert "Flipped tokens in context" in page and "<mark>" in page
-    assert (tmp_path / "lm" / "results.json").is_file() and (tmp_path / "lm" / "table.txt").is_file()
+    assert "Flipped tokens in context" in page and "<mark>" in page and "Language model" in page
+    assert {"results.json", "language_model.csv", "lm_int8.csv", "lm_prune-50_buckets.csv"} <= {
+        f.name for f in (tmp_path / "lm").iterdir()}
+    # the combined demo report: the LM variants' verdicts and a link to lm/report.html
+    from minidiff import Results
+    from minidiff.study.demo import merge_results
+
+    from minidiff.results import decide_all, legends
+
+    other = {"schema": "minidiff.results/2", "thresholds": legends(), "variants": ["a"],
+             "verdicts": {"a": decide_all("a", {})}, "models": {}, "prediction_errors": {}, "representation": {},
+             "distribution": {}, "adversarial": {"not_measured": "no attacks"},
+             "study": {"name": "s", "seed": 0, "minidiff_version": "0", "population": 1,
+                       "data": {"name": "d", "num_eval": 3}, "ood": None}}
+    merged = Results.from_dict(merge_results({"x": other}, "demo", res))
+    assert merged.variants == ["x-a", "lm-int8", "lm-int4-g32", "lm-prune-50"]
+    assert merged.verdicts["lm-int8"]["language_model"].verdict == res.verdicts["int8"]["language_model"].verdict
+    merged.save(tmp_path / "combined")
+    page = (tmp_path / "combined" / "report.html").read_text(encoding="utf-8")
+    assert 'href="lm/report.html"' in page and "<th>lm-prune-50</th>" in page  # link + verdict row
+    assert Results.load(tmp_path / "combined").section("language_model")["lm"]["study"]["report"] == "lm/report.html"
 
 
 def test_study_file(tmp_path, lm_cache):
@@ -375,3 +394,88 @@ def test_load_text_sources(tmp_path):
         load_text("builtin", name="nope")
     with pytest.raises(ValueError, match="needs a path"):
         load_text("jsonl")
+
+
+# -- results system: the language_model section and its verdict rule --------------------------
+
+def test_lm_results_round_trip(tmp_path, tok, text):
+    from minidiff import Results
+    from minidiff.results import RULES, LanguageModelSection, Verdict
+
+    base = _llama(tok)
+    st = LMStudy(base, {"v": _perturbed(base), "same": copy.deepcopy(base)}, text=text, tokenizer=tok, n_ctx=16,
+                 batch_size=3, max_windows=5)
+    res = st.run(tmp_path / "lm")
+    back = Results.load(tmp_path / "lm")
+    assert back.json_data()["schema"] == "minidiff.results/2" and back.variants == ["v", "same"]
+    sec = back.section("language_model")
+    assert isinstance(sec, LanguageModelSection) and sec["study"]["n_windows"] == 5
+    for v in ("v", "same"):
+        d, e = res.variants[v].divergence, sec["variants"][v]["divergence"]
+        for k in SCALARS:
+            x = d[k]
+            y = e[k] if not isinstance(e[k], dict) else None
+            if x is None:  # NaN in LMStudyResult: not computed in Results
+                assert y is None or math.isnan(y), k
+            else:
+                assert y == x, k
+        assert e["kld_percentiles"] == d["kld_percentiles"]  # keys "99.9", ... in both forms
+        assert sec["variants"][v]["flipped_tokens"] == res.variants[v].flipped_tokens
+        assert sec["variants"][v]["cka"] == res.variants[v].cka
+    assert back.verdict("same", "language_model") == Verdict.SAME
+    frames = back.frames()
+    stats = frames["lm_v"].set_index("statistic")
+    assert stats.loc["Mean KLD", "value"] == res.variants["v"].divergence["kld"]
+    assert stats.loc["Same top p", "uncertainty"] == res.variants["v"].divergence["same_top1_err"]
+    assert set(frames["lm_v_buckets"]["breakdown"]) == {"by_frequency", "by_position", "by_entropy"}
+    assert frames["language_model"]["variant"].tolist() == ["v", "same"]
+    page = (tmp_path / "lm" / "report.html").read_text(encoding="utf-8")
+    assert "====== KL divergence statistics" in page and "Where it hurts" in page
+    assert back.thresholds["language_model"] == RULES["language_model"].legend()
+    # saving the loaded results again gives the same JSON
+    back.save(tmp_path / "again")
+    assert Results.load(tmp_path / "again").json_data() == back.json_data()
+
+
+@pytest.mark.parametrize("kld,same,want", [(0.001, 0.99, "same"), (0.005, 0.97, "same"), (0.006, 0.99, "minor"),
+                                           (0.001, 0.95, "minor"), (0.0501, 0.99, "differs"),
+                                           (0.01, 0.899, "differs"), (0.05, 0.90, "minor")])
+def test_language_model_verdict_rule(kld, same, want):
+    from minidiff.results import LanguageModelRule, RULES
+
+    rule = RULES["language_model"]
+    assert isinstance(rule, LanguageModelRule)
+    cell = rule.decide("q", {"language_model": {"divergence": {"kld": kld, "same_top1": same, "ppl_ratio": 1.01}}})
+    assert cell.verdict.value == want and f"{100 * same:.1f}%" in cell.summary
+    strict = LanguageModelRule(kld_same=0.0005)
+    assert "0.0005" in strict.legend() and "97%" in rule.legend()
+    assert rule.decide("q", {}).verdict.value == "not_measured"
+    assert rule.decide("q", {"language_model": {"divergence": {"kld": {"not_computed": "x"}, "same_top1": 1.0}}}
+                       ).verdict.value == "not_measured"
+
+
+def test_flip_top3_tie_rule_and_skip():
+    """The flipped tokens' top-3 equal a stable descending sort (smaller id first on ties),
+    and skipping flips that cannot enter a full list changes nothing."""
+    from minidiff.lm.accumulator import _top_k_smallest_id_first
+
+    g = torch.Generator().manual_seed(3)
+    for trial in range(50):
+        V = int(torch.randint(3, 40, (1,), generator=g))
+        x = torch.randint(0, 3, (6, V), generator=g).double() if trial % 2 else torch.randn(6, V, generator=g,
+                                                                                           dtype=torch.float64)
+        ids, vals = _top_k_smallest_id_first(x, 3)
+        ref = torch.sort(x, dim=-1, descending=True, stable=True)
+        assert torch.equal(ids, ref.indices[:, :3]) and torch.equal(vals, ref.values[:, :3])
+    z = torch.randn(200, 30, generator=g)
+    w = z + 2 * torch.randn(200, 30, generator=g)
+    w[:, :4] = torch.round(w[:, :4])  # ties among the top candidates
+    t = torch.randint(0, 30, (200,), generator=g)
+    wid = torch.arange(200) // 20
+    one = TokenDivergenceAccumulator(max_flips=7)
+    one.update(z, w, t, window_ids=wid, positions=torch.arange(200) % 20)
+    small = TokenDivergenceAccumulator(max_flips=7)
+    for lo in range(0, 200, 20):  # later batches meet a full list
+        small.update(z[lo:lo + 20], w[lo:lo + 20], t[lo:lo + 20], window_ids=wid[lo:lo + 20],
+                     positions=torch.arange(20))
+    assert one.compute().flips == small.compute().flips and len(one.compute().flips) == 7

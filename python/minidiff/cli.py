@@ -180,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.seed is not None:
                 cfg.study.seed = args.seed
             cache = Path(args.cache) if args.cache else Path(args.out) / "cache"
-            res = build_lm_study(cfg, cache_dir=cache).run(out=args.out)
+            res = build_lm_study(cfg, cache_dir=cache).run(out=args.out, overwrite=args.overwrite)
             from minidiff.distributed import shutdown
             shutdown()
             if res is not None:
@@ -205,6 +205,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             from minidiff.study.demo import run_demo
             res = run_demo(args.out, quick=args.quick, only=args.only, progress=_progress(args),
                            device=args.device or "cpu", seed=args.seed, overwrite=args.overwrite)
+            if args.only == "lm":  # its own folder; the llama.cpp-style table (printed already with progress)
+                if not _progress(args):
+                    from minidiff.report.lm import terminal_table
+                    print(terminal_table(res["language_model"]))
+                _print_summary(res, str(Path(args.out) / "lm"), time.perf_counter() - t0)
+                return 0
             _print_summary(res, args.out, time.perf_counter() - t0)
             return 0
     except StudyFileError as e:

@@ -132,7 +132,8 @@ class LMVariantResult:
 
 @dataclass
 class LMStudyResult:
-    """What :meth:`LMStudy.run` returns (``to_dict`` is the JSON written to ``results.json``)."""
+    """What :meth:`LMStudy.run` returns: ``variants[name].divergence`` etc. as plain data
+    (``to_dict``); :meth:`to_results` is the :class:`minidiff.Results` that is saved."""
 
     study: dict[str, Any]
     variants: dict[str, LMVariantResult]
@@ -147,6 +148,40 @@ class LMStudyResult:
         from minidiff.report.lm import terminal_table
 
         return terminal_table(self.to_dict())
+
+    def to_results(self) -> Any:
+        """This result as a :class:`minidiff.Results`: the ``language_model`` section (one
+        entry per variant), the verdicts of every registered rule (the ``language_model``
+        column decides from KLD and same top-1) and the timing; ``save(out)`` writes
+        ``results.json`` (schema ``minidiff.results/2``), the CSV tables and ``report.html``."""
+        from minidiff import __version__
+        from minidiff.results import Results, decide_all
+        from minidiff.results.lm import LanguageModelSection
+
+        data = _from_json_form(self.to_dict())
+        section = LanguageModelSection({"study": data["study"], "variants": data["variants"]})
+        st = self.study
+        return Results(
+            study={"name": st.get("name") or "language-model study", "seed": 0, "minidiff_version": __version__,
+                   "data": {"name": "text", "kind": "language-model", "num_eval": st.get("scored_tokens"),
+                            "has_labels": True, "meta": {k: st.get(k) for k in ("task", "n_ctx", "n_windows",
+                                                                                 "scored_per_window", "mode")}},
+                   "notes": [f"scoring: {st.get('scoring', '')}"]},
+            variants=list(self.variants),
+            verdicts={v: decide_all(v, {"language_model": section.entry(v)}) for v in self.variants},
+            sections={"language_model": section}, timing=self.timing)
+
+
+def _from_json_form(x: Any) -> Any:
+    """:meth:`LMStudyResult.to_dict` back to numbers: ``"inf"`` strings to floats (``None``,
+    a NaN, is left for :class:`minidiff.Results` to mark as not computed)."""
+    if isinstance(x, Mapping):
+        return {k: _from_json_form(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_from_json_form(v) for v in x]
+    if x in ("inf", "-inf"):
+        return float(x)
+    return x
 
 
 def _jsonable(x: Any) -> Any:
@@ -544,9 +579,11 @@ class LMStudy:
         return out
 
     # -- run -----------------------------------------------------------------------
-    def run(self, out: str | os.PathLike | None = None) -> LMStudyResult:
+    def run(self, out: str | os.PathLike | None = None, *, overwrite: bool = False) -> LMStudyResult:
         """Stream this rank's windows, merge across ranks, explain the worst windows,
-        and (rank 0, with ``out``) write ``results.json``, ``report.html`` and ``table.txt``."""
+        and (rank 0, with ``out``) save :meth:`LMStudyResult.to_results` there
+        (``results.json``, CSV tables, ``report.html``; ``overwrite`` as in
+        :meth:`minidiff.Results.save`)."""
         from minidiff.distributed import DistContext
 
         ctx = self.dist if self.dist is not None else DistContext.from_env()
@@ -583,7 +620,7 @@ class LMStudy:
                                timing={"tokenize_s": t_tok, "stream_s": t_stream, "explain_s": t_explain,
                                        "total_s": time.perf_counter() - t0})
         if out is not None and ctx.is_main:
-            write_lm_output(out, result)
+            write_lm_output(out, result, overwrite=overwrite)
         return result
 
     def describe(self) -> dict[str, Any]:
@@ -689,20 +726,16 @@ def _to(batch: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.
     return to_device(model_inputs(batch), _device_of(model))
 
 
-def write_lm_output(out: str | os.PathLike, result: LMStudyResult) -> Path:
-    """``out/results.json``, ``out/table.txt`` (llama.cpp-style) and ``out/report.html``."""
-    from minidiff.report.lm import render_lm_report, terminal_table
-
+def write_lm_output(out: str | os.PathLike, result: LMStudyResult, *, overwrite: bool = False) -> Path:
+    """Save ``result`` through :class:`minidiff.Results`: ``out/results.json`` (schema
+    ``minidiff.results/2``, section ``language_model``), the CSV tables (``language_model.csv``,
+    ``lm_<variant>.csv`` statistics, ``lm_<variant>_buckets.csv``) and ``out/report.html``."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    data = result.to_dict()
-    (out / "results.json").write_text(json.dumps(data, indent=1))
-    (out / "table.txt").write_text(terminal_table(data))
-    (out / "report.html").write_text(render_lm_report(data), encoding="utf-8")
+    result.to_results().save(out, overwrite=overwrite)
     return out
 
 
 def run_lm_study(base: Any, variants: Mapping[str, Any], *, text: Any, out: str | os.PathLike | None = None,
-                 **options: Any) -> LMStudyResult:
-    """``LMStudy(base, variants, text=text, **options).run(out)``."""
-    return LMStudy(base, variants, text=text, **options).run(out)
+                 overwrite: bool = False, **options: Any) -> LMStudyResult:
+    """``LMStudy(base, variants, text=text, **options).run(out, overwrite=overwrite)``."""
+    return LMStudy(base, variants, text=text, **options).run(out, overwrite=overwrite)

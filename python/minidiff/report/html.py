@@ -22,6 +22,7 @@ from minidiff.results.core import coerce
 
 from . import adversarial as _adversarial  # noqa: F401  (registers the adversarial renderer)
 from . import localization as _localization  # the depth profile of the representation section
+from . import lm as _lm  # noqa: F401  (registers the language-model renderer)
 from . import plots
 from .context import RENDERERS, RenderContext, badge, e, fmt, missing, pval, register_renderer
 

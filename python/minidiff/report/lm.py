@@ -26,6 +26,8 @@ from typing import Any, Mapping, Sequence
 
 from matplotlib.figure import Figure
 
+from .context import RenderContext, register_renderer
+
 BASE_COLOR = "#4c72b0"
 _COLORS = ("#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c")
 KLD_PCTS = (99.9, 99.0, 95.0, 90.0, 50.0, 10.0, 5.0, 1.0, 0.1)
@@ -35,7 +37,7 @@ DP_PCTS = (99.9, 99.0, 95.0, 90.0, 75.0, 50.0, 25.0, 10.0, 5.0, 1.0, 0.1)
 # -- numbers ---------------------------------------------------------------------------
 
 def _f(x: Any) -> float:
-    if x is None:
+    if x is None or isinstance(x, Mapping) or hasattr(x, "not_computed"):  # missing / not computed
         return math.nan
     if isinstance(x, str):
         try:
@@ -237,7 +239,7 @@ def _flips_html(flips: Sequence[Mapping[str, Any]]) -> str:
 
 def _cka_html(v: Mapping[str, Any]) -> str:
     m = v.get("cka")
-    if not m:
+    if not isinstance(m, list) or not m:  # not measured (None, or a not-computed reason)
         return ""
     la, lb = v.get("layers_base") or [], v.get("layers_variant") or []
     diag = [(la[i] if i < len(la) else i, _f(m[i][i])) for i in range(min(len(m), len(m[0])))]
@@ -261,11 +263,24 @@ mark{background:#f4c7c3;outline:2px solid #c44e52}
 """
 
 
-def lm_section(res: Mapping[str, Any], plots: bool = True) -> str:
-    """The HTML section of a language-model study (a fragment; see :func:`render_lm_report`)."""
+def _figure(ctx: Any, name: str, fig: Figure, alt: str) -> str:
+    """A figure in the page: through the report's context (also written to ``plots/``), or inline."""
+    if ctx is not None:
+        return ctx.figure(name, fig, alt)
+    return f"<img alt='{_e(alt)}' src='{png_uri(fig)}'>"
+
+
+def lm_section(res: Mapping[str, Any], plots: bool = True, *, ctx: Any = None, heading: bool = True,
+               tag: str = "") -> str:
+    """The HTML section of a language-model study (a fragment; see :func:`render_lm_report`).
+
+    ``res``: ``{"study": ..., "variants": {name: entry}}`` (``LMStudyResult.to_dict()`` or
+    the ``language_model`` section of a :class:`minidiff.Results`); ``ctx``: the report's
+    :class:`~minidiff.report.context.RenderContext` (figures also go to ``plots/``)."""
     st = res.get("study", {})
     variants = res.get("variants", {})
-    parts = [f"<section class='lm'><h2>Language model: token-level divergence</h2>"
+    head = "<h2>Language model: token-level divergence</h2>" if heading else ""
+    parts = [f"<section class='lm'>{head}"
              f"<p>{_e(st.get('n_windows'))} windows of {_e(st.get('n_ctx'))} tokens, "
              f"{_e(st.get('scored_tokens'))} scored tokens ({_e(st.get('task'))}; {_e(st.get('scoring', ''))}). "
              f"Statistics with the names and definitions of llama.cpp's <code>llama-perplexity --kl-divergence"
@@ -275,8 +290,10 @@ def lm_section(res: Mapping[str, Any], plots: bool = True) -> str:
         for key, label, logx in (("by_frequency", "frequency of the correct token in the scored text", True),
                                  ("by_position", "position in the window", False),
                                  ("by_entropy", "base model's predictive entropy (nats)", False)):
+            fig = breakdown_figure(variants, key, label, logx)
+            name = f"lm_{tag + '_' if tag else ''}{key}"
             parts.append(f"<h3>KLD and flip rate by {_e(label)}</h3>"
-                         f"<img alt='{_e(key)}' src='{png_uri(breakdown_figure(variants, key, label, logx))}'>")
+                         + _figure(ctx, name, fig, f"mean KLD and top-1 flip rate by {label}"))
     for name, v in variants.items():
         parts.append(f"<h3>{_e(name)} vs base</h3>{_stats_table(v.get('divergence', {}))}{_cka_html(v)}")
         wins = v.get("where_it_hurts") or []
@@ -292,8 +309,35 @@ def lm_section(res: Mapping[str, Any], plots: bool = True) -> str:
 
 
 def render_lm_report(res: Mapping[str, Any], plots: bool = True) -> str:
-    """A standalone HTML page holding :func:`lm_section`."""
+    """A standalone HTML page holding :func:`lm_section` (without the rest of a study report)."""
     title = _e(res.get("study", {}).get("name", "language-model study"))
     return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{title}</title>"
             f"<style>body{{font-family:sans-serif;max-width:1200px;margin:1em auto;padding:0 1em}}{CSS}</style>"
             f"</head><body><h1>{title}</h1>{lm_section(res, plots)}</body></html>")
+
+
+@register_renderer("language_model")
+def render(results: Any, ctx: RenderContext) -> str:
+    """The report's ``language_model`` section: the whole study (statistics, breakdown figures,
+    where it hurts), or in a combined report per study its llama.cpp table and a link to its
+    own report."""
+    sec = results.get("language_model") or {}
+    if not sec or sec.get("not_measured"):
+        return f"<p class='muted'>not_measured: {_e(sec.get('not_measured') or 'no language-model study')}</p>"
+    try:
+        if "variants" in sec:
+            return f"<style>{CSS}</style>" + lm_section(sec, ctx=ctx, heading=False)
+        out = [f"<style>{CSS}</style>"]
+        for tag, part in sec.items():
+            if not isinstance(part, Mapping) or "variants" not in part:
+                out.append(f"<h3>{_e(tag)}</h3><p class='muted'>not_measured: "
+                           f"{_e((part or {}).get('not_measured', 'no results'))}</p>")
+                continue
+            link = part.get("study", {}).get("report")
+            out.append(f"<h3>{_e(tag)}</h3>"
+                       + (f"<p>Full report (where it hurts, flipped tokens in context): "
+                          f"<a href='{_e(link)}'>{_e(link)}</a></p>" if link else "")
+                       + f"<pre class='lm-terminal'>{_e(terminal_table(part))}</pre>")
+        return "".join(out)
+    except Exception as ex:  # the language-model fragment must not take the whole report down
+        return f"<p class='skip'>language-model section could not be rendered: {_e(type(ex).__name__)}: {_e(ex)}</p>"

@@ -47,10 +47,11 @@ from .output import OutputFolderInUseError, OutputWriteError, check_output
 from .sections import (SECTIONS, AdversarialSection, DistributionSection, Entry, ModelsSection,
                        PredictionErrorsSection, Record, RepresentationSection, Section, register_section)
 from .values import NotComputed, as_float, is_number
+from .lm import LanguageModelEntry, LanguageModelRule, LanguageModelSection
 from .verdicts import RULES, Verdict, VerdictCell, VerdictRule, characteristics, decide_all, legends, register_rule
 
 __all__ = ["Results", "StudyInfo", "SCHEMA", "SCHEMA_V1", "OutputWriteError", "OutputFolderInUseError", "check_output",
            "Section", "Entry", "Record", "SECTIONS", "register_section", "ModelsSection", "PredictionErrorsSection",
            "RepresentationSection", "DistributionSection", "AdversarialSection", "NotComputed", "as_float",
            "is_number", "Verdict", "VerdictCell", "VerdictRule", "RULES", "register_rule", "characteristics",
-           "legends", "decide_all"]
+           "legends", "decide_all", "LanguageModelSection", "LanguageModelEntry", "LanguageModelRule"]

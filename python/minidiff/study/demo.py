@@ -89,8 +89,13 @@ def minilm_config(quick: bool = False) -> StudyConfig:
     }, source="embedded MiniLM study")
 
 
-def merge_results(parts: dict[str, dict[str, Any]], name: str) -> dict[str, Any]:
-    """One results dict whose variants are ``<study>-<variant>`` across several studies."""
+def merge_results(parts: dict[str, dict[str, Any]], name: str, lm: Any = None) -> dict[str, Any]:
+    """One results dict whose variants are ``<study>-<variant>`` across several studies.
+
+    ``lm``: the language-model part's results (a :class:`minidiff.Results` or its JSON
+    form, saved in ``lm/``): its variants join as ``lm-<variant>`` with their verdicts,
+    and its ``language_model`` section joins as ``{"lm": ...}`` with a link to
+    ``lm/report.html``."""
     first = next(iter(parts.values()))
     out: dict[str, Any] = {"schema": first["schema"], "thresholds": first["thresholds"], "variants": [],
                            "verdicts": {}, "models": {}, "prediction_errors": {}, "representation": {},
@@ -119,6 +124,16 @@ def merge_results(parts: dict[str, dict[str, Any]], name: str) -> dict[str, Any]
                             "num_examples": sum(p["study"]["ood"]["num_examples"] for p in parts.values()
                                                 if p["study"]["ood"])} if any(p["study"]["ood"] for p in parts.values())
                     else None, "notes": [f"{tag}: full report in {tag}/report.html" for tag in parts]}
+    if lm is not None:
+        lm = lm.json_data() if hasattr(lm, "json_data") else dict(lm)
+        for v in lm["variants"]:
+            out["variants"].append(f"lm-{v}")
+            out["verdicts"][f"lm-{v}"] = lm["verdicts"].get(v, {})
+        sec = lm.get("language_model") or {}
+        out["language_model"] = {"lm": {**sec, "study": {**sec.get("study", {}), "report": "lm/report.html"}}}
+        out["studies"]["lm"] = {"name": lm["study"]["name"], "report": "lm/report.html",
+                                "data": lm["study"]["data"]["name"], "timing": lm.get("timing")}
+        out["study"]["notes"].append("lm: full report in lm/report.html")
     return out
 
 
@@ -134,7 +149,8 @@ def run_demo(out: str | Path, quick: bool = False, only: str | None = None, prog
     from minidiff.study.results import write_output
     out = Path(out)
     if only == "lm":
-        return run_lm_demo(out / "lm", quick=quick, cache_dir=out / "cache" / "lm", progress=progress)
+        return run_lm_demo(out / "lm", quick=quick, cache_dir=out / "cache" / "lm", progress=progress,
+                           overwrite=overwrite)
     configs = {"digits": digits_config(quick), "minilm": minilm_config(quick)}
     if only is not None:
         if only not in configs:
@@ -150,9 +166,11 @@ def run_demo(out: str | Path, quick: bool = False, only: str | None = None, prog
         res.setdefault("timing", {})["build_s"] = study.build_info["build_s"]
         res["timing"]["study_wall_s"] = time.perf_counter() - t
         parts[tag] = res
-    if only is None:  # the language-model part has its own report: out/lm/report.html
-        run_lm_demo(out / "lm", quick=quick, cache_dir=out / "cache" / "lm", progress=progress)
-    merged = merge_results(parts, "minidiff demo" + (" (quick)" if quick else ""))
+    lm = None
+    if only is None:  # the language-model part has its own report, out/lm/report.html, and joins the summary
+        lm = run_lm_demo(out / "lm", quick=quick, cache_dir=out / "cache" / "lm", progress=progress,
+                         overwrite=overwrite)
+    merged = merge_results(parts, "minidiff demo" + (" (quick)" if quick else ""), lm)
     merged["timing"] = {"total_s": time.perf_counter() - t0}
     write_output(out, merged, render, overwrite=overwrite)
     return merged
@@ -180,7 +198,7 @@ def lm_demo_settings(quick: bool = False) -> dict[str, Any]:
 
 
 def run_lm_demo(out: str | Path, quick: bool = False, *, cache_dir: str | Path | None = None,
-                progress: bool = True) -> dict[str, Any]:
+                progress: bool = True, overwrite: bool = False) -> Any:
     """The language-model part of ``minidiff demo``: a tiny causal LM against its compressed versions.
 
     minidiff trains a small Llama-architecture model with its own byte-level BPE
@@ -188,9 +206,10 @@ def run_lm_demo(out: str | Path, quick: bool = False, *, cache_dir: str | Path |
     under ``cache_dir``, default ``out/cache``), makes its int8 (W8A8), int4
     weight-only (group size 32) and 50% magnitude-pruned versions, and scores all
     of them on the held-out conversations with llama.cpp's rule (windows of
-    ``n_ctx`` tokens, second half scored). Writes ``out/results.json``,
-    ``out/table.txt`` and ``out/report.html`` (flipped tokens in context) and
-    prints the llama.cpp-style table. Returns the results dict.
+    ``n_ctx`` tokens, second half scored). Saves the :class:`minidiff.Results` in
+    ``out`` (``results.json`` with the ``language_model`` section and verdicts, CSV
+    tables, ``report.html`` with the flipped tokens in context), prints the
+    llama.cpp-style table (with ``progress``) and returns the Results.
     """
     from minidiff.compress import prune, quantize
     from minidiff.lm.study import LMStudy
@@ -210,9 +229,7 @@ def run_lm_demo(out: str | Path, quick: bool = False, *, cache_dir: str | Path |
                     batch_size=s["batch_size"], max_windows=s["max_windows"], progress=False,
                     name="tiny Llama LM on held-out chatterbot conversations vs int8, int4 and 50%-pruned",
                     meta={"base_model": {**info, "load_or_train_s": time.perf_counter() - t0}})
-    res = study.run(out=out).to_dict()
+    result = study.run(out=out, overwrite=overwrite)
     if progress:
-        from minidiff.report.lm import terminal_table
-
-        print(terminal_table(res), flush=True)
-    return res
+        print(result.table(), flush=True)
+    return result.to_results()
