@@ -578,9 +578,10 @@ def _top_k_smallest_id_first(x: torch.Tensor, k: int) -> tuple[torch.Tensor, tor
     largest value (``k`` unless there are ties at the cut); those ``m`` contain every
     candidate and are put in (value, index) order by two stable sorts.
     """
-    kth = torch.topk(x, k, dim=-1).values[:, -1:]
-    m = int((x >= kth).sum(dim=-1).max())
-    top = torch.topk(x, m, dim=-1)
+    top = torch.topk(x, k, dim=-1)
+    m = int((x >= top.values[:, -1:]).sum(dim=-1).max())
+    if m > k:  # ties at the cut: topk's choice among them is arbitrary, take them all
+        top = torch.topk(x, m, dim=-1)
     by_id = torch.sort(top.indices, dim=-1, stable=True)
     vals = torch.gather(top.values, -1, by_id.indices)
     by_val = torch.sort(vals, dim=-1, descending=True, stable=True)
