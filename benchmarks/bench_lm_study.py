@@ -22,6 +22,7 @@ within 1.2x of the floor.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -77,14 +78,19 @@ def main() -> None:
         times["study"].append(s)
         s2, _ = study(True)
         times["study+cka"].append(s2)
-        print(f"round {r + 1}: floor {times['floor'][-1]:.2f} s, study {s:.2f} s "
-              f"(stream {tim['stream_s']:.2f}, explain {tim['explain_s']:.2f}), study+CKA {s2:.2f} s", flush=True)
+        f = times["floor"][-1]
+        print(f"round {r + 1}: floor {f:.2f} s, study {s:.2f} s ({s / f:.2f}x; stream {tim['stream_s']:.2f}, "
+              f"explain {tim['explain_s']:.2f}), study+CKA {s2:.2f} s ({s2 / f:.2f}x), "
+              f"load average {os.getloadavg()[0]:.1f}", flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"\nV={a.vocab} hidden={a.hidden} layers={a.layers} n_ctx={a.n_ctx} windows={a.windows} batch={a.batch} "
           f"models={len(models)} threads={torch.get_num_threads()}")
     print(f"median floor (bare forwards): {med['floor']:.3f} s")
     print(f"median study:                 {med['study']:.3f} s   ratio {med['study'] / med['floor']:.2f}x")
     print(f"median study + CKA:           {med['study+cka']:.3f} s   ratio {med['study+cka'] / med['floor']:.2f}x")
+    per_round = [s / f for s, f in zip(times["study"], times["floor"])]
+    print(f"median of the per-round ratios: study {statistics.median(per_round):.2f}x, study + CKA "
+          f"{statistics.median(s / f for s, f in zip(times['study+cka'], times['floor'])):.2f}x")
 
 
 if __name__ == "__main__":
