@@ -330,6 +330,9 @@ class TokenDivergenceAccumulator(Accumulator):
         z = as_tensor(base_logits, "base_logits")
         w = as_tensor(variant_logits, "variant_logits")
         stats = token_divergence(z, w, targets, backend=self.backend)
+        # this batch's per-token statistics, for a caller that also wants them per row (the LM
+        # study's worst-window details) without a second pass over the logits
+        self.last_batch_stats = stats
         lead = tuple(stats["kld"].shape)
         kld = stats["kld"].reshape(-1)
         rows = kld.numel()

@@ -431,10 +431,10 @@ class LMStudy:
         acc.update(base_logits, var_logits, meta["targets"].to(dev), window_ids=meta["window_ids"],
                    positions=meta["positions"], token_frequency=meta["token_frequency"])
         if self.explain_windows:
-            self._track(variant, acc.windows[n0:], base_logits, var_logits, meta["targets"].to(dev), lo)
+            self._track(variant, acc.windows[n0:], base_logits, var_logits, acc.last_batch_stats, lo)
 
     def _track(self, variant: str, new_rows: torch.Tensor, base_logits: torch.Tensor, var_logits: torch.Tensor,
-               targets: torch.Tensor, lo: int) -> None:
+               stats: Mapping[str, torch.Tensor], lo: int) -> None:
         """Keep the token details of the ``explain_windows`` highest-mean-KLD windows seen so
         far, taken from the logits already in memory (no second forward pass). The window
         means come from the accumulator's per-window sums (one row per window per update)."""
@@ -454,13 +454,12 @@ class LMStudy:
                 details.pop(worst, None)
             best[wid] = mean
             r = slice((wid - lo) * s, (wid - lo + 1) * s)
-            details[wid] = self._detail(base_logits[r], var_logits[r], targets[r])
+            details[wid] = self._detail(base_logits[r], var_logits[r], {k: v[r] for k, v in stats.items()})
 
-    def _detail(self, base_logits: torch.Tensor, var_logits: torch.Tensor, targets: torch.Tensor) -> dict[str, Any]:
-        """Per scored token of one window: KLD, both models' p(correct), flip, top-k candidates."""
-        from .divergence import token_divergence
-
-        d = token_divergence(base_logits, var_logits.to(base_logits.dtype), targets)
+    def _detail(self, base_logits: torch.Tensor, var_logits: torch.Tensor, d: Mapping[str, torch.Tensor]
+                ) -> dict[str, Any]:
+        """Per scored token of one window: KLD, both models' p(correct), flip (from the
+        accumulator's per-token statistics ``d`` of these rows), top-k candidates."""
         k = min(self.explain_top_k, base_logits.shape[-1])
         tb = base_logits.float().softmax(-1).topk(k, -1)
         tv = var_logits.float().softmax(-1).topk(k, -1)
@@ -683,7 +682,9 @@ class LMStudy:
                     bl = bf.read(wid * w.n_scored, (wid + 1) * w.n_scored).to(vl.device)
                 else:
                     bl = self._window_logits(self.base, wid, wid + 1).to(vl.device)
-                det = self._detail(bl, vl, w.targets[wid].to(vl.device))
+                from .divergence import token_divergence
+
+                det = self._detail(bl, vl, token_divergence(bl, vl.to(bl.dtype), w.targets[wid].to(vl.device)))
             ids = w.input_ids[wid].tolist()
             text = self._token_text(ids)
             tokens = []
