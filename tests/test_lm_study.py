@@ -435,6 +435,10 @@ def test_lm_results_round_trip(tmp_path, tok, text):
     # saving the loaded results again gives the same JSON
     back.save(tmp_path / "again")
     assert Results.load(tmp_path / "again").json_data() == back.json_data()
+    # without CKA the entry says why (the report's "Not computed, and why")
+    no_cka = LMStudy(base, {"v": _perturbed(base)}, text=text, tokenizer=tok, n_ctx=16, batch_size=3, max_windows=2,
+                     cka=False).run().to_results()
+    assert [r[:3] for r in no_cka.not_computed() if r[2] == "cka"] == [("language_model", "v", "cka")]
 
 
 @pytest.mark.parametrize("kld,same,want", [(0.001, 0.99, "same"), (0.005, 0.97, "same"), (0.006, 0.99, "minor"),

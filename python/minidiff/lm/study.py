@@ -159,6 +159,10 @@ class LMStudyResult:
         from minidiff.results.lm import LanguageModelSection
 
         data = _from_json_form(self.to_dict())
+        for v in data["variants"].values():
+            if v.get("cka") is None:
+                v["skipped"] = {"cka": "token-level CKA was not measured (cka=False, or the base-file mode, where "
+                                       "the two models never run together)"}
         section = LanguageModelSection({"study": data["study"], "variants": data["variants"]})
         st = self.study
         return Results(
