@@ -150,3 +150,14 @@ def test_rbf_threshold_accepts_any_real_scalar():
     assert minidiff.cka(x, y, kernel="rbf", threshold=torch.tensor(0.5)) == ref
     with pytest.raises(ValueError, match="threshold"):
         minidiff.cka(x, y, kernel="rbf", threshold=0.0)
+
+
+def test_check_names_the_package_a_toolchain_recipe_needs(tmp_path, monkeypatch):
+    import minidiff.study.check as check
+    f = tmp_path / "s.toml"
+    f.write_text('[data]\nsource = "builtin"\nname = "digits"\n[base]\nkind = "mlp"\n'
+                 '[[variants]]\nname = "o"\nrecipe = "ort-int8"\n')
+    assert any("ort-int8" in line for line in check.check_study(f))
+    monkeypatch.setitem(check._RECIPE_PACKAGES, "ort-int8", ("no_such_package_xyz",))
+    with pytest.raises(StudyFileError, match="pip install no_such_package_xyz"):
+        check.check_study(f)

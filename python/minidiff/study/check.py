@@ -12,12 +12,15 @@ Nothing is trained, compressed or run.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
 from minidiff.study.config import StudyConfig, StudyFileError, load_config
 
-_TRAINED = ("mlp", "cnn", "minilm")  # kinds minidiff trains (or trains a head for) on the [data] split
+_TRAINED = ("mlp", "cnn", "minilm")
+#: Recipes made by other toolchains and the packages they run (the formats extra).
+_RECIPE_PACKAGES = {"ort-int8": ("onnx", "onnxruntime", "onnxscript"), "torchao-int8": ("torchao",)}  # kinds minidiff trains (or trains a head for) on the [data] split
 
 
 def _fail(where: str, msg: str) -> StudyFileError:
@@ -79,6 +82,10 @@ def _check_recipes(cfg: StudyConfig, done: list[str]) -> None:
                                "use head = 'pretrained' or a different recipe")
         if v.recipe == "model" and v.model is not None:
             continue
+        missing = [pkg for pkg in _RECIPE_PACKAGES.get(v.recipe, ()) if importlib.util.find_spec(pkg) is None]
+        if missing:
+            raise _fail(where, f"recipe {v.recipe!r} needs {', '.join(missing)}, which is not installed: "
+                               f"pip install {' '.join(missing)} (or pip install 'minidiff[formats]')")
         done.append(f"{where}: recipe {v.recipe!r} applies to a {base_kind} base")
 
 
