@@ -151,6 +151,18 @@ def _cases() -> dict[str, Case]:
 CASES = _cases()
 # accumulator classes the registry covers (a case name is the class name, optionally "-variant")
 COVERED = {name.split("-")[0] for name in CASES}
+#: Accumulators that measure nothing, so the equalities above do not apply to them.
+NOT_METRICS = {"NotApplicable"}  # minidiff.study.characteristics: a stand-in with no state that says why
+
+
+def test_stand_ins_hold_no_state_and_say_why():
+    from minidiff.metrics._checks import MetricSkipped
+    from minidiff.study.characteristics import NotApplicable
+    a = NotApplicable("layer_error", "widths differ")
+    a.update(torch.ones(2, 2), torch.ones(2, 2))
+    assert a.state_dict() == {} and a.reductions == {}
+    with pytest.raises(MetricSkipped, match="widths differ"):
+        a.compute()
 
 
 # -- driving a case ------------------------------------------------------------------------
@@ -253,7 +265,7 @@ def test_every_accumulator_is_registered():
         todo.extend(cls.__subclasses__())
         if cls.__module__.startswith("minidiff."):
             found.add(cls.__name__)
-    missing = found - COVERED
+    missing = found - COVERED - NOT_METRICS
     assert not missing, f"add a Case for {sorted(missing)} to CASES in tests/test_accumulators.py"
 
 

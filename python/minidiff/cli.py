@@ -140,7 +140,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("minidiff: %(message)s"))
         log.addHandler(handler)
-        log.propagate = False
     log.setLevel(logging.INFO if getattr(args, "verbose", False) else logging.WARNING)
     if getattr(args, "quiet", False) or not sys.stderr.isatty():
         _quiet()
