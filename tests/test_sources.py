@@ -422,3 +422,20 @@ def test_study_file_model_sources(tmp_path):
                      ({"kind": "onnx", "path": "a", "runtime": "llama.cpp"}, "applies to kind .gguf. only")):
         with pytest.raises(StudyFileError, match=msg):
             parse_config({**base, "base": bad})
+
+
+def test_ort_int8_head_input_is_the_float_activation_not_a_quantizer_scale(tmp_path):
+    """ONNX Runtime's dynamic quantization puts a DynamicQuantizeLinear before each MatMul;
+    the head's input must be traced back through it to the float tensor it quantizes."""
+    pytest.importorskip("onnxruntime")
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from minidiff.models import load_model, make_mlp
+    torch.manual_seed(0)
+    m = make_mlp(16, [24, 12], 5).eval()
+    f, q = tmp_path / "m.onnx", tmp_path / "m-int8.onnx"
+    torch.onnx.export(m, (torch.randn(4, 16),), str(f), input_names=["x"], output_names=["logits"],
+                      dynamic_axes={"x": {0: "b"}, "logits": {0: "b"}}, dynamo=False)
+    quantize_dynamic(str(f), str(q), weight_type=QuantType.QInt8)
+    fp, i8 = load_model(f, kind="onnx").model, load_model(q, kind="onnx").model
+    assert i8.head_tensor == fp.head_tensor and not i8.head_tensor.endswith(("_scale", "_zero_point"))

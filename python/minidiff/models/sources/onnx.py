@@ -104,6 +104,19 @@ def graph_module_outputs(graph: Any) -> tuple[dict[str, str], dict[str, str]]:
         for k in range(1, len(parts) + 1):
             all_paths.setdefault(".".join(parts[:k]), []).append(i)
 
+    def float_source(t: str) -> str | None:
+        """The float tensor behind ``t``: an int8 copy made by a quantizer (ONNX Runtime's
+        dynamic / QDQ quantization inserts them before each quantized MatMul) leads back to
+        the tensor it quantizes; a quantizer's scale or zero point is no module input (None)."""
+        for _ in range(4):
+            i = producer.get(t)
+            if i is None or nodes[i].op_type not in _QUANT_OPS:
+                return t
+            if list(nodes[i].output).index(t) != 0:
+                return None
+            t = nodes[i].input[0]
+        return t
+
     def inside(i: int, path: str) -> bool:
         s = scopes[i]
         return bool(s) and (s == path or s.startswith(path + "."))
@@ -121,8 +134,12 @@ def graph_module_outputs(graph: Any) -> tuple[dict[str, str], dict[str, str]]:
         if best is not None:
             outs[path] = best
         for i in idx:
-            got = next((t for t in nodes[i].input if t and t not in consts and
-                        (t not in producer or not inside(producer[t], path))), None)
+            got = None
+            for t in nodes[i].input:
+                src = float_source(t) if t else None
+                if src and src not in consts and (src not in producer or not inside(producer[src], path)):
+                    got = src
+                    break
             if got is not None:
                 ins[path] = got
                 break
