@@ -570,3 +570,32 @@ def test_report_escapes_text():
     assert "<script>" not in html and "<i>a</i>" not in html and "b<1>" not in html and "v&<" not in html
     assert "<mark>&lt;script&gt;</mark>" in html
     assert re.search(r'src="data:image/png;base64,[A-Za-z0-9+/=]+"', html)
+
+
+def test_embedding_attack_states_models_without_input_embeddings_as_not_measured(tiny_text):
+    """A model that takes token ids only (an ONNX Runtime session) cannot join an
+    embedding-space attack: that run says so for it, word substitution still attacks it."""
+    models, data, tok = tiny_text
+
+    class IdsOnly(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.tokenizer = inner, inner.tokenizer
+
+        def tokenize(self, texts, max_length=128):
+            return self.inner.tokenize(texts, max_length)
+
+        def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None):
+            if inputs_embeds is not None:
+                raise TypeError("this model takes token ids only")
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+    three = {**models, "ids-only": IdsOnly(models["var"]).eval()}
+    cfg = AdversarialConfig(attacks=["embedding-pgd", "word-substitution"], embedding_epsilon=[0.5], steps=2,
+                            num_candidates=4, bootstrap=0)
+    res = run_adversarial(three, data, cfg, base="base", tokenizer=tok)
+    emb = res["attacks"]["embedding-pgd eps=0.5"]
+    assert "ids-only" not in emb["per_model"] and "takes token ids only" in emb["not_measured"]["ids-only"]
+    assert emb["transfer"]["models"] == ["base", "var"]
+    assert "ids-only" in res["attacks"]["word-substitution"]["per_model"]
+    assert "Not attacked here" in render_section(res)

@@ -160,7 +160,7 @@ def _seed(config: AdversarialConfig, *parts: int) -> int:
 
 
 def _new_run(attack, epsilon, norm, realizable, n, names):
-    return {"attack": attack, "epsilon": epsilon, "norm": norm, "realizable": realizable,
+    return {"attack": attack, "epsilon": epsilon, "norm": norm, "realizable": realizable, "_names": list(names),
             "_correct": {k: np.zeros(n, bool) for k in names},
             "_fooled": {(i, j): np.zeros(n, bool) for i in names for j in names},
             "_size": {k: np.full(n, np.nan) for k in names},
@@ -306,6 +306,11 @@ def _run_text(models, names, texts, y_all, config, attacks, tokenizer, word_rank
         if attack == "word-substitution":
             runs["word-substitution"] = _run_words(tm, names, texts, y_all, config, word_ranking)
             continue
+        skipped = {k: why for k in names if (why := _no_embeddings(tm[k])) is not None}
+        if base in skipped:
+            raise ValueError(f"{attack}: the base model {base!r} cannot be attacked in embedding space "
+                             f"({skipped[base]}); use attacks = ['word-substitution']")
+        full_names, names = names, [k for k in names if k not in skipped]
         probe_batch = E.prepare(tm[base], texts[: min(n, 8)])
         yp = y_all[: min(n, 8)]
         plan, notes = _gradient_plan(
@@ -347,8 +352,21 @@ def _run_text(models, names, texts, y_all, config, attacks, tokenizer, word_rank
             for k in names:
                 run["_correct"][k] = (clean[k] == y_all).numpy()
                 run["_gradient"][k], run["_note"][k] = plan[k], notes[k]
+            if skipped:
+                run["not_measured"] = dict(skipped)
             runs[f"{attack} eps={eps:g}"] = run
+        names = full_names
     return runs
+
+
+def _no_embeddings(tm: TextModel) -> str | None:
+    """Why a model cannot join an embedding-space attack (None when it can): an ONNX Runtime
+    session, say, takes token ids only."""
+    try:
+        tm.embedding_module()
+    except (ValueError, AttributeError, NotImplementedError) as exc:
+        return f"not measured: it takes token ids only, not input embeddings ({exc})"
+    return None
 
 
 def _word_ranking_plan(tm, names, texts, y_all, config, ranking, splits, cands, clean):
@@ -474,6 +492,7 @@ def _text_examples(res: "T.TextAttackResult", splits, y_all, limit):
 
 # ---------------------------------------------------------------------- assemble
 def _finish(run: dict, names: list[str], config: AdversarialConfig) -> None:
+    names = run.pop("_names", names)  # the models this run attacked (all, or those it applies to)
     correct = run.pop("_correct")
     fooled = run.pop("_fooled")
     size = run.pop("_size")

@@ -13,6 +13,8 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from minidiff.models.capture import logits_of
+
 from .continuous import model_device
 
 
@@ -91,7 +93,7 @@ class TextModel:
         out = []
         for chunk in self._batches([lengths[i] for i in order], batch_size):
             ids, mask = self.encode([texts[order[j]] for j in chunk])
-            out.append(self.model(input_ids=ids, attention_mask=mask).float().cpu())
+            out.append(logits_of(self.model(input_ids=ids, attention_mask=mask)).float().cpu())
             self.n_queries += len(ids)
             self.n_forward += 1
         sorted_logits = torch.cat(out)
@@ -140,7 +142,7 @@ class TextModel:
         return ids, mask, enc["offset_mapping"]
 
     def logits_from_embeds(self, embeds: Tensor, mask: Tensor) -> Tensor:
-        return self.model(inputs_embeds=embeds.to(self.device), attention_mask=mask.to(self.device))
+        return logits_of(self.model(inputs_embeds=embeds.to(self.device), attention_mask=mask.to(self.device)))
 
     # ------------------------------------------------------------------ embeddings
     def embedding_module(self) -> nn.Module:

@@ -52,6 +52,8 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
+
+from minidiff.models.capture import logits_of
 from torch import nn
 
 from .windows import TokenWindows, check_same_tokenizer, make_windows
@@ -77,21 +79,6 @@ def _accepts(model: nn.Module, name: str) -> bool:
         return name in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return False
-
-
-def logits_of(output: Any) -> torch.Tensor:
-    """The logits in a model output: a tensor, ``.logits``, a ``"logits"`` key or the first tensor."""
-    if isinstance(output, torch.Tensor):
-        return output
-    lg = getattr(output, "logits", None)
-    if isinstance(lg, torch.Tensor):
-        return lg
-    if isinstance(output, Mapping) and isinstance(output.get("logits"), torch.Tensor):
-        return output["logits"]
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}; a language model must "
-                    "return a (batch, seq, vocab) tensor or an object with .logits")
 
 
 def make_forward(model: nn.Module, keep: torch.Tensor | None) -> Callable[..., Any]:

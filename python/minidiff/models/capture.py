@@ -110,6 +110,19 @@ def first_tensor(output: Any) -> torch.Tensor:
     raise ValueError(f"module output of type {type(output).__name__} holds no tensor to capture")
 
 
+def logits_of(output: Any) -> torch.Tensor:
+    """The logits in a model's output: the tensor itself, ``.logits`` (a ``ModelOutput``, a
+    model source's output), a ``"logits"`` key, else the first tensor (:func:`first_tensor`)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    lg = getattr(output, "logits", None)
+    if isinstance(lg, torch.Tensor):
+        return lg
+    if isinstance(output, Mapping) and isinstance(output.get("logits"), torch.Tensor):
+        return output["logits"]
+    return first_tensor(output)
+
+
 def pool(x: torch.Tensor, token_mode: str, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Turn one layer's output into a ``(samples, features)`` matrix (see module docstring)."""
     if token_mode not in TOKEN_MODES:

@@ -89,6 +89,9 @@ def render_section(results: dict, ctx: RenderContext | None = None, tag: str = "
                  if str(v.get("gradient", "")).startswith(("surrogate", "gradient-free"))]
         if notes:
             out.append("<p><b>Gradient substitutes:</b> " + "; ".join(notes) + "</p>")
+        if run.get("not_measured"):
+            out.append("<p><b>Not attacked here:</b> " + "; ".join(
+                f"{e(k)}: {e(v)}" for k, v in run["not_measured"].items()) + "</p>")
         tr = run.get("transfer")
         if tr and len(tr.get("models", [])) > 1:  # one model: the table already says it all
             out.append(ctx.plot(f"adversarial_transfer_{tag + '_' if tag else ''}{key}", plots.transfer_heatmap,

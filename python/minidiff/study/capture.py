@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from minidiff.models.capture import LayerRecorder, first_tensor, pool
+from minidiff.models.capture import LayerRecorder, logits_of, pool
 
 _ACTIVATIONS = (nn.ReLU, nn.GELU, nn.Tanh, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Sigmoid, nn.Mish, nn.Hardtanh)
 _BLOCK_RE = re.compile(r"(^|\.)(layer|layers|h|block|blocks)\.\d+$")
@@ -64,14 +64,6 @@ def last_parametrised_leaf(module: nn.Module) -> str:
     if not last:
         raise ValueError(f"{type(module).__name__} has no parametrised module to take the embedding from")
     return last
-
-
-def _logits_of(out: Any) -> torch.Tensor:
-    """The logits in a model's output: ``.logits`` of a ``ModelOutput``, else the
-    first tensor (see :func:`minidiff.models.capture.first_tensor`)."""
-    if hasattr(out, "logits") and isinstance(out.logits, torch.Tensor):
-        return out.logits
-    return first_tensor(out)
 
 
 @dataclass
@@ -152,7 +144,7 @@ class Member:
                 raw = rec.take()
             except ValueError as e:
                 raise ValueError(f"model {self.name!r}: {e}") from None
-        logits = _logits_of(out).float()
+        logits = logits_of(out).float()
         if not emb:
             raise ValueError(f"model {self.name!r}: module {self.embedding_module!r} was not called in forward")
         embedding = emb[-1]
