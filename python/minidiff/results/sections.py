@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Iterator, Optional, Union
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from .values import Number, NotComputed, as_float, fill_missing, is_number
+from .values import Number, NotComputed, as_float, dig, fill_missing, is_number
 
 
 class Record(BaseModel):
@@ -418,14 +418,7 @@ class AdversarialSection(dict):
         return out
 
 
-def _g(d: Any, *path: str) -> Any:
-    """``d[path[0]][path[1]]...`` or None where a step is missing (dicts and records alike)."""
-    for p in path:
-        get = getattr(d, "get", None)
-        if get is None or isinstance(d, (str, bytes)):
-            return None
-        d = get(p)
-    return d
+_g = dig  # the one path getter (results.values)
 
 
 def _min(xs: Any) -> Any:

@@ -166,3 +166,13 @@ def walk(obj: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...]
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
             yield from walk(v, path + (str(i),))
+
+
+def dig(d: Any, *path: str) -> Any:
+    """``d[path[0]][path[1]]...`` or None where a step is missing (dicts and records alike)."""
+    for p in path:
+        get = getattr(d, "get", None)
+        if get is None or isinstance(d, (str, bytes)):
+            return None
+        d = get(p)
+    return d

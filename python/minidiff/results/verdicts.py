@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 from pydantic import BaseModel, ConfigDict
 
-from .values import as_float
+from .values import as_float, dig
 
 
 class Verdict(str, Enum):
@@ -77,13 +77,7 @@ def _pts(x: float) -> str:
     return f"{v:g} point" + ("" if v == 1 else "s")
 
 
-def _get(d: Any, *path: str) -> Any:
-    for p in path:
-        get = getattr(d, "get", None)
-        if get is None or isinstance(d, (str, bytes)):
-            return None
-        d = get(p)
-    return d
+_get = dig  # the one path getter (results.values)
 
 
 class VerdictRule:

@@ -8,7 +8,7 @@ Gram form (~ n^2 (d1 + d2); the only form for the RBF kernel).
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -48,16 +48,7 @@ def cka_matrix(feats_a, feats_b=None, *, kernel: str = "linear", estimator: str 
     if kernel == "rbf":  # any real scalar: a np.float32 or 0-d tensor threshold is a number too
         threshold = real_scalar(threshold, "threshold", lo=0.0)
     same = feats_b is None
-    fa = _layer_list(feats_a, "a")
-    na_ = _names(names_a, len(fa), "a")
-    la = [_as_features(t, f"layer {name}") for t, name in zip(fa, na_)]
-    if same:
-        lb, nb_ = la, na_
-    else:
-        fb = _layer_list(feats_b, "b")
-        nb_ = _names(names_b, len(fb), "b")
-        lb = [_as_features(t, f"layer {name}") for t, name in zip(fb, nb_)]
-    n = _check_rows(la + lb, na_ + nb_, None)
+    la, na_, lb, nb_, n = _prepare_layers(feats_a, feats_b, names_a, names_b)
     need = 4 if estimator == "unbiased" else 2
     if n < need:
         raise ValueError(f"the {estimator} estimator needs at least {need} samples, got n={n}")
@@ -110,6 +101,21 @@ def _zero_centred(raw: Sequence[torch.Tensor], centred: Sequence[torch.Tensor]) 
     flags = [float(torch.linalg.vector_norm(c)) <= 64 * _EPS * float(torch.linalg.vector_norm(r))
              for r, c in zip(raw, centred)]
     return torch.tensor(flags, device=raw[0].device)
+
+
+def _prepare_layers(feats_a: Any, feats_b: Any, names_a: Any, names_b: Any) -> tuple[list, list, list, list, int]:
+    """Validated float64 layers and names of both sides (``feats_b=None``: the same as a) and
+    their common number of samples."""
+    fa = _layer_list(feats_a, "a")
+    na_ = _names(names_a, len(fa), "a")
+    la = [_as_features(t, f"layer {name}") for t, name in zip(fa, na_)]
+    if feats_b is None:
+        lb, nb_ = la, na_
+    else:
+        fb = _layer_list(feats_b, "b")
+        nb_ = _names(names_b, len(fb), "b")
+        lb = [_as_features(t, f"layer {name}") for t, name in zip(fb, nb_)]
+    return la, na_, lb, nb_, _check_rows(la + lb, na_ + nb_, None)
 
 
 def _rbf_grams(centred: Sequence[torch.Tensor], threshold: float, names: Sequence[str]):
@@ -168,16 +174,7 @@ def similarity_matrix(layers_a, layers_b=None, *, measure: str = "cka", estimato
     if measure == "cka":
         return cka_matrix(layers_a, layers_b, estimator=estimator, names_a=names_a, names_b=names_b)
     same = layers_b is None
-    fa = _layer_list(layers_a, "a")
-    na_ = _names(names_a, len(fa), "a")
-    la = [_as_features(t, f"layer {name}") for t, name in zip(fa, na_)]
-    if same:
-        lb, nb_ = la, na_
-    else:
-        fb = _layer_list(layers_b, "b")
-        nb_ = _names(names_b, len(fb), "b")
-        lb = [_as_features(t, f"layer {name}") for t, name in zip(fb, nb_)]
-    n = _check_rows(la + lb, na_ + nb_, None)
+    la, na_, lb, nb_, n = _prepare_layers(layers_a, layers_b, names_a, names_b)
     if n < 2:
         raise ValueError(f"second-order similarity measures need at least 2 samples, got n={n}")
     device = la[0].device
