@@ -92,17 +92,6 @@ def _threads(n: int) -> None:
         torch.set_num_threads(n)
 
 
-def _is_lm_study(path: str) -> bool:
-    """Whether a study file asks for a language-model study (``[study] task = "causal-lm"``)."""
-    import tomllib
-
-    from minidiff.lm.config import is_lm_study
-    try:
-        return is_lm_study(tomllib.loads(Path(path).read_text(encoding="utf-8")))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-        return False  # the classifier path reports the file's problem with its own message
-
-
 def _overrides(cfg, args: argparse.Namespace):
     """Apply --device / --seed to a validated study file (validated again)."""
     from minidiff.study.config import parse_config
@@ -144,25 +133,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "quiet", False) or not sys.stderr.isatty():
         _quiet()
     try:
-        if args.command == "check" and _is_lm_study(args.study):
-            from minidiff.lm.config import load_lm_config
-            cfg = load_lm_config(args.study)
-            from minidiff.validation import check_device
-            check_device(args.device or cfg.study.device, "device")
-            if not args.quiet:
-                print(f"{args.study}: OK — language-model study ({cfg.study.task}), {len(cfg.variants)} variant(s): "
-                      + ", ".join(v.name for v in cfg.variants))
-            return 0
         if args.command == "check":
+            from minidiff.lm.config import LMStudyConfig
             from minidiff.study.check import check_study
-            checks = check_study(args.study, device=args.device)
+            from minidiff.validation import check_device
+            cfg = load_config(args.study)  # classifier or language-model study, read once
+            if isinstance(cfg, LMStudyConfig):
+                check_device(args.device or cfg.study.device, "device")
+                checks, what = ["valid TOML, every key known and typed", "device exists"], \
+                    f"language-model study ({cfg.study.task})"
+            else:
+                checks, what = check_study(args.study, device=args.device, config=cfg), f"base {cfg.base.kind}"
             if args.verbose:
                 for line in checks:
                     print(f"  ok  {line}")
             if not args.quiet:
-                cfg = load_config(args.study)
-                print(f"{args.study}: OK ({len(checks)} checks) — base {cfg.base.kind}, {len(cfg.variants)} "
-                      "variant(s): " + ", ".join(v.name for v in cfg.variants))
+                print(f"{args.study}: OK ({len(checks)} checks) — {what}, {len(cfg.variants)} variant(s): "
+                      + ", ".join(v.name for v in cfg.variants))
             return 0
         if args.command == "report":
             from minidiff.study.study import report_from_cache
@@ -170,10 +157,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"report written: {Path(args.out) / 'report.html'} ({len(res['variants'])} variants, "
                   "from the cache; no model was run)")
             return 0
-        if args.command == "run" and _is_lm_study(args.study):
+        if args.command == "run":
             _threads(args.threads)
-            from minidiff.lm.config import build_lm_study, load_lm_config
-            cfg = load_lm_config(args.study)
+            from minidiff.lm.config import LMStudyConfig, build_lm_study
+            cfg = load_config(args.study)  # classifier or language-model study, read once
+        if args.command == "run" and isinstance(cfg, LMStudyConfig):
             if args.device:
                 cfg.study.device = args.device
             if args.seed is not None:
@@ -187,8 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"\nreport: {Path(args.out) / 'report.html'}\nnumbers: {Path(args.out) / 'results.json'}")
             return 0
         if args.command == "run":
-            _threads(args.threads)
-            cfg = _overrides(load_config(args.study), args)
+            cfg = _overrides(cfg, args)
             from minidiff.study.study import build_study
             cache = Path(args.cache) if args.cache else Path(args.out) / "cache"
             study = build_study(cfg, cache_dir=cache, progress=_progress(args) and cfg.study.progress)

@@ -89,8 +89,9 @@ def _check_recipes(cfg: StudyConfig, done: list[str]) -> None:
         done.append(f"{where}: recipe {v.recipe!r} applies to a {base_kind} base")
 
 
-def check_study(path: str | Path, *, device: str | None = None) -> list[str]:
+def check_study(path: str | Path, *, device: str | None = None, config: StudyConfig | None = None) -> list[str]:
     """Validate the study file at ``path``; return the list of checks that passed.
+    ``config``: the file already read by :func:`~minidiff.study.config.load_config`.
 
     Raises
     ------
@@ -98,10 +99,7 @@ def check_study(path: str | Path, *, device: str | None = None) -> list[str]:
         Naming the table or key at fault and how to fix it.
     """
     p = Path(path)
-    if p.is_dir():
-        raise StudyFileError(f"{str(p)!r} is a folder; give the study file itself (a .toml file), e.g. "
-                             f"minidiff check {p / 'study.toml'}")
-    cfg = load_config(p)
+    cfg = config if config is not None else load_config(p)
     done = [f"{p}: valid TOML, every key known and typed"]
     from minidiff.validation import check_device
 

@@ -426,6 +426,9 @@ def load_config(path: str | Path) -> Any:
     Relative data/model paths in the file are resolved against the file's folder.
     """
     p = Path(path)
+    if p.is_dir():
+        raise StudyFileError(f"{str(p)!r} is a folder; give the study file itself (a .toml file), e.g. "
+                             f"{p / 'study.toml'}")
     if not p.is_file():
         raise StudyFileError(f"study file {str(p)!r} does not exist")
     try:
