@@ -19,6 +19,7 @@ across ranks in example order and the accumulators all-reduced
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -159,10 +160,14 @@ def run_pass(members: list[Member], pairs: list[Pair], data: Any, *, cache: Stud
                     acc.reset()
         accs[p.name] = (built, pkey)
         first = _batch_inputs(data, 0, min(batch_size, n_total))
+
+        @functools.cache  # the pair's first-batch layers, computed once for all its statistics
+        def first_layers(p: Pair = p) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+            return p.a.forward(first, token_mode, device)[1], p.b.forward(first, token_mode, device)[1]
+
         for acc in built.values():
             # under torchrun: one shift on every rank (the single-process one) before accumulating
-            ctx.agree_shift(acc, lambda p=p: (p.a.forward(first, token_mode, device)[1],
-                                              p.b.forward(first, token_mode, device)[1]))
+            ctx.agree_shift(acc, first_layers)
     # output statistics (logits): fed from each chunk's outputs, cached or fresh, so resuming
     # rebuilds them exactly from the cache
     out_stats: dict[str, dict[str, Any]] = {m.name: {} for m in members}
