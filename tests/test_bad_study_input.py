@@ -161,3 +161,60 @@ def test_check_names_the_package_a_toolchain_recipe_needs(tmp_path, monkeypatch)
     monkeypatch.setitem(check._RECIPE_PACKAGES, "ort-int8", ("no_such_package_xyz",))
     with pytest.raises(StudyFileError, match="pip install no_such_package_xyz"):
         check.check_study(f)
+
+
+def test_an_ood_set_of_another_shape_is_refused_before_running(tmp_path):
+    from minidiff import Study
+    from minidiff.data import ExampleSet
+    from minidiff.models import make_mlp
+    from minidiff.study.check import check_study
+    g = torch.Generator().manual_seed(0)
+    data = ExampleSet("d", "tabular", torch.randn(64, 10, generator=g), torch.randint(0, 3, (64,), generator=g),
+                      ["a", "b", "c"])
+    ood = ExampleSet("o", "tabular", torch.randn(20, 7, generator=g), None, None)  # no labels, no class names
+    assert ood.class_names == []
+    with pytest.raises(ValueError, match=r"OOD set 'o' has examples of shape \(7,\).*'d' has \(10,\)"):
+        Study(make_mlp(10, [8], 3), {"v": make_mlp(10, [8], 3)}, data, ood=ood, progress=False)
+    csv = tmp_path / "ood.csv"
+    csv.write_text("a,b,c\n" + "\n".join("1,2,3" for _ in range(8)) + "\n")
+    train = tmp_path / "data.csv"
+    train.write_text("a,b,c,d,label\n" + "\n".join(f"1,2,3,{i},{i % 2}" for i in range(16)) + "\n")
+    f = tmp_path / "s.toml"
+    f.write_text(f'[data]\nsource = "csv"\npath = "{train}"\noptions = {{feature_columns = ["a", "b", "c", "d"]}}\n'
+                 f'[ood]\nsource = "csv"\npath = "{csv}"\nlabel_column = ""\n'
+                 'options = {feature_columns = ["a", "b", "c"]}\n[base]\nkind = "mlp"\n'
+                 '[[variants]]\nname = "p"\nrecipe = "prune"\n')
+    with pytest.raises(StudyFileError, match=r"\[ood\] examples have shape \(3,\) but \[data\] examples have \(4,\)"):
+        check_study(f)
+
+
+_FULL_DISK = r'''
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+from minidiff.study.build import build_parts
+from minidiff.study.config import parse_config
+cfg = parse_config({"data": {"source": "builtin", "name": "digits", "limit": 200},
+                    "base": {"kind": "mlp", "hidden": [64], "train": {"epochs": 1}},
+                    "variants": [{"name": "p", "recipe": "prune"}]})
+try:
+    build_parts(cfg, cache_dir=sys.argv[1], progress=False)
+except OSError as e:
+    print("ERRNO", e.errno, type(e).__name__, e)
+'''
+
+
+def test_a_failed_write_of_a_built_model_says_why_and_leaves_nothing(tmp_path):
+    # a real I/O failure inside safetensors' writer (a file-size limit stands in for a full
+    # disk: the writer gets EFBIG where it would get ENOSPC)
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-c", _FULL_DISK, str(tmp_path)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "ERRNO 27 ModelWriteError" in r.stdout, r.stdout + r.stderr[-2000:]
+    assert "could not save the model to" in r.stdout and "File too large" in r.stdout
+    assert "free disk space" in r.stdout and "SafetensorError" not in r.stdout
+    built = tmp_path / "built"
+    assert not built.exists() or not [p for p in built.iterdir() if (p / "model.safetensors").exists()]
+    assert not built.exists() or not [p for p in built.iterdir() if p.name.startswith(".")]

@@ -51,7 +51,7 @@ class ExampleSet:
     kind: Kind
     inputs: list[str] | torch.Tensor
     labels: torch.Tensor | None
-    class_names: list[str]
+    class_names: list[str] | None
     ids: list[str] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -83,7 +83,7 @@ class ExampleSet:
             raise ValueError(f"ExampleSet {self.name!r}: {len(self.ids)} ids for {m} examples")
         if len(set(self.ids)) != m:
             raise ValueError(f"ExampleSet {self.name!r}: example ids are not unique")
-        self.class_names = [str(c) for c in self.class_names]
+        self.class_names = [] if self.class_names is None else [str(c) for c in self.class_names]
         if self.labels is not None:
             labels = torch.as_tensor(self.labels)
             if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():

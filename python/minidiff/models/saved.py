@@ -20,6 +20,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import shutil
 import sys
 import tempfile
@@ -28,6 +29,8 @@ from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
+
+from minidiff._units import human_bytes
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -423,12 +426,34 @@ def _file_sha256(path: pathlib.Path) -> str:
     return h.hexdigest()
 
 
+class ModelWriteError(OSError):
+    """Saving a model failed (full disk, quota, permissions); nothing was left half-written."""
+
+
+def _write_error(path: pathlib.Path, exc: BaseException, nbytes: int) -> ModelWriteError:
+    """An ``OSError`` that names the folder, the operating system's reason and the size needed.
+
+    safetensors reports its writer's I/O failures as ``SafetensorError('... (os error 28)')``;
+    the errno is recovered from that text so that callers can test ``e.errno`` as for any
+    other failed write.
+    """
+    errno_ = getattr(exc, "errno", None)
+    if errno_ is None:
+        m = re.search(r"os error (\d+)", str(exc))
+        errno_ = int(m.group(1)) if m else None
+    reason = os.strerror(errno_) if errno_ else str(exc)
+    return ModelWriteError(errno_ or 0, f"could not save the model to {path}: {reason}. It needs about "
+                               f"{human_bytes(nbytes)}; free disk space there or choose another folder "
+                               "(nothing was left half-written)")
+
+
 def save_variant(variant: Variant, path: str | os.PathLike, *, overwrite: bool = True) -> pathlib.Path:
     """Write ``variant`` to directory ``path`` atomically (temp dir + ``os.replace``).
 
     Returns the directory. ``variant.manifest["bytes_on_disk"]`` is set to the
     size of ``model.safetensors``.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     from minidiff.models.classifier import architecture_of
@@ -447,7 +472,10 @@ def save_variant(variant: Variant, path: str | os.PathLike, *, overwrite: bool =
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         wfile = tmp / WEIGHTS_FILE
-        save_file(tensors, str(wfile), metadata={"format": "pt", "producer": "minidiff"})
+        try:
+            save_file(tensors, str(wfile), metadata={"format": "pt", "producer": "minidiff"})
+        except SafetensorError as exc:  # the writer's I/O errors (full disk, quota) arrive as this type
+            raise _write_error(path, exc, sum(t.nbytes for t in tensors.values())) from exc
         manifest = dict(variant.manifest)
         manifest["bytes_on_disk"] = wfile.stat().st_size
         tok = variant.tokenizer if variant.tokenizer is not None else getattr(model, "tokenizer", None)
@@ -473,6 +501,11 @@ def save_variant(variant: Variant, path: str | os.PathLike, *, overwrite: bool =
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, ModelWriteError):
+            raise
+        raise _write_error(path, exc, sum(t.nbytes for t in tensors.values())) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

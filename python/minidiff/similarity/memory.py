@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from minidiff._units import human_bytes
 from minidiff.ops.selfgram import STACKED_MAX_BLOCKS, pending_numel
 
 
@@ -37,14 +38,6 @@ def cka_state_bytes(dims_a: Sequence[int], dims_b: Sequence[int] | None = None, 
     return 8 * (big + small) + (4 * da * db if float32_inputs else 0) + grams
 
 
-def _human(nbytes: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if nbytes < 1024 or unit == "PiB":
-            return f"{nbytes:.1f} {unit}"
-        nbytes /= 1024
-    raise AssertionError
-
-
 def check_state_fits(dims_a: Sequence[int], dims_b: Sequence[int] | None, available: int | None) -> None:
     """Refuse, with the memory formula, statistics that cannot be allocated.
 
@@ -64,8 +57,8 @@ def check_state_fits(dims_a: Sequence[int], dims_b: Sequence[int] | None, availa
         db = sum(int(d) for d in dims_b)
         formula = f"8 * (D_a * D_b + sum d_a^2 + sum d_b^2) = 8 * ({da} * {db} + ...)"
     raise ValueError(
-        f"the CKA statistics for these layer widths need {_human(need)} ({formula} bytes plus small "
-        f"vectors; see minidiff.similarity.cka_state_bytes), more than the {_human(available)} available. "
+        f"the CKA statistics for these layer widths need {human_bytes(need)} ({formula} bytes plus small "
+        f"vectors; see minidiff.similarity.cka_state_bytes), more than the {human_bytes(available)} available. "
         "Capture fewer or narrower layers (e.g. pool token or spatial dimensions), or split model b's "
         "layers across ranks with minidiff.similarity.LayerSplitCKA")
 

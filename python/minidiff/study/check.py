@@ -126,6 +126,10 @@ def check_study(path: str | Path, *, device: str | None = None, config: StudyCon
     if "ood" in datasets and datasets["ood"].kind != data.kind:
         raise StudyFileError(f"[ood] holds {datasets['ood'].kind} examples but [data] holds {data.kind}; "
                              "the same models read both")
+    if "ood" in datasets and data.kind != "text" and datasets["ood"].inputs.shape[1:] != data.inputs.shape[1:]:
+        raise StudyFileError(f"[ood] examples have shape {tuple(datasets['ood'].inputs.shape[1:])} but [data] "
+                             f"examples have {tuple(data.inputs.shape[1:])}; the same models read both, so the OOD "
+                             "set needs the data's feature count / image size")
     if data.labels is not None and data.num_classes < 2:
         raise StudyFileError(f"[data] has a single class ({data.class_names[:1]}); a classifier study needs at "
                              "least two (check label_column)")

@@ -116,6 +116,10 @@ class Study:
         if ood is not None and ood.kind != data.kind:
             raise ValueError(f"the OOD set holds {ood.kind} examples but the data holds {data.kind}; "
                              "the same models must read both")
+        if ood is not None and data.kind != "text" and tuple(ood.inputs.shape[1:]) != tuple(data.inputs.shape[1:]):
+            raise ValueError(f"the OOD set {ood.name!r} has examples of shape {tuple(ood.inputs.shape[1:])} but the "
+                             f"evaluation data {data.name!r} has {tuple(data.inputs.shape[1:])}; the same models read "
+                             "both, so give an OOD set with the data's feature count / image size")
         if len(data) < 4:
             raise ValueError(f"the evaluation data has {len(data)} examples; a study needs at least 4")
         if not variants:
