@@ -15,7 +15,9 @@ Layout:
   ``not_measured``, one vocabulary for every output) and the verdict rules, which
   decide and write their own legend from the same thresholds.
 - :mod:`.sections` — one section type per characteristic (``models``,
-  ``prediction_errors``, ``representation``, ``distribution``, ``adversarial``).
+  ``prediction_errors``, ``representation``, ``distribution``, ``adversarial``); :mod:`.lm`
+  (``language_model``) and :mod:`.swap` (``layer_swap``, present only when a study asked
+  for layer-swap sensitivity) register theirs.
 - :mod:`.core` — :class:`Results` (dict-style access on the JSON form, DataFrames,
   ``save``/``load``, the ``/1`` reader).
 - :mod:`.output` — the output folder: atomic, all of one run, never over another
@@ -48,10 +50,12 @@ from .sections import (SECTIONS, AdversarialSection, DistributionSection, Entry,
                        PredictionErrorsSection, Record, RepresentationSection, Section, register_section)
 from .values import NotComputed, as_float, is_number
 from .lm import LanguageModelEntry, LanguageModelRule, LanguageModelSection
+from .swap import LayerSwapEntry, LayerSwapSection, SwapRow
 from .verdicts import RULES, Verdict, VerdictCell, VerdictRule, characteristics, decide_all, legends, register_rule
 
 __all__ = ["Results", "StudyInfo", "SCHEMA", "SCHEMA_V1", "OutputWriteError", "OutputFolderInUseError", "check_output",
            "Section", "Entry", "Record", "SECTIONS", "register_section", "ModelsSection", "PredictionErrorsSection",
            "RepresentationSection", "DistributionSection", "AdversarialSection", "NotComputed", "as_float",
            "is_number", "Verdict", "VerdictCell", "VerdictRule", "RULES", "register_rule", "characteristics",
-           "legends", "decide_all", "LanguageModelSection", "LanguageModelEntry", "LanguageModelRule"]
+           "legends", "decide_all", "LanguageModelSection", "LanguageModelEntry", "LanguageModelRule",
+           "LayerSwapSection", "LayerSwapEntry", "SwapRow"]

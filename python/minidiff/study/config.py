@@ -54,6 +54,11 @@ Format (every key except ``[data]`` and ``[base]`` is optional)::
     cka_kernel = "linear"    # linear | rbf
     knn_k = 10
 
+    [metrics.layer_swap]     # optional (or `layer_swap = true` under [metrics]): which layer's
+    granularity = "block"    # compression costs most; block | linear | ["module", ...]
+    direction = "into_base"  # into_base | restore | both
+    examples = 256           # seeded sample of the evaluation set
+
     [adversarial]            # optional; see minidiff.adversarial (its own keys)
 """
 
@@ -313,6 +318,43 @@ class LayerConfig(_Strict):
 SQNR_THRESHOLD_DB = 20.0
 
 
+#: Default of ``[metrics.layer_swap] examples``: evaluation examples each swap runs on. With
+#: the study's batch size of 128 that is two batches, so a digits MLP (3 blocks) costs
+#: 2 x (2 + 3) = 10 forward passes per variant, all-MiniLM-L6-v2 by block (9 blocks) 22.
+LAYER_SWAP_EXAMPLES = 256
+
+
+class LayerSwapConfig(_Strict):
+    """``[metrics.layer_swap]`` (or ``[metrics] layer_swap = true`` for the defaults):
+    layer-swap sensitivity of every same-architecture variant
+    (:func:`minidiff.localize.layer_swap`, run by :mod:`minidiff.study.swap`)."""
+
+    granularity: str | list[str] = Field(
+        "block", description="'block', 'linear' or a list of module names present in the base and the variant")
+    direction: Literal["into_base", "restore", "both"] = Field(
+        "into_base", description="swap a variant layer into the base, restore a base layer in the variant, or both")
+    examples: int = Field(LAYER_SWAP_EXAMPLES, ge=1,
+                          description="evaluation examples the swaps run on (a seeded sample; all when fewer)")
+    top: int = Field(10, ge=1, description="layers listed per variant in the report's ranking")
+
+    @field_validator("granularity")
+    @classmethod
+    def _names(cls, v: Any) -> Any:
+        if isinstance(v, str) and v not in ("block", "linear"):
+            raise ValueError(f"expected 'block', 'linear' or a list of module names, got {v!r} (one module: "
+                             f"granularity = [{v!r}])")
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("an empty list names no layer; give module names, or 'block' / 'linear'")
+            bad = [n for n in v if not n.strip()]
+            if bad:
+                raise ValueError("module names must be non-empty strings (e.g. 'encoder.layer.0')")
+            dup = sorted({n for n in v if v.count(n) > 1})
+            if dup:
+                raise ValueError(f"module names are listed more than once: {dup}")
+        return v
+
+
 class MetricsConfig(_Strict):
     """``[metrics]``: metric settings and which characteristics to measure."""
 
@@ -337,6 +379,16 @@ class MetricsConfig(_Strict):
         SQNR_THRESHOLD_DB, allow_inf_nan=False,
         description="the report names the first layer whose SQNR falls below this many dB")
     similarity_heatmaps: bool = Field(False, description="draw the layer x layer matrix of every chosen measure")
+    layer_swap: LayerSwapConfig | None = Field(
+        None, description="layer-swap sensitivity of same-architecture variants: a [metrics.layer_swap] table, "
+                          "or true for its defaults (false or absent: not run)")
+
+    @field_validator("layer_swap", mode="before")
+    @classmethod
+    def _layer_swap(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            return LayerSwapConfig() if v else None
+        return v
 
     @field_validator("similarity")
     @classmethod

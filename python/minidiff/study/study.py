@@ -310,9 +310,12 @@ class Study:
             if not ctx.is_main:  # rank 0 attacks, analyses and writes
                 return {}
             adv = self._adversarial(groups, cache, ctx, timing)
+            swap = self._layer_swap(groups, cache, timing)
             t = time.perf_counter()
             cka = self._cka_matrices(ev, pairs)
             results = self._analyse(groups, ev, cka, ood_emb, ood_reason, adv)
+            if swap is not None:  # the section exists only when the study asked for it
+                results["layer_swap"] = swap
             timing["analysis_s"] = time.perf_counter() - t
             if cache.corrupt_entries:
                 results["study"]["notes"].append(
@@ -363,6 +366,22 @@ class Study:
         if ctx.is_main:
             cache.save_json(f"adversarial/{key}.json", res)
         return res
+
+    def _layer_swap(self, groups: dict[str, list[Member]], cache: StudyCache,
+                    timing: dict[str, float]) -> dict[str, Any] | None:
+        """The ``layer_swap`` section when ``[metrics.layer_swap]`` asks for it (None otherwise):
+        each variant's first member against its base member, see :mod:`minidiff.study.swap`."""
+        cfg = self.metrics.layer_swap
+        if cfg is None:
+            return None
+        from minidiff.study.swap import run_layer_swap
+        t = time.perf_counter()
+        base = groups["base"]
+        pairs = [(g, base[0], ms[0]) for g, ms in groups.items() if g != "base"]
+        out = run_layer_swap(pairs, self.data, cfg, seed=self.seed, batch_size=self.batch_size, cache=cache,
+                             progress=self.progress)
+        timing["layer_swap_s"] = time.perf_counter() - t
+        return out
 
     def _analyse(self, groups: dict[str, list[Member]], ev: Any, cka: dict[str, np.ndarray],
                  ood_emb: dict[str, torch.Tensor] | None, ood_reason: str, adv: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,246 @@
+"""Layer-swap sensitivity as a stage of a study (``[metrics.layer_swap]``).
+
+After the evaluation pass, for every variant that shares the base's architecture,
+:func:`run_layer_swap` calls :func:`minidiff.localize.layer_swap` on the base and the
+variant (the first seed pair of a population) over a seeded sample of the evaluation
+set, and returns the ``layer_swap`` section of results.json in its JSON form
+(:mod:`minidiff.results.swap`). Nothing here measures anything itself: every number is
+the library function's.
+
+- The sample: :func:`swap_subset`, ``examples`` indices drawn without replacement by a
+  ``torch.Generator`` seeded with the study seed and sorted (the rule of ``[data] limit``);
+  every example when the set is not larger. The indices are stored in the entry.
+- The batches: the study's batch size, each made by the base member's ``prepare`` (a
+  tensor for images and tables, the tokenizer's dict, attention mask included, for text).
+- Which variants: :func:`skip_reason` says why a variant is left out (it runs in ONNX
+  Runtime or llama.cpp, or it lacks the base's modules at the chosen granularity); a swap
+  that fails because two same-named modules take different shapes (a student of other
+  widths) is left out with :func:`minidiff.localize.layer_swap`'s message. The reason is
+  the entry's ``skipped["layer_swap"]``.
+- The cost: :func:`minidiff.localize.plan` for every variant first (one timed forward
+  pass of the base on the first batch each), then one line with the total number of
+  forward passes and the estimated seconds is logged (logger ``minidiff.study.swap``,
+  level INFO: ``minidiff run -v`` shows it) and put on the progress bar before any swap runs.
+- The cache: each variant's entry is stored under ``layer_swap/<key>.json`` in the
+  study cache, the key hashing both models' exact fingerprints, the data fingerprint,
+  the indices, the settings and the batch size. A rerun (or a run resumed after an
+  interruption) reads the variants already done and runs only the rest; a model that has
+  no exact fingerprint is never read from or written to the cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from minidiff.results.swap import SHARE_UNDEFINED
+from minidiff.study.cache import StudyCache, hash_json
+
+__all__ = ["SECTION_KEY", "run_layer_swap", "skip_reason", "swap_batches", "swap_subset"]
+
+logger = logging.getLogger(__name__)
+
+SECTION_KEY = "layer_swap"
+#: Part of every cache key: bump when the stored entry changes meaning.
+_ENTRY_VERSION = 1
+
+
+def swap_subset(n: int, examples: int, seed: int) -> list[int]:
+    """The evaluation examples the swaps run on: ``examples`` of ``range(n)`` drawn
+    without replacement (``torch.randperm`` with a generator seeded by ``seed``), sorted;
+    all of them when ``examples >= n``."""
+    if n < 1:
+        raise ValueError(f"the evaluation set is empty (n={n}); layer swaps need examples")
+    if isinstance(examples, bool) or not isinstance(examples, int) or examples < 1:
+        raise ValueError(f"examples must be a positive int, got {examples!r}")
+    if examples >= n:
+        return list(range(n))
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.randperm(n, generator=g)[:examples].sort().values.tolist()
+
+
+def swap_batches(data: Any, indices: Sequence[int], prepare: Any, batch_size: int) -> list[Any]:
+    """The batches of ``data`` at ``indices`` as the model takes them (``prepare`` is a
+    study member's: raw inputs -> ``(tensor or dict, attention mask)``)."""
+    sub = data.subset(list(indices))
+    out = []
+    for s in range(0, len(sub), int(batch_size)):
+        args, _ = prepare(sub.inputs[s:s + int(batch_size)])
+        out.append(args)
+    return out
+
+
+def _runtime(module: nn.Module) -> str | None:
+    """The foreign runtime a model (or one of its submodules) runs in, if any."""
+    from minidiff.models.sources.gguf import LlamaCppModule
+    from minidiff.models.sources.onnx import OnnxModule
+
+    for m in module.modules():
+        if isinstance(m, OnnxModule):
+            return f"ONNX Runtime ({type(m).__name__})"
+        if isinstance(m, LlamaCppModule):
+            return f"llama.cpp ({type(m).__name__})"
+    return None
+
+
+def _layers(base: nn.Module, granularity: str | list[str]) -> list[str]:
+    from minidiff.localize import block_names, linear_names
+
+    if granularity == "block":
+        return block_names(base)
+    if granularity == "linear":
+        return linear_names(base)
+    names = {n for n, _ in base.named_modules() if n}
+    bad = [n for n in granularity if n not in names]
+    if bad:
+        import difflib
+        near = sorted({m for n in bad for m in difflib.get_close_matches(n, sorted(names), n=3, cutoff=0.6)})
+        raise ValueError(f"[metrics.layer_swap] granularity names module(s) {bad} that the base does not have"
+                         + (f" (nearest: {near})" if near else "") + f"; the base's blocks are {block_names(base)}")
+    return list(granularity)
+
+
+def skip_reason(base: nn.Module, variant: nn.Module, granularity: str | list[str]) -> str | None:
+    """Why layer swaps do not apply to this (base, variant) pair, or None when they do.
+
+    They apply when the variant is a torch module holding every layer the granularity
+    names in the base under the same name (pruned, quantized, cast or toolchain-quantized
+    torch copies). They do not when the variant runs in another runtime (its layers live
+    in that runtime's graph) or is of another architecture (a distilled student).
+
+    Raises
+    ------
+    ValueError
+        When ``granularity`` lists module names the base itself does not have (a study
+        file error, not a property of the variant).
+    """
+    layers = _layers(base, granularity)
+    rt = _runtime(variant)
+    if rt is not None:
+        return (f"the variant runs in {rt}: its layers are inside that runtime's graph, not torch modules that "
+                "can be swapped with the base's (per-layer error and CKA still compare it)")
+    if variant is base:
+        return "the variant is the base model itself (the same object): there is nothing to swap"
+    have = {n for n, _ in variant.named_modules()}
+    missing = [n for n in layers if n not in have]
+    if missing:
+        what = granularity if isinstance(granularity, str) else "the listed"
+        return (f"another architecture: the variant has no module(s) {missing[:6]}"
+                + (f" (and {len(missing) - 6} more)" if len(missing) > 6 else "")
+                + f" among the base's {what} layers; layer swaps need the base's module names "
+                "(compare it by CKA instead)")
+    return None
+
+
+def _num_or_reason(x: float, reason: str) -> Any:
+    return {"not_computed": reason} if math.isnan(x) else float(x)
+
+
+def entry_of(res: Any, pair: Sequence[str], indices: Sequence[int]) -> dict[str, Any]:
+    """A :class:`minidiff.localize.LayerSwapResult` as a ``layer_swap`` entry (JSON form)."""
+    def rows(effects: list[Any]) -> list[dict[str, Any]]:
+        return [{"rank": i + 1, "layer": e.layer, "direction": e.direction, "churn": float(e.churn),
+                 "kl": float(e.kl), "same_top1": float(e.same_top1),
+                 "share_churn": _num_or_reason(e.share_churn, SHARE_UNDEFINED),
+                 "share_kl": _num_or_reason(e.share_kl, SHARE_UNDEFINED)} for i, e in enumerate(effects)]
+
+    p = res.plan
+    return {"kind": res.kind, "unit": res.unit, "granularity": p.granularity, "layers": list(p.layers),
+            "directions": list(p.directions), "pair": list(pair), "n_examples": int(res.n_examples),
+            "n_units": int(res.n_units), "indices": [int(i) for i in indices],
+            "whole_churn": float(res.whole_churn), "whole_kl": float(res.whole_kl),
+            "whole_same_top1": float(res.whole_same_top1), "into_base": rows(res.into_base),
+            "restore": rows(res.restore),
+            "plan": {"n_batches": int(p.n_batches), "forward_passes": int(p.forward_passes),
+                     "seconds_per_pass": float(p.seconds_per_pass), "estimated_seconds": float(p.estimated_seconds)},
+            "seconds": float(res.seconds), "kl_function": res.kl_function, "skipped": {}}
+
+
+def _skipped(reason: str, pair: Sequence[str]) -> dict[str, Any]:
+    return {"pair": list(pair), "skipped": {"layer_swap": reason}}
+
+
+def run_layer_swap(pairs: Sequence[tuple[str, Any, Any]], data: Any, cfg: Any, *, seed: int, batch_size: int,
+                   cache: StudyCache | None = None, progress: bool = False) -> dict[str, dict[str, Any]]:
+    """The ``layer_swap`` section (JSON form): one entry per variant.
+
+    Parameters
+    ----------
+    pairs : list of (variant name, base member, variant member)
+        :class:`minidiff.study.capture.Member` objects (module, ``prepare``, cache ``key``).
+    data : ExampleSet
+        The evaluation set; the swaps run on :func:`swap_subset` of it.
+    cfg : LayerSwapConfig
+        ``[metrics.layer_swap]``: granularity, direction, examples.
+    seed, batch_size : int
+        The study's.
+    cache : StudyCache, optional
+        Entries are read from and written to ``layer_swap/<key>.json``.
+    progress : bool
+        Show a progress bar (its title states the cost).
+    """
+    from minidiff.localize import layer_swap, plan
+
+    indices = swap_subset(len(data), cfg.examples, seed)
+    settings = {"granularity": cfg.granularity, "direction": cfg.direction, "batch_size": int(batch_size),
+                "version": _ENTRY_VERSION}
+    out: dict[str, dict[str, Any]] = {}
+    todo: list[tuple[str, Any, Any, list[Any], Any, str | None]] = []
+    for name, bm, vm in pairs:
+        pair = [bm.name, vm.name]
+        reason = skip_reason(bm.module, vm.module, cfg.granularity)
+        if reason is not None:
+            out[name] = _skipped(reason, pair)
+            continue
+        cacheable = cache is not None and not any(k.startswith("unhashable") or not k for k in (bm.key, vm.key))
+        rel = None
+        if cacheable:
+            rel = "layer_swap/" + hash_json({"base": bm.key, "variant": vm.key, "data": data.fingerprint(),
+                                             "indices": indices, **settings})[:32] + ".json"
+            got = cache.load_json(rel)
+            if got is not None:
+                out[name] = got
+                continue
+        batches = swap_batches(data, indices, bm.prepare, batch_size)
+        try:
+            p = plan(bm.module, vm.module, batches, granularity=cfg.granularity, direction=cfg.direction,
+                     max_examples=None)
+        except ValueError as e:
+            out[name] = _skipped(f"layer swaps do not apply: {e}", pair)
+            continue
+        out[name] = {}  # keeps the study's variant order; filled below
+        todo.append((name, bm, vm, batches, p, rel))
+    if todo:
+        passes = sum(t[4].forward_passes for t in todo)
+        est = sum(t[4].estimated_seconds for t in todo)
+        msg = (f"layer swap: {len(todo)} variant(s) x {len(indices)} example(s), {cfg.granularity} granularity, "
+               f"{cfg.direction}: {passes} forward passes, about {est:.1f} s")
+        logger.info(msg)
+        for name, _, _, _, p, _ in todo:
+            logger.info("  %s: %s", name, p.describe())
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(todo), desc=f"layer swap ({passes} forward passes)", unit="variant",
+                   disable=not progress, leave=False)
+        try:
+            for name, bm, vm, batches, p, rel in todo:
+                pair = [bm.name, vm.name]
+                t0 = time.perf_counter()
+                try:
+                    res = layer_swap(bm.module, vm.module, batches, granularity=cfg.granularity,
+                                     direction=cfg.direction, max_examples=None)
+                except ValueError as e:  # e.g. same names, other widths: layer_swap names the layer
+                    out[name] = _skipped(f"layer swaps do not apply: {e}", pair)
+                else:
+                    out[name] = entry_of(res, pair, indices)
+                    logger.info("  %s: done in %.1f s", name, time.perf_counter() - t0)
+                if rel is not None:  # a failed swap fails again on the same models: keep its reason too
+                    cache.save_json(rel, out[name])
+                bar.update(1)
+        finally:
+            bar.close()
+    return out
