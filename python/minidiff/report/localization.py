@@ -1,4 +1,5 @@
-"""Where the variants diverge: the depth profile of the representation section.
+"""Where the variants diverge: the depth profile of the representation section, and the
+layer-swap ranking.
 
 Reads only the ``representation`` section of a results object: per variant its
 ``layer_error`` (per-layer relative error, SQNR, cosine and max error of matched
@@ -13,7 +14,13 @@ the full matrices with ``similarity_heatmaps = true``). Draws
 - on request, the layer x layer heatmap of every chosen measure per variant.
 
 The representation renderer (:mod:`.html`) puts this fragment above its per-variant
-CKA heatmaps. Every string from the data is HTML-escaped.
+CKA heatmaps.
+
+It also renders the ``layer_swap`` section (registered renderer; the section exists
+only when the study asked for layer-swap sensitivity): per variant the whole-model
+change, the layers ranked by the share of it they explain (top :data:`SWAP_TOP` per
+direction) and one bar chart of those shares (:func:`swap_bars`); a variant the swaps
+do not apply to shows its reason. Every string from the data is HTML-escaped.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
-from .context import RenderContext, e, fmt, missing
+from .context import RenderContext, e, fmt, missing, register_renderer
 from .plots import STYLE, _floats, short_names
 
 #: Axis label of each measure (minidiff.similarity.MEASURES) in the profile and heatmap figures.
@@ -279,4 +286,133 @@ def render(res: Any, ctx: RenderContext) -> str:
         why = (r.get("skipped") or {}).get("similarity")
         if why:
             out.append(f'<p class="skip">{e(v)}: similarity profile not computed: {e(why)}</p>')
+    return "\n".join(out)
+
+
+# -- layer-swap sensitivity (section ``layer_swap``) ------------------------------------
+
+#: Layers listed per variant and direction in the report's ranking (every swap is in the CSV).
+SWAP_TOP = 10
+
+
+def swap_bars(ranked: Mapping[str, Mapping[str, Any]], title: str = "Share of the whole-model change per layer"
+              ) -> Figure:
+    """One panel per variant: the share of the whole-model mean KL that each layer explains,
+    as horizontal bars, costliest on top. ``ranked``: variant -> ``{"layers": [...],
+    "into_base": [share per layer] or None, "restore": [share per layer] or None}`` (the
+    layers in ranking order; a share not computed is a missing bar)."""
+    if not ranked:
+        raise ValueError("no variant has layer-swap results")
+    n = len(ranked)
+    cols = min(n, 3)
+    rows = (n + cols - 1) // cols
+    height = max(len(r["layers"]) for r in ranked.values())
+    with matplotlib.rc_context(STYLE):
+        fig = Figure(figsize=(cols * 3.6, rows * (0.9 + 0.28 * height) + 0.4))
+        axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+        for ax, (var, r) in zip(axes, ranked.items()):
+            layers = list(r["layers"])
+            y = np.arange(len(layers))
+            dirs = [d for d in ("into_base", "restore") if r.get(d) is not None]
+            if not layers or not dirs:
+                raise ValueError(f"{var}: no swapped layer to draw")
+            h = 0.8 / len(dirs)
+            for k, d in enumerate(dirs):
+                vals = _floats(r[d])
+                if len(vals) != len(layers):
+                    raise ValueError(f"{var}: {len(vals)} {d} shares for {len(layers)} layers")
+                ax.barh(y + (k - (len(dirs) - 1) / 2) * h, np.nan_to_num(vals, nan=0.0), height=h,
+                        color=("#dd8452" if d == "into_base" else "#4c72b0"),
+                        label="variant layer in the base" if d == "into_base" else "base layer restored in the variant")
+            ax.axvline(1.0, color="#777", linestyle=":", linewidth=0.8)
+            ax.set_yticks(y, short_names(layers))
+            ax.invert_yaxis()
+            ax.set_xlabel("share of the whole-model KL")
+            ax.set_title(var)
+            ax.grid(True, axis="x", linewidth=0.3, alpha=0.6)
+        for ax in axes[n:]:
+            ax.axis("off")
+        axes[0].legend(loc="lower right", frameon=False, fontsize=7)
+        fig.suptitle(title)
+        fig.tight_layout()
+    return fig
+
+
+def _swap_rows(rows: Sequence[Any], lm: bool) -> str:
+    out = []
+    for r in rows[:SWAP_TOP]:
+        first = fmt(r.get("same_top1"), 3, pct=True) if lm else fmt(r.get("churn"), 3, pct=True)
+        out.append(f"<tr><td class=num>{e(r.get('rank'))}</td><td>{e(r.get('layer'))}</td>"
+                   f"<td class=num>{first}</td><td class=num>{fmt(r.get('kl'), 3)}</td>"
+                   f"<td class=num>{fmt(r.get('share_kl'), 3, pct=True)}</td>"
+                   f"<td class=num>{fmt(r.get('share_churn'), 3, pct=True)}</td></tr>")
+    return "".join(out)
+
+
+_DIR_TEXT = {"into_base": ("variant layer swapped into the base", "change of the swapped base"),
+             "restore": ("base layer restored in the variant", "change left in the restored variant")}
+
+
+def _swap_entry(var: str, ent: Any) -> str:
+    why = (ent.get("skipped") or {}).get("layer_swap")
+    if why:
+        return f'<p class="skip">{e(var)}: layer swaps not run: {e(why)}</p>'
+    lm = ent.get("kind") == "language-model"
+    first = "same top-1" if lm else "churn"
+    kl = "mean KLD" if lm else "mean KL"
+    pair = " vs ".join(ent.get("pair") or [])
+    out = [f"<h3>{e(var)}</h3>",
+           f"<p>Whole model ({e(pair)}, {e(ent.get('n_units'))} {e(ent.get('unit', 'examples'))}): "
+           f"{first} <b>{fmt(ent.get('whole_same_top1') if lm else ent.get('whole_churn'), 3, pct=True)}</b>, "
+           f"{kl} <b>{fmt(ent.get('whole_kl'), 3)}</b>.</p>"]
+    for d in ent.get("directions") or []:
+        rows = list(ent.get(d) or [])
+        if not rows:
+            continue
+        what, value = _DIR_TEXT[d]
+        more = (f" (top {SWAP_TOP} of {len(rows)}; every layer in <code>layer_swap_{e(var)}.csv</code>)"
+                if len(rows) > SWAP_TOP else "")
+        out.append(f"<p class=muted>{e(what)}: {e(value)} against the base{more}</p>"
+                   f'<table class="swap"><tr><th>rank</th><th>layer</th><th>{first}</th><th>{kl}</th>'
+                   f"<th>share of whole KL</th><th>share of whole churn</th></tr>{_swap_rows(rows, lm)}</table>")
+    return "".join(out)
+
+
+@register_renderer("layer_swap")
+def render_layer_swap(res: Any, ctx: RenderContext) -> str:
+    """The ``layer_swap`` section: per variant the whole-model change and the layers ranked by
+    how much of it they explain, and one bar chart of the shares (the costliest layers)."""
+    sec = res.get("layer_swap") or {}
+    variants = [v for v in res.variants if v in sec] + [v for v in sec if v not in res.variants]
+    done = {v: sec[v] for v in variants if not (sec[v].get("skipped") or {}).get("layer_swap")}
+    any_ent = next(iter(done.values()), None)
+    out = []
+    if any_ent is not None:
+        plan = any_ent.get("plan") or {}
+        out.append(
+            '<p class="muted">Each row runs the model once with a single layer exchanged: into the base, the '
+            "base with that one layer taken from the variant (what compressing only that layer costs); restored, "
+            "the variant with that one layer taken back from the base. Both are compared with the base on the "
+            f"same {e(any_ent.get('n_examples'))} evaluation examples (a seeded sample; "
+            f"<code>[metrics.layer_swap] examples</code>), {e(any_ent.get('granularity'))} granularity. Share of "
+            "whole KL: the swapped model's mean KL(base ‖ swapped) over the variant's, or for a restored layer "
+            "the part of the variant's KL that restoring it removes; shares need not add up to 100% (the errors "
+            "of layers compound or cancel). Cost: one forward pass per swap and batch, "
+            f"{e(plan.get('forward_passes', '?'))} per variant here; numbers from "
+            "<code>minidiff.localize.layer_swap</code>.</p>")
+    for v in variants:
+        out.append(_swap_entry(v, sec[v]))
+    ranked = {}
+    for v, ent in done.items():
+        order = list(ent.get("into_base") or ent.get("restore") or [])[:SWAP_TOP]
+        layers = [r["layer"] for r in order]
+        entry: dict[str, Any] = {"layers": layers}
+        for d in ("into_base", "restore"):
+            rows = {r["layer"]: r.get("share_kl") for r in (ent.get(d) or [])}
+            entry[d] = [rows.get(n) for n in layers] if rows else None
+        if layers:
+            ranked[v] = entry
+    if ranked:
+        out.append('<div class="figs">' + ctx.plot("layer_swap", swap_bars, ranked,
+                                                   title="Share of the whole-model change per layer") + "</div>")
     return "\n".join(out)

@@ -335,7 +335,6 @@ class LayerSwapConfig(_Strict):
         "into_base", description="swap a variant layer into the base, restore a base layer in the variant, or both")
     examples: int = Field(LAYER_SWAP_EXAMPLES, ge=1,
                           description="evaluation examples the swaps run on (a seeded sample; all when fewer)")
-    top: int = Field(10, ge=1, description="layers listed per variant in the report's ranking")
 
     @field_validator("granularity")
     @classmethod
