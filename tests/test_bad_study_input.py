@@ -218,3 +218,25 @@ def test_a_failed_write_of_a_built_model_says_why_and_leaves_nothing(tmp_path):
     built = tmp_path / "built"
     assert not built.exists() or not [p for p in built.iterdir() if (p / "model.safetensors").exists()]
     assert not built.exists() or not [p for p in built.iterdir() if p.name.startswith(".")]
+
+
+def test_a_hub_base_with_a_trained_head_takes_compression_recipes(tmp_path):
+    # was: AttributeError: 'str' object has no attribute 'epochs' (the hub spec's `head` is a
+    # string; its training settings live in `train`)
+    from minidiff.models.loading import embedded_minilm_dir
+    from minidiff.study.build import build_parts
+    cfg = parse_config({"data": {"source": "builtin", "name": "chatterbot-en", "limit": 40, "train_limit": 48},
+                        "base": {"kind": "hub", "id": str(embedded_minilm_dir()), "head": "train",
+                                 "max_length": 16, "train": {"epochs": 2}},
+                        "variants": [{"name": "p", "recipe": "prune", "finetune_epochs": 1}]})
+    kwargs, _ = build_parts(cfg, cache_dir=tmp_path, progress=False)
+    notes = kwargs["model_notes"]
+    assert notes["base"]["head"] == "trained on its features"
+    assert notes["p"]["head"] == "trained on its own features" and notes["p"]["achieved_sparsity"] == 0.5
+    data = kwargs["data"]
+    (base,), (var,) = kwargs["base"], kwargs["variants"]["p"]
+    enc = base.tokenizer(list(data.inputs[:4]), padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out_b, out_v = base(**enc), var(**enc)
+    assert out_b.shape == out_v.shape == (4, data.num_classes)
+    assert not torch.equal(out_b, out_v)
