@@ -89,6 +89,22 @@ def _check_recipes(cfg: StudyConfig, done: list[str]) -> None:
         done.append(f"{where}: recipe {v.recipe!r} applies to a {base_kind} base")
 
 
+def _check_layer_swap(cfg: StudyConfig, done: list[str]) -> None:
+    """State what ``[metrics.layer_swap]`` will run, and which variants it will leave out
+    by their recipe (the rest is decided on the built models, see :mod:`minidiff.study.swap`)."""
+    ls = cfg.metrics.layer_swap
+    if ls is None:
+        return
+    why = {"distill": "a distilled student has another architecture", "ort-int8": "it runs in ONNX Runtime"}
+    out = [f"{v.name} ({why[v.recipe]})" for v in cfg.variants if v.recipe in why]
+    out += [f"{v.name} (kind {v.model.kind!r} runs in {'ONNX Runtime' if v.model.kind == 'onnx' else 'its runtime'})"
+            for v in cfg.variants if v.recipe == "model" and v.model is not None and v.model.kind in ("onnx", "gguf")]
+    gran = ls.granularity if isinstance(ls.granularity, str) else f"modules {ls.granularity}"
+    done.append(f"[metrics.layer_swap]: {gran} granularity, direction {ls.direction}, on {ls.examples} evaluation "
+                "examples (all when the evaluation split has fewer); " + (f"left out: {', '.join(out)}" if out else
+                                                                           "every variant of the base's architecture"))
+
+
 def check_study(path: str | Path, *, device: str | None = None, config: StudyConfig | None = None) -> list[str]:
     """Validate the study file at ``path``; return the list of checks that passed.
     ``config``: the file already read by :func:`~minidiff.study.config.load_config`.
@@ -144,4 +160,5 @@ def check_study(path: str | Path, *, device: str | None = None, config: StudyCon
         if v.model is not None:
             _check_model_spec(v.model, f"variants[{v.name}].model", data.kind, done)
     _check_recipes(cfg, done)
+    _check_layer_swap(cfg, done)
     return done

@@ -278,6 +278,9 @@ class Study:
             cache = StudyCache(cache_root)
             t = time.perf_counter()
             groups, allm = self._members()
+            if self.metrics.layer_swap is not None:  # a wrong layer name fails before any pass
+                from minidiff.study.swap import swap_layers
+                swap_layers(groups["base"][0].module, self.metrics.layer_swap.granularity)
             pairs = []
             for g, ms in groups.items():
                 if g == "base":

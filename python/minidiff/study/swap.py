@@ -41,7 +41,7 @@ from torch import nn
 from minidiff.results.swap import SHARE_UNDEFINED
 from minidiff.study.cache import StudyCache, hash_json
 
-__all__ = ["SECTION_KEY", "run_layer_swap", "skip_reason", "swap_batches", "swap_subset"]
+__all__ = ["SECTION_KEY", "run_layer_swap", "skip_reason", "swap_batches", "swap_layers", "swap_subset"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,16 @@ def _runtime(module: nn.Module) -> str | None:
     return None
 
 
-def _layers(base: nn.Module, granularity: str | list[str]) -> list[str]:
+def swap_layers(base: nn.Module, granularity: str | list[str]) -> list[str]:
+    """The base's layers the granularity names (:func:`minidiff.localize.block_names`,
+    :func:`~minidiff.localize.linear_names`, or the listed names). The study calls it
+    before its evaluation pass, so a wrong name fails before any model runs.
+
+    Raises
+    ------
+    ValueError
+        When a listed name is not a module of the base (with the nearest names).
+    """
     from minidiff.localize import block_names, linear_names
 
     if granularity == "block":
@@ -119,7 +128,7 @@ def skip_reason(base: nn.Module, variant: nn.Module, granularity: str | list[str
         When ``granularity`` lists module names the base itself does not have (a study
         file error, not a property of the variant).
     """
-    layers = _layers(base, granularity)
+    layers = swap_layers(base, granularity)
     rt = _runtime(variant)
     if rt is not None:
         return (f"the variant runs in {rt}: its layers are inside that runtime's graph, not torch modules that "
