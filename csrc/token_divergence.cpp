@@ -12,18 +12,24 @@
 // Terms with p_v = 0 (z_v = -inf) are 0; p_v > 0 = q_v makes kld +inf. With
 // d_v = 0 every term is exactly 0, so identical rows give exactly 0.
 //
-// Per row, two passes:
-//  1. blocks of kBlock entries (in L1): block maxima, online logsumexp (the running
-//     sum is rescaled when the maximum grows), rank counts, a NaN/+inf flag, and
-//     top-10 insertion for the rare blocks whose maximum beats the current 10th;
-//  2. over the row again (now in L2): p, q, the KLDs, JS and entropy.
-// That is one read of the two logit rows from memory; exps and sums in float64.
+// Per row, two passes over blocks of kBlock entries:
+//  1. each block (in L1): its maxima, rank counts, a NaN/+inf flag and top-10 insertion
+//     (only for the few runs of entries that can still enter); then, under the running
+//     maxima mz, mw, the exponentials e_v = e^(z_v - mz), f_v = e^(w_v - mw), which are
+//     kept in a per-thread buffer, and the online sums (rescaled when a maximum grows)
+//       S_z = sum e, S_w = sum f, A_z = sum e (z - w), A_w = sum f (w - z), B = sum e (z - mz)
+//     so that lse_z = mz + log S_z, kld = A_z / S_z - (lse_z - lse_w),
+//     kld_reverse = A_w / S_w + (lse_z - lse_w), entropy = log S_z - B / S_z;
+//  2. JS from the kept exponentials (p = e_v e^(m_block - lse_z)), no exp per entry.
+// That is one read of the two logit rows from memory and one exp per entry of each;
+// exps and sums in float64. Identical rows give A = 0 and equal lse: exactly 0.
 // JS per entry uses only p, q and |d|: with m = max(p, q) and
 // L = log1p(-|p - q| / (2 m)) = log((1 + min/max) / 2), g(-|d|) = L and g(|d|) = |d| + L.
 //
 // exp and log1p are branch-free float64 polynomials (below) so the passes
-// vectorize; kernels are compiled for AVX-512 and AVX2+FMA with target attributes
-// and picked at run time (csrc/cpu_features.h), plus a portable build.
+// vectorize; the AVX-512 path runs both passes' entry loops as intrinsics (GCC's
+// vectorization of the generic loops spills registers), the AVX2+FMA and portable
+// paths the generic loops; picked at run time (csrc/cpu_features.h).
 //
 // Python (minidiff.ops.token_divergence) validates dtypes, shapes, contiguity and
 // the target range before calling; NaN/+inf logits and rows without a finite
@@ -40,6 +46,10 @@
 #include <string>
 #include <tuple>
 #include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 #include "cpu_features.h"
 #include "parallel.h"
@@ -163,32 +173,243 @@ struct RowArgs {
   int8_t* status;          // rows: 0 ok, 1 NaN/+inf in base, 2 no finite base logit, 3/4 same for variant
 };
 
+
+#if defined(__x86_64__) || defined(__i386__)
+#define MD_AVX512_ATTR __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma")))
+#define MD_AVX512 MD_AVX512_ATTR __attribute__((always_inline)) inline
+
+// exp_neg on 8 lanes, the same operations as the scalar version (x < -708 and NaN -> 0).
+MD_AVX512 __m512d exp_neg8(__m512d x) {
+  const __m512d shift = _mm512_set1_pd(6755399441055744.0);
+  const __m512d t = _mm512_fmadd_pd(x, _mm512_set1_pd(1.4426950408889634), shift);
+  const __m512d n = _mm512_sub_pd(t, shift);
+  __m512d r = _mm512_fnmadd_pd(n, _mm512_set1_pd(6.93147180369123816490e-01), x);
+  r = _mm512_fnmadd_pd(n, _mm512_set1_pd(1.90821492927058770002e-10), r);
+  __m512d pl = _mm512_set1_pd(1.0 / 6227020800.0);
+  pl = _mm512_fmadd_pd(pl, r, _mm512_set1_pd(1.0 / 479001600.0));
+  pl = _mm512_fmadd_pd(pl, r, _mm512_set1_pd(1.0 / 39916800.0));
+  pl = _mm512_fmadd_pd(pl, r, _mm512_set1_pd(1.0 / 3628800.0));
+  pl = _mm512_fmadd_pd(pl, r, _mm512_set1_pd(1.0 / 362880.0));
+  pl = _mm512_fmadd_pd(pl, r, _mm512_set1_pd(1.0 / 40320.0));
+  pl = _mm512_fmadd_pd(pl, r, _mm512_set1_pd(1.0 / 5040.0));
+  pl = _mm512_fmadd_pd(pl, r, _mm512_set1_pd(1.0 / 720.0));
+  pl = _mm512_fmadd_pd(pl, r, _mm512_set1_pd(1.0 / 120.0));
+  pl = _mm512_fmadd_pd(pl, r, _mm512_set1_pd(1.0 / 24.0));
+  pl = _mm512_fmadd_pd(pl, r, _mm512_set1_pd(1.0 / 6.0));
+  pl = _mm512_fmadd_pd(pl, r, _mm512_set1_pd(0.5));
+  pl = _mm512_fmadd_pd(pl, r, _mm512_set1_pd(1.0));
+  pl = _mm512_fmadd_pd(pl, r, _mm512_set1_pd(1.0));
+  const __m512i sb = _mm512_slli_epi64(_mm512_add_epi64(_mm512_castpd_si512(t), _mm512_set1_epi64(1023)), 52);
+  const __mmask8 ok = _mm512_cmp_pd_mask(x, _mm512_set1_pd(-708.0), _CMP_GE_OQ);
+  return _mm512_maskz_mul_pd(ok, pl, _mm512_castsi512_pd(sb));
+}
+
+MD_AVX512 __m512d two_atanh_small8(__m512d s) {
+  const __m512d s2 = _mm512_mul_pd(s, s);
+  __m512d pl = _mm512_set1_pd(1.0 / 35.0);
+  const double c[] = {1.0 / 33.0, 1.0 / 31.0, 1.0 / 29.0, 1.0 / 27.0, 1.0 / 25.0, 1.0 / 23.0,
+                      1.0 / 21.0, 1.0 / 19.0, 1.0 / 17.0, 1.0 / 15.0, 1.0 / 13.0, 1.0 / 11.0,
+                      1.0 / 9.0,  1.0 / 7.0,  1.0 / 5.0,  1.0 / 3.0,  1.0};
+  for (double ci : c) pl = _mm512_fmadd_pd(pl, s2, _mm512_set1_pd(ci));
+  return _mm512_mul_pd(_mm512_add_pd(s, s), pl);
+}
+
+// 8 entries from v (all lanes of mask k; the others 0) widened to double.
+MD_AVX512 __m512d load8(const float* p, __mmask8 k) { return _mm512_cvtps_pd(_mm256_maskz_loadu_ps(k, p)); }
+MD_AVX512 __m512d load8(const double* p, __mmask8 k) { return _mm512_maskz_loadu_pd(k, p); }
+
+// Pass-1 exponentials of one block (see exp_block below), 8 lanes at a time.
 template <typename T>
-MD_INLINE void row_kernel(const T* z, const T* w, int64_t r, const RowArgs& a) {
+MD_AVX512_ATTR void exp_block_avx512(const T* z, const T* w, int64_t b0, int64_t b1, double cmz, double cmw,
+                                double* ez, double* ew, double acc[5]) {
+  const __m512d vmz = _mm512_set1_pd(cmz), vmw = _mm512_set1_pd(cmw), zero = _mm512_setzero_pd();
+  __m512d s1 = zero, s2 = zero, a1 = zero, a2 = zero, bs = zero;
+  for (int64_t v = b0; v < b1; v += 8) {
+    const __mmask8 k = b1 - v >= 8 ? __mmask8(0xFF) : __mmask8((1u << (b1 - v)) - 1);
+    const __m512d x = load8(z + v, k), u = load8(w + v, k);
+    const __m512d xm = _mm512_sub_pd(x, vmz);
+    // vmaxpd returns its second operand when the first is NaN: NaN -> 0
+    const __m512d e = _mm512_maskz_mov_pd(k, _mm512_max_pd(exp_neg8(xm), zero));
+    const __m512d f = _mm512_maskz_mov_pd(k, _mm512_max_pd(exp_neg8(_mm512_sub_pd(u, vmw)), zero));
+    _mm512_mask_storeu_pd(ez + v, k, e);
+    _mm512_mask_storeu_pd(ew + v, k, f);
+    const __m512d dv = _mm512_sub_pd(x, u);
+    s1 = _mm512_add_pd(s1, e);
+    s2 = _mm512_add_pd(s2, f);
+    const __mmask8 pe = _mm512_cmp_pd_mask(e, zero, _CMP_GT_OQ), pf = _mm512_cmp_pd_mask(f, zero, _CMP_GT_OQ);
+    a1 = _mm512_mask3_fmadd_pd(e, dv, a1, pe);
+    a2 = _mm512_mask3_fnmadd_pd(f, dv, a2, pf);
+    bs = _mm512_mask3_fmadd_pd(e, xm, bs, pe);
+  }
+  acc[0] = _mm512_reduce_add_pd(s1);
+  acc[1] = _mm512_reduce_add_pd(s2);
+  acc[2] = _mm512_reduce_add_pd(a1);
+  acc[3] = _mm512_reduce_add_pd(a2);
+  acc[4] = _mm512_reduce_add_pd(bs);
+}
+
+// Pass-2 JS sum of one block, 8 lanes at a time (see js_block below).
+template <typename T>
+MD_AVX512_ATTR double js_block_avx512(const T* z, const T* w, int64_t b0, int64_t b1, const double* ez,
+                                 const double* ew, double fz, double fw, double delta) {
+  const __m512d vfz = _mm512_set1_pd(fz), vfw = _mm512_set1_pd(fw), vd = _mm512_set1_pd(delta);
+  const __m512d zero = _mm512_setzero_pd(), three = _mm512_set1_pd(3.0);
+  const __m512d absmask = _mm512_castsi512_pd(_mm512_set1_epi64(0x7FFFFFFFFFFFFFFFLL));
+  __m512d acc = zero;
+  for (int64_t v = b0; v < b1; v += 8) {
+    const __mmask8 k = b1 - v >= 8 ? __mmask8(0xFF) : __mmask8((1u << (b1 - v)) - 1);
+    const __m512d p = _mm512_mul_pd(_mm512_maskz_loadu_pd(k, ez + v), vfz);
+    const __m512d q = _mm512_mul_pd(_mm512_maskz_loadu_pd(k, ew + v), vfw);
+    const __m512d d = _mm512_sub_pd(_mm512_sub_pd(load8(z + v, k), load8(w + v, k)), vd);
+    const __m512d ad = _mm512_and_pd(d, absmask);
+    const __m512d m = _mm512_max_pd(p, q), n = _mm512_min_pd(p, q);
+    const __mmask8 mpos = _mm512_cmp_pd_mask(m, zero, _CMP_GT_OQ);
+    const __mmask8 npos = _mm512_cmp_pd_mask(n, zero, _CMP_GT_OQ);
+    const __m512d s = _mm512_maskz_div_pd(mpos, _mm512_sub_pd(n, m), _mm512_fmadd_pd(three, m, n));
+    const __m512d L = two_atanh_small8(s);
+    // -(p + q) L - n |d|, the n |d| term only where n > 0
+    const __m512d t = _mm512_mul_pd(_mm512_add_pd(p, q), L);
+    acc = _mm512_sub_pd(acc, t);
+    acc = _mm512_mask3_fnmadd_pd(n, ad, acc, npos);
+  }
+  return _mm512_reduce_add_pd(acc);
+}
+#endif
+
+// Per-thread scratch of one row: the pass-1 exponentials of both rows (relative to the
+// running maximum of their block) and each block's running maxima.
+struct Scratch {
+  std::vector<double> ez, ew, bmz, bmw;
+  explicit Scratch(int64_t vocab)
+      : ez(static_cast<size_t>(vocab)), ew(static_cast<size_t>(vocab)),
+        bmz(static_cast<size_t>((vocab + kBlock - 1) / kBlock)), bmw(bmz.size()) {}
+};
+
+// Rescale an online sum when the running maximum grows from m_old to m_new:
+// c = e^(m_old - m_new); a sum that underflows to c = 0 holds only zero-weight terms
+// (p = 0), so it becomes 0 (not inf * 0 = NaN).
+MD_INLINE double rescale(double s, double c) { return c > 0.0 ? s * c : 0.0; }
+
+// Pass 1 of one block [b0, b1) under the running maxima cmz, cmw: stores
+// e_v = e^(z_v - cmz), f_v = e^(w_v - cmw) (0 where the running maximum is -inf and
+// x - m is NaN) and returns the block's sum e, sum f, sum e (z - w), -sum f (z - w) and
+// sum e (z - cmz), each term 0 where its weight is 0 (z = -inf: z - w is -inf or NaN).
+template <typename T>
+MD_INLINE void exp_block_generic(const T* z, const T* w, int64_t b0, int64_t b1, double cmz, double cmw,
+                                 double* ez, double* ew, double acc[5]) {
+  double s1 = 0.0, s2 = 0.0, a1 = 0.0, a2 = 0.0, bs = 0.0;
+#pragma omp simd reduction(+ : s1, s2, a1, a2, bs)
+  for (int64_t v = b0; v < b1; ++v) {
+    const double x = static_cast<double>(z[v]);
+    const double u = static_cast<double>(w[v]);
+    const double xm = x - cmz;
+    double e = exp_neg(xm);
+    double f = exp_neg(u - cmw);
+    e = e > 0.0 ? e : 0.0;
+    f = f > 0.0 ? f : 0.0;
+    ez[v] = e;
+    ew[v] = f;
+    const double dv = x - u;  // exact for float32 inputs
+    s1 += e;
+    s2 += f;
+    a1 += e > 0.0 ? e * dv : 0.0;
+    a2 += f > 0.0 ? -(f * dv) : 0.0;
+    bs += e > 0.0 ? e * xm : 0.0;
+  }
+  acc[0] = s1;
+  acc[1] = s2;
+  acc[2] = a1;
+  acc[3] = a2;
+  acc[4] = bs;
+}
+
+// Pass 2 of one block: sum over v of 2 x the JS term, p = e_v fz, q = f_v fw,
+// d = lp - lq = (z - w) - delta. With m = max(p, q), n = min(p, q) and
+// L = log((1 + n/m) / 2) = log1p(u), u = -(m - n) / (2m) in [-1/2, 0], computed as
+// 2 atanh(u / (2 + u)) with u / (2 + u) = (n - m) / (3m + n) (one division), the pair's
+// terms -p g(-d) - q g(d), g(x) = log((1 + e^x) / 2), add up to -(p + q) L - n |d|
+// (the n |d| term only where n > 0: n = 0 can meet |d| = inf).
+template <typename T>
+MD_INLINE double js_block_generic(const T* z, const T* w, int64_t b0, int64_t b1, const double* ez,
+                                  const double* ew, double fz, double fw, double delta) {
+  double jb = 0.0;
+#pragma omp simd reduction(+ : jb)
+  for (int64_t v = b0; v < b1; ++v) {
+    const double p = ez[v] * fz;
+    const double q = ew[v] * fw;
+    const double d = (static_cast<double>(z[v]) - static_cast<double>(w[v])) - delta;
+    const double m = std::max(p, q);
+    const double n = std::min(p, q);
+    const double L = two_atanh_small(m > 0.0 ? (n - m) / (3.0 * m + n) : 0.0);
+    jb += -((p + q) * L) - (n > 0.0 ? n * std::fabs(d) : 0.0);
+  }
+  return jb;
+}
+
+template <typename T, bool kAvx512>
+MD_INLINE void exp_block(const T* z, const T* w, int64_t b0, int64_t b1, double cmz, double cmw, double* ez,
+                         double* ew, double acc[5]) {
+#if defined(__x86_64__) || defined(__i386__)
+  if (kAvx512) return exp_block_avx512<T>(z, w, b0, b1, cmz, cmw, ez, ew, acc);
+#endif
+  exp_block_generic<T>(z, w, b0, b1, cmz, cmw, ez, ew, acc);
+}
+
+template <typename T, bool kAvx512>
+MD_INLINE double js_block(const T* z, const T* w, int64_t b0, int64_t b1, const double* ez, const double* ew,
+                          double fz, double fw, double delta) {
+#if defined(__x86_64__) || defined(__i386__)
+  if (kAvx512) return js_block_avx512<T>(z, w, b0, b1, ez, ew, fz, fw, delta);
+#endif
+  return js_block_generic<T>(z, w, b0, b1, ez, ew, fz, fw, delta);
+}
+
+// Offers the entries of x[b0, b1) to the top-10 in index order, skipping runs of
+// kSub entries whose maximum cannot enter (most of them once the list is full).
+constexpr int64_t kSub = 32;
+template <typename T>
+MD_INLINE void push_block(TopK& tk, const T* x, int64_t b0, int64_t b1) {
+  for (int64_t s0 = b0; s0 < b1; s0 += kSub) {
+    const int64_t s1 = std::min(b1, s0 + kSub);
+    T mx = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : mx)
+    for (int64_t v = s0; v < s1; ++v) mx = std::max(mx, x[v]);
+    if (!tk.wants_block(static_cast<double>(mx))) continue;
+    for (int64_t v = s0; v < s1; ++v) tk.push(static_cast<double>(x[v]), v);
+  }
+}
+
+template <typename T, bool kAvx512>
+MD_INLINE void row_kernel(const T* z, const T* w, int64_t r, const RowArgs& a, Scratch& sc) {
   const int64_t V = a.vocab;
   const bool has_t = a.targets != nullptr;
   const int64_t y = has_t ? a.targets[r] : 0;
-  const double zy = has_t ? static_cast<double>(z[y]) : 0.0;
-  const double wy = has_t ? static_cast<double>(w[y]) : 0.0;
-  double mz = -kInf, mw = -kInf, sz = 0.0, sw = 0.0;
+  const T zy = has_t ? z[y] : T(0);
+  const T wy = has_t ? w[y] : T(0);
+  const T tinf = std::numeric_limits<T>::infinity();
+  // running maxima; S = sum e^(x - m), A = sum e^(z - mz) (z - w), B = sum e^(z - mz) (z - mz)
+  double mz = -kInf, mw = -kInf, sz = 0.0, sw = 0.0, az = 0.0, aw = 0.0, bz = 0.0;
   int64_t rank_z = 0, rank_w = 0;
   int bad_z = 0, bad_w = 0;
   TopK tz, tw;
+  double* ez = sc.ez.data();
+  double* ew = sc.ew.data();
 
-  // ---- pass 1: block maxima, online logsumexp, ranks, top-10, value check
-  for (int64_t b0 = 0; b0 < V; b0 += kBlock) {
+  // ---- pass 1: block maxima, ranks, top-10, value check; then the block's exps
+  //      (stored for pass 2) and the online sums
+  for (int64_t b0 = 0, bi = 0; b0 < V; b0 += kBlock, ++bi) {
     const int64_t b1 = std::min(V, b0 + kBlock);
-    double bz = -kInf, bw = -kInf;
+    T xz = -tinf, xw = -tinf;
     int fz = 0, fw = 0;
-    int64_t cz = 0, cw = 0;
-#pragma omp simd reduction(max : bz, bw) reduction(| : fz, fw) reduction(+ : cz, cw)
+    int32_t cz = 0, cw = 0;
+#pragma omp simd reduction(max : xz, xw) reduction(| : fz, fw) reduction(+ : cz, cw)
     for (int64_t v = b0; v < b1; ++v) {
-      const double x = static_cast<double>(z[v]);
-      const double u = static_cast<double>(w[v]);
-      bz = std::max(bz, x);
-      bw = std::max(bw, u);
-      fz |= !(x < kInf);  // NaN or +inf
-      fw |= !(u < kInf);
+      const T x = z[v];
+      const T u = w[v];
+      xz = std::max(xz, x);
+      xw = std::max(xw, u);
+      fz |= !(x < tinf);  // NaN or +inf
+      fw |= !(u < tinf);
       cz += x > zy;
       cw += u > wy;
     }
@@ -196,30 +417,36 @@ MD_INLINE void row_kernel(const T* z, const T* w, int64_t r, const RowArgs& a) {
     bad_w |= fw;
     rank_z += cz;
     rank_w += cw;
-    if (fz | fw) continue;  // the row is rejected; skip the arithmetic
-    if (tz.wants_block(bz))
-      for (int64_t v = b0; v < b1; ++v) tz.push(static_cast<double>(z[v]), v);
-    if (tw.wants_block(bw))
-      for (int64_t v = b0; v < b1; ++v) tw.push(static_cast<double>(w[v]), v);
-    if (bz > mz) {
-      if (sz > 0.0) sz *= exp_neg(mz - bz);
-      mz = bz;
+    if (bad_z | bad_w) continue;  // the row is rejected; skip the arithmetic
+    const double blk_z = static_cast<double>(xz), blk_w = static_cast<double>(xw);
+    if (tz.wants_block(blk_z)) push_block(tz, z, b0, b1);
+    if (tw.wants_block(blk_w)) push_block(tw, w, b0, b1);
+    if (blk_z > mz) {
+      if (sz > 0.0) {
+        const double c = exp_neg(mz - blk_z);
+        bz = rescale(bz + (mz - blk_z) * sz, c);
+        sz = rescale(sz, c);
+        az = rescale(az, c);
+      }
+      mz = blk_z;
     }
-    if (bw > mw) {
-      if (sw > 0.0) sw *= exp_neg(mw - bw);
-      mw = bw;
+    if (blk_w > mw) {
+      if (sw > 0.0) {
+        const double c = exp_neg(mw - blk_w);
+        sw = rescale(sw, c);
+        aw = rescale(aw, c);
+      }
+      mw = blk_w;
     }
-    if (mz == -kInf && mw == -kInf) continue;
-    double az = 0.0, aw = 0.0;
-    const double cmz = mz, cmw = mw;
-#pragma omp simd reduction(+ : az, aw)
-    for (int64_t v = b0; v < b1; ++v) {
-      az += exp_neg(static_cast<double>(z[v]) - cmz);
-      aw += exp_neg(static_cast<double>(w[v]) - cmw);
-    }
-    // a block of -inf under a -inf running maximum gives NaN terms: it adds nothing
-    sz += cmz == -kInf ? 0.0 : az;
-    sw += cmw == -kInf ? 0.0 : aw;
+    sc.bmz[bi] = mz;
+    sc.bmw[bi] = mw;
+    double acc[5];
+    exp_block<T, kAvx512>(z, w, b0, b1, mz, mw, ez, ew, acc);
+    sz += acc[0];
+    sw += acc[1];
+    az += acc[2];
+    aw += acc[3];
+    bz += acc[4];
   }
   int8_t st = 0;
   if (bad_z) st = 1;
@@ -234,39 +461,28 @@ MD_INLINE void row_kernel(const T* z, const T* w, int64_t r, const RowArgs& a) {
     std::fill(oi, oi + 4, int64_t{0});
     return;
   }
-  const double lse_z = mz + std::log(sz);
-  const double lse_w = mw + std::log(sw);
+  const double log_sz = std::log(sz), log_sw = std::log(sw);
+  const double lse_z = mz + log_sz;
+  const double lse_w = mw + log_sw;
+  const double delta = lse_z - lse_w;  // lp - lq = (z - w) - delta
 
-  // ---- pass 2: KLD both ways, JS, entropy
-  double kl = 0.0, klr = 0.0, js = 0.0, ent = 0.0;
-#pragma omp simd reduction(+ : kl, klr, js, ent)
-  for (int64_t v = 0; v < V; ++v) {
-    const double lp = static_cast<double>(z[v]) - lse_z;
-    const double lq = static_cast<double>(w[v]) - lse_w;
-    const double p = exp_neg(lp);
-    const double q = exp_neg(lq);
-    const double d = lp - lq;
-    const double m = std::max(p, q);
-    const double ad = std::fabs(d);
-    // L = log1p(u), u = -|p - q| / (2m) in [-1/2, 0], as 2 atanh(u / (2 + u)) with
-    // u / (2 + u) = -(m - n) / (3m + n), n = min(p, q): one division
-    const double n = std::min(p, q);
-    const double L = two_atanh_small(m > 0.0 ? (n - m) / (3.0 * m + n) : 0.0);
-    const double gp = p >= q ? L : ad + L;  // g(-d)
-    const double gq = p >= q ? ad + L : L;  // g(d)
-    kl += p > 0.0 ? p * d : 0.0;
-    klr += q > 0.0 ? -q * d : 0.0;
-    ent += p > 0.0 ? -p * lp : 0.0;
-    js += (p > 0.0 ? -p * gp : 0.0) + (q > 0.0 ? -q * gq : 0.0);
+  // ---- pass 2: JS from the stored exponentials, p = e_v e^(m_b - lse)
+  double js = 0.0;
+  for (int64_t b0 = 0, bi = 0; b0 < V; b0 += kBlock, ++bi) {
+    const int64_t b1 = std::min(V, b0 + kBlock);
+    const double fz = exp_neg(sc.bmz[bi] - lse_z), fw = exp_neg(sc.bmw[bi] - lse_w);
+    js += js_block<T, kAvx512>(z, w, b0, b1, ez, ew, fz, fw, delta);
   }
+  const double kl = az / sz - delta;
+  const double klr = aw / sw + delta;
   of[0] = kl;
   of[1] = klr;
   of[2] = 0.5 * js;
-  of[3] = ent;
+  of[3] = log_sz - bz / sz;
   of[4] = overlap(tz, tw, 5, V);
   of[5] = overlap(tz, tw, 10, V);
-  of[6] = has_t ? zy - lse_z : 0.0;
-  of[7] = has_t ? wy - lse_w : 0.0;
+  of[6] = has_t ? static_cast<double>(zy) - lse_z : 0.0;
+  of[7] = has_t ? static_cast<double>(wy) - lse_w : 0.0;
   oi[0] = tz.idx[0];
   oi[1] = tw.idx[0];
   oi[2] = has_t ? rank_z : 0;
@@ -275,20 +491,22 @@ MD_INLINE void row_kernel(const T* z, const T* w, int64_t r, const RowArgs& a) {
 
 template <typename T>
 void rows_portable(const T* z, const T* w, int64_t r0, int64_t r1, const RowArgs& a) {
-  for (int64_t r = r0; r < r1; ++r) row_kernel<T>(z + r * a.vocab, w + r * a.vocab, r, a);
+  Scratch sc(a.vocab);
+  for (int64_t r = r0; r < r1; ++r) row_kernel<T, false>(z + r * a.vocab, w + r * a.vocab, r, a, sc);
 }
 
 #if defined(__x86_64__) || defined(__i386__)
 template <typename T>
-__attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma"))) void rows_avx512(
-    const T* z, const T* w, int64_t r0, int64_t r1, const RowArgs& a) {
-  for (int64_t r = r0; r < r1; ++r) row_kernel<T>(z + r * a.vocab, w + r * a.vocab, r, a);
+MD_AVX512_ATTR void rows_avx512(const T* z, const T* w, int64_t r0, int64_t r1, const RowArgs& a) {
+  Scratch sc(a.vocab);
+  for (int64_t r = r0; r < r1; ++r) row_kernel<T, true>(z + r * a.vocab, w + r * a.vocab, r, a, sc);
 }
 
 template <typename T>
 __attribute__((target("avx2,fma"))) void rows_avx2(const T* z, const T* w, int64_t r0, int64_t r1,
                                                    const RowArgs& a) {
-  for (int64_t r = r0; r < r1; ++r) row_kernel<T>(z + r * a.vocab, w + r * a.vocab, r, a);
+  Scratch sc(a.vocab);
+  for (int64_t r = r0; r < r1; ++r) row_kernel<T, false>(z + r * a.vocab, w + r * a.vocab, r, a, sc);
 }
 #endif
 

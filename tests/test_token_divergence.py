@@ -134,6 +134,43 @@ def test_masked_vocabulary_exact(backend):
     assert got["js"][1] <= math.log(2) and got["entropy_base"][3] == 0.0
 
 
+def test_native_paths_across_blocks_masks_and_growing_maxima():
+    """The native kernel works in blocks of 1024 entries with an online logsumexp (sums
+    rescaled when a later block has a larger maximum) and keeps its pass-1 exponentials
+    for the JS pass: masks spanning whole blocks, a +inf KLD term in an early block whose
+    weight later underflows to 0, rising maxima and a ragged last block, on every path."""
+    from minidiff._native import cpu_core
+
+    vocab = 5003
+    z, w, t = pair(8, vocab, seed=31, dtype=torch.float64)
+    z[0, :2048] = -math.inf                 # first two blocks masked in base
+    w[0, 1024:3072] = -math.inf             # q = 0 where p = 0 and where p > 0 (KLD = inf)
+    z[1, :1024] = -1e4                      # early block: p > 0 relative to its own maximum ...
+    w[1, 5] = -math.inf                     # ... where q = 0: inf, until a later block ...
+    z[1, 4000] = 1e4                        # ... makes that p underflow to 0: finite KLD
+    z[2] = torch.linspace(-30, 30, vocab, dtype=torch.float64)  # the maximum grows every block
+    w[2] = z[2].flip(0)
+    w[3, 4096:] = -math.inf                 # masked tail (ragged last block)
+    z[4] = w[4]                             # identical row among others
+    t[1], t[3] = 4000, 10
+    ref = np_stats(z, w, t)
+    assert math.isfinite(ref["kld"][1]) and math.isinf(ref["kld"][0]) and ref["kld"][4] == 0.0
+    paths = ["portable"] + [p for p in ("avx2", "avx512") if cpu_core().cpu_features()[p + "f" * (p == "avx512")]]
+    for dtype in (torch.float64, torch.float32):
+        zz, ww = z.to(dtype), w.to(dtype)
+        ref = np_stats(zz, ww, t)
+        for path in paths:
+            of = torch.empty(8, 8, dtype=torch.float64)
+            oi = torch.empty(8, 4, dtype=torch.int64)
+            row, _, _ = cpu_core().token_divergence(zz.data_ptr(), ww.data_ptr(), dtype == torch.float64, 8, vocab,
+                                                    t.data_ptr(), of.data_ptr(), oi.data_ptr(), 1, path)
+            assert row == -1
+            d = {n: of[:, j] for j, n in enumerate(ops_td.F_COLUMNS)} | {n: oi[:, j] for j, n in enumerate(ops_td.I_COLUMNS)}
+            d["p_base"], d["p_variant"] = d["logp_base"].exp(), d["logp_variant"].exp()
+            assert_matches(d, ref, scale=1e4)
+            assert d["kld"][4] == 0.0 and d["kld_reverse"][4] == 0.0 and d["js"][4] == 0.0, path
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("vocab", [1, 5, 4097])
 def test_identical_rows_exactly_zero(backend, vocab):
