@@ -150,3 +150,39 @@ def test_demo_quick(tmp_path, capsys):
     emb = next(v for k, v in minilm["adversarial"]["attacks"].items() if k.startswith("embedding-pgd"))
     assert emb["per_model"]["int8"]["gradient"] == "surrogate:base"
     assert (out / "report.html").is_file() and (out / "minilm" / "report.html").is_file()
+
+
+_SIGTERM_AFTER_FIRST_CHUNK = """
+import os, signal, sys
+from minidiff.study import study as st
+run = st.Study.run
+
+
+def run_and_stop(self, *args, **kwargs):
+    def on_chunk(k):
+        if k == 0 and os.environ.get("STOP") == "1":
+            os.kill(os.getpid(), signal.SIGTERM)  # a job scheduler's or kill's stop
+    return run(self, *args, on_chunk=on_chunk, **kwargs)
+
+
+st.Study.run = run_and_stop
+from minidiff.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_says_why_and_the_rerun_resumes(tmp_path):
+    f = tmp_path / "study.toml"
+    f.write_text(TINY)
+    script = tmp_path / "stop.py"
+    script.write_text(_SIGTERM_AFTER_FIRST_CHUNK)
+    cmd = [sys.executable, str(script), "run", str(f), "--out", str(tmp_path / "out"), "--quiet", "--threads", "1"]
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    r = subprocess.run(cmd, env=dict(env, STOP="1"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 143, r.stderr[-2000:]
+    assert r.stderr.count("minidiff: error: stopped (SIGTERM)") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "out" / "results.json").exists()
+    assert list((tmp_path / "out" / "cache" / "models").glob("*/chunk_00000.safetensors"))
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["variants"] == ["prune-60", "int8"]

@@ -315,3 +315,45 @@ def test_killed_worker_fails_within_timeout_then_rerun_resumes(study_single, tmp
     assert set(r0["forward_chunks"].values()) == {0}  # rank 0 had finished its 2 chunks
     assert set(r1["forward_chunks"].values()) == {1}  # rank 1 redoes its 2nd chunk only
     _compare_results(_results(tmp_path / "out"), expected)
+
+
+_SELF_KILLING_RANK = """
+import os, signal, sys
+from minidiff.study import study as st
+run = st.Study.run
+
+
+def run_and_die(self, *args, **kwargs):
+    def on_chunk(k):
+        if os.environ["RANK"] == "1" and k == 0:
+            os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer or a lost node would
+    return run(self, *args, on_chunk=on_chunk, **kwargs)
+
+
+st.Study.run = run_and_die
+from minidiff.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_torchrun_survivors_say_why_before_torchrun_does(tmp_path):
+    """torchrun answers a SIGKILLed rank by sending SIGTERM to the others and then prints
+    its own traceback; each surviving rank prints minidiff's one line first."""
+    (tmp_path / "study.toml").write_text(STUDY_TOML)
+    script = tmp_path / "self_killing.py"
+    script.write_text(_SELF_KILLING_RANK)
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", MINIDIFF_DIST_TIMEOUT="120")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(script),
+                           "run", str(tmp_path / "study.toml"), "--out", str(tmp_path / "out"), "--quiet",
+                           "--threads", "1"], env=env, timeout=300, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+    log = proc.stdout
+    assert proc.returncode != 0, log[-3000:]
+    line = "minidiff: error: rank 0 of 2 was stopped (SIGTERM)"
+    assert line in log and "run the same command again to resume" in log, log[-3000:]
+    assert "ChildFailedError" in log, log[-3000:]
+    assert log.index(line) < log.index("Traceback") < log.index("ChildFailedError"), log[-3000:]
+    assert "exitcode  : -9" in log  # torchrun names the killed rank as the root cause
+    assert not (tmp_path / "out" / "results.json").exists()

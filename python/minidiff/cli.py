@@ -15,11 +15,12 @@ write); no traceback. ``python -m minidiff`` is the same program.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
-import traceback
 import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -76,6 +77,80 @@ def _fail(msg: str, code: int) -> int:
     return code
 
 
+class _Terminated(BaseException):
+    """SIGTERM arrived; its line is printed already."""
+
+
+def _termination_line() -> str:
+    rank, world = os.environ.get("RANK"), os.environ.get("WORLD_SIZE")
+    if rank is not None and world not in (None, "1"):
+        return (f"minidiff: error: rank {rank} of {world} was stopped (SIGTERM): torchrun stops every rank when "
+                "one fails or is killed; the failing rank is named in torchrun's report below. Finished chunks "
+                "are in the per-shard cache: run the same command again to resume")
+    return ("minidiff: error: stopped (SIGTERM); finished chunks are cached: run the same command again to "
+            "resume")
+
+
+@contextlib.contextmanager
+def _say_why_on_sigterm(grace_s: float = 5.0):
+    """Print minidiff's one line as soon as SIGTERM arrives, then stop.
+
+    torchrun answers a dead rank by sending SIGTERM to the others and prints its own
+    traceback once they are gone. A Python signal handler runs only when the main
+    thread returns to the interpreter, which a rank waiting inside a gloo/NCCL
+    collective does not do for a long time; so the C-level handler's wake-up byte
+    (``signal.set_wakeup_fd``) is read by a watcher thread that prints the line at
+    once. The main thread then unwinds through ``_Terminated`` (atomic writes leave
+    nothing half-written); if it is still blocked after ``grace_s`` the process exits
+    with status 143 (128 + SIGTERM).
+    """
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGTERM"):
+        yield
+        return
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    done = threading.Event()
+    said = threading.Lock()  # held once the line is out: it is printed once, by whoever is first
+
+    def say() -> None:
+        if said.acquire(blocking=False):
+            print(_termination_line(), file=sys.stderr, flush=True)
+
+    def on_sigterm(signum, frame):
+        say()
+        raise _Terminated()
+
+    def watch() -> None:
+        while True:
+            try:
+                got = os.read(r, 64)
+            except OSError:
+                return
+            if not got or done.is_set():
+                return
+            if signal.SIGTERM in got:
+                say()
+                if not done.wait(grace_s):
+                    os._exit(128 + signal.SIGTERM)
+                return
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    previous_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    watcher = threading.Thread(target=watch, name="minidiff-sigterm", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        signal.set_wakeup_fd(previous_fd)
+        signal.signal(signal.SIGTERM, previous)
+        os.close(w)  # ends the watcher's read
+        watcher.join(timeout=1.0)
+        os.close(r)
+
+
 def _quiet() -> None:
     # transformers and huggingface_hub read this when first imported (model-loading bars)
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
@@ -106,6 +181,15 @@ def _overrides(cfg, args: argparse.Namespace):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    with _say_why_on_sigterm():
+        try:
+            return _main(argv)
+        except _Terminated:
+            return 143  # 128 + SIGTERM; the line was printed when the signal arrived
+
+
+def _main(argv: Sequence[str] | None) -> int:
     global _SHOW_TRACEBACK
     args = _parser().parse_args(argv)
     _SHOW_TRACEBACK = bool(getattr(args, "traceback", False))
