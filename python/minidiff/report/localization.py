@@ -324,7 +324,8 @@ def swap_bars(ranked: Mapping[str, Mapping[str, Any]], title: str = "Share of th
                 ax.barh(y + (k - (len(dirs) - 1) / 2) * h, np.nan_to_num(vals, nan=0.0), height=h,
                         color=("#dd8452" if d == "into_base" else "#4c72b0"),
                         label="variant layer in the base" if d == "into_base" else "base layer restored in the variant")
-            ax.axvline(1.0, color="#777", linestyle=":", linewidth=0.8)
+            ax.axvline(1.0, color="#777", linestyle=":", linewidth=0.8)  # the whole change
+            ax.axvline(0.0, color="#333", linewidth=0.6)  # a restore share below 0: restoring made it worse
             ax.set_yticks(y, short_names(layers))
             ax.invert_yaxis()
             ax.set_xlabel("share of the whole-model KL")
