@@ -152,6 +152,10 @@ def test_native_paths_across_blocks_masks_and_growing_maxima():
     w[2] = z[2].flip(0)
     w[3, 4096:] = -math.inf                 # masked tail (ragged last block)
     z[4] = w[4]                             # identical row among others
+    z[5], w[5] = -1e4, -1e4                 # p, q near 1e-300: the AVX-512 JS loop divides there
+    z[5, 0], w[5, 0] = 0.0, 0.0
+    z[5, 1:100] -= 1e4 - 700
+    w[5, 1:100] = z[5, 1:100] + torch.randn(99, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     t[1], t[3] = 4000, 10
     ref = np_stats(z, w, t)
     assert math.isfinite(ref["kld"][1]) and math.isinf(ref["kld"][0]) and ref["kld"][4] == 0.0
