@@ -226,3 +226,60 @@ def test_check_states_the_plan(tmp_path):
     assert len(lines) == 1
     assert "on 64 evaluation examples" in lines[0] and "direction both" in lines[0]
     assert "left out: small (a distilled student has another architecture)" in lines[0]
+
+
+TEXTS = ["hello there", "what is your favourite book and why do you like it", "do you like football",
+         "tell me a joke", "the weather is nice today, is it not", "who wrote hamlet",
+         "i am learning to code in python", "what time is it", "my computer will not start",
+         "how much money do i need to retire early", "can you recommend a film", "good night"]
+
+
+def test_text_classifier_swaps_blocks_on_tokenized_batches():
+    """Text data: batches are the tokenizer's dicts (attention mask included), blocks are the
+    transformer's layers plus embeddings and head; the numbers equal a direct call."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from minidiff.compress import quantize
+    from minidiff.data import ExampleSet
+    from minidiff.localize import layer_swap
+    from minidiff.models import TextClassifier, embedded_minilm_dir
+    from minidiff.study.swap import swap_subset
+    tok = AutoTokenizer.from_pretrained(str(embedded_minilm_dir()))
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64)
+    base = TextClassifier(BertModel(cfg), tok, 3).eval()
+    q8 = quantize(base, "int8").model.eval()
+    data = ExampleSet(name="t", kind="text", inputs=list(TEXTS), labels=torch.arange(len(TEXTS)) % 3,
+                      class_names=["a", "b", "c"])
+    res = Study(base, {"int8": q8}, data, batch_size=4, chunk_batches=1, progress=False, tokenizer=tok,
+                metrics={"bootstrap": 100, "knn_k": 3, "characteristics": ["prediction_errors"],
+                         "layer_swap": {"examples": 8}}).run()
+    ent = res.json_data()["layer_swap"]["int8"]
+    idx = swap_subset(len(TEXTS), 8, 0)
+    assert ent["indices"] == idx
+    batches = []
+    for s in range(0, 8, 4):
+        enc = tok([TEXTS[i] for i in idx[s:s + 4]], padding=True, truncation=True, max_length=128,
+                  return_tensors="pt")
+        batches.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+    want = layer_swap(base, q8, batches, max_examples=None)
+    assert any(n.endswith("layer.0") for n in ent["layers"]) and ent["layers"] == want.plan.layers
+    assert ent["whole_kl"] == want.whole_kl and ent["whole_churn"] == want.whole_churn
+    assert [(r["layer"], r["kl"], r["churn"]) for r in ent["into_base"]] == [(e.layer, e.kl, e.churn)
+                                                                          for e in want.into_base]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_onnx_runtime_variant_is_left_out_with_its_reason(models, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from minidiff.models.sources.onnx import OnnxModule
+    from minidiff.study.swap import skip_reason
+    path = tmp_path / "base.onnx"
+    torch.onnx.export(models["base"], (torch.randn(2, 64),), str(path), input_names=["x"],
+                      dynamic_axes={"x": {0: "b"}}, dynamo=False)
+    why = skip_reason(models["base"], OnnxModule(path), "block")
+    assert why is not None and why.startswith("the variant runs in ONNX Runtime (OnnxModule)")
+    assert skip_reason(models["base"], models["variants"]["int8"], "linear") is None
+    assert "itself" in skip_reason(models["base"], models["base"], "block")
