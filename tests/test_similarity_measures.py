@@ -4,6 +4,7 @@ paper's definition, on random and real (MiniLM) activations."""
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -287,3 +288,38 @@ def test_no_warning_for_full_rank_data():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         similarity_matrix(fa, fb, measure="cca")
+
+
+# -- nuclear norms from the Gram's eigenvalues, where provably accurate ----------------------
+def _with_spectrum(p, q, sigma, seed):
+    g = torch.Generator().manual_seed(seed)
+    u = torch.linalg.qr(torch.randn(p, len(sigma), generator=g, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(q, len(sigma), generator=g, dtype=torch.float64))[0]
+    return (u * sigma) @ v.T
+
+
+@pytest.mark.parametrize("p, q", [(60, 60), (90, 40), (40, 90)])
+@pytest.mark.parametrize("cond", [1.0, 1e3, 1e6, 1e12])
+def test_nuclear_norm_is_within_its_bound_and_falls_back_where_it_cannot_prove_it(p, q, cond, monkeypatch):
+    from minidiff.similarity import measures
+    k = min(p, q)
+    sigma = torch.logspace(0, -math.log10(cond), k, dtype=torch.float64)
+    m = _with_spectrum(p, q, sigma, seed=int(cond) % 97 + p)
+    calls = []
+    real = torch.linalg.svdvals
+    monkeypatch.setattr(torch.linalg, "svdvals", lambda x: calls.append(x.shape) or real(x))
+    got = measures.nuclear_norm(m)
+    exact = float(sigma.sum())  # the spectrum it was built with (to the QR's rounding)
+    assert got == pytest.approx(exact, rel=measures.NUCLEAR_RTOL)
+    # well-conditioned: from the Gram (no SVD); ill-conditioned: the bound fails and svdvals decides
+    assert (calls == []) == (cond <= 1e3), (cond, calls)
+
+
+def test_nuclear_norm_of_rank_deficient_and_zero_matrices():
+    from minidiff.similarity import measures
+    sigma = torch.cat([torch.linspace(1, 2, 30, dtype=torch.float64), torch.zeros(20, dtype=torch.float64)])
+    m = _with_spectrum(50, 50, sigma, seed=1)
+    # zero singular values: sqrt of rounding-level Gram eigenvalues would be ~1e-8 each
+    assert measures.nuclear_norm(m) == pytest.approx(float(sigma.sum()), rel=1e-12)
+    assert measures.nuclear_norm(torch.zeros(4, 3, dtype=torch.float64)) == 0.0
+    assert measures.nuclear_norm(torch.zeros(0, 3, dtype=torch.float64)) == 0.0
