@@ -34,6 +34,8 @@ from typing import Any, Callable, Literal, Union
 
 import torch
 
+from minidiff.validation import check_device
+
 Reduction = Union[Literal["sum", "cat", "max", "min"], Callable[[torch.Tensor], torch.Tensor]]
 _REDUCTIONS = ("sum", "cat", "max", "min")
 
@@ -88,7 +90,7 @@ class Accumulator:
     def to(self, device: torch.device | str) -> "Accumulator":
         """Move every state to ``device`` (in place) and return self. Subclasses holding
         other tensors (scratch buffers, shifts) extend this."""
-        device = torch.device(device)
+        device = check_device(device, "device")
         for name in self._reductions:
             t = getattr(self, name)
             if t.device != device:

@@ -7,6 +7,7 @@ that several entry points share, so that each exists once.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -44,6 +45,22 @@ def check_device(device: str | torch.device, where: str = "") -> torch.device:
     if dev.type == "meta":
         raise ValueError(f"{pre}the 'meta' device holds no data, so nothing can be measured on it; use 'cpu'")
     return dev
+
+
+def check_module_has_data(module: Any, name: str = "model") -> Any:
+    """Refuse a module whose weights are not there to read.
+
+    A module built under ``torch.device("meta")`` (or loaded with empty weights,
+    e.g. ``accelerate.init_empty_weights``) has shapes but no values: everything
+    computed from it would be made up. Other objects pass through unchanged.
+    """
+    if isinstance(module, torch.nn.Module):
+        for pname, t in itertools.chain(module.named_parameters(), module.named_buffers()):
+            if t.device.type == "meta":
+                raise ValueError(f"{name} has no weights to read: {pname or 'its tensor'} is on the 'meta' device "
+                                 "(shapes only). Load its weights first, e.g. model.to_empty(device='cpu') and "
+                                 "then model.load_state_dict(...), or load the checkpoint without empty weights")
+    return module
 
 
 class StudyFileError(ValueError):

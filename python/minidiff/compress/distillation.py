@@ -20,6 +20,7 @@ from torch.nn import functional as F
 
 from .training import Data, call, check_data, reinitialize, seeded, train
 from minidiff.models.saved import Variant, clone_model, make_manifest
+from minidiff.validation import check_module_has_data
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
@@ -138,6 +139,7 @@ def distill(teacher: nn.Module, data: Data, *, student: nn.Module | None = None,
     Variant
         ``manifest["student_layers"]`` lists the teacher blocks kept.
     """
+    check_module_has_data(teacher, "teacher")
     if temperature <= 0 or not 0.0 <= alpha <= 1.0:
         raise ValueError(f"need temperature > 0 and alpha in [0, 1]; got {temperature}, {alpha}")
     check_data(data)

@@ -25,6 +25,7 @@ from torch import nn
 from .pruning import PRUNABLE, check_sparsity, magnitude_masks, select_layers
 from .training import Data, apply_masks, train
 from minidiff.models.saved import Variant, clone_model, make_manifest, sparsity_report
+from minidiff.validation import check_module_has_data
 
 FinetuneFn = Callable[[nn.Module, Mapping[str, torch.Tensor]], None]
 
@@ -80,6 +81,7 @@ def lottery_ticket(model: nn.Module, *, data: Data | None = None, finetune: Fine
         ``manifest["schedule"]``: per round the target and achieved sparsity and
         the mask's sha256; ``variant.masks``: the final keep-masks.
     """
+    check_module_has_data(model)
     if (data is None) == (finetune is None):
         raise ValueError("pass exactly one of data=(inputs, labels) for the built-in trainer or finetune=callable")
     targets = schedule(sparsity, rounds)

@@ -29,6 +29,7 @@ from torch import nn
 from .training import Data, apply_masks, train
 from minidiff.models.saved import (DEFAULT_EXCLUDE, Variant, _set_submodule, as_linear, clone_model,  # noqa: F401
                       default_layers, is_conv1d, linear_types, make_manifest, tied_to_embedding)
+from minidiff.validation import check_module_has_data
 
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 """Layer types unstructured pruning applies to (plus transformers' ``Conv1D``, see
@@ -331,6 +332,7 @@ def prune(model: nn.Module, *, sparsity: float = 0.5, structure: str = "unstruct
         ``manifest["sparsity"]`` holds the achieved per-layer and overall
         sparsity; ``variant.masks`` the keep-masks (unstructured / N:M).
     """
+    check_module_has_data(model)
     kind, n_keep, m_group = parse_structure(structure)
     s = check_sparsity(sparsity) if kind != "n:m" else 1.0 - n_keep / m_group
     if scope not in ("layer", "global"):

@@ -36,6 +36,7 @@ from torch import nn
 
 from minidiff.models.saved import (Variant, _set_submodule, as_linear, attach_input_cast, clone_model,  # noqa: F401
                       default_layers, linear_types, make_manifest)
+from minidiff.validation import check_module_has_data
 
 INT8_METHODS = {"int8": "w8a8", "int8-dynamic": "w8a8", "w8a8": "w8a8",
                 "int8-weight-only": "weight_only", "weight-only": "weight_only", "w8": "weight_only"}
@@ -112,6 +113,7 @@ def quantize(model: nn.Module, method: str = "int8", *, layers: str | Sequence[s
         Unknown method/backend, no layer to quantize, NaN/Inf in a weight (naming the
         layer), or an int4 ``group_size`` that does not divide a layer's ``in_features``.
     """
+    check_module_has_data(model)
     if method in FLOAT_METHODS:
         dtype = FLOAT_METHODS[method]
         new = clone_model(model).to(dtype)

@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from minidiff.metrics._checks import Result
+from minidiff.validation import check_module_has_data
 
 __all__ = ["LayerSwapResult", "SwapEffect", "SwapPlan", "block_names", "layer_swap", "linear_names", "plan",
            "swap_modules"]
@@ -479,6 +480,8 @@ def _timed_forward(model: nn.Module, batch: Any, forward: Forward | None) -> tup
 
 
 def _prepare(base, variant, batches, granularity, direction, forward, max_examples):
+    check_module_has_data(base, "base")
+    check_module_has_data(variant, "variant")
     from minidiff.models.capture import eval_mode, to_device
 
     directions = _check_args(base, variant, direction, forward, max_examples)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..ops._validate import as_tensor, int_scalar, real_scalar  # noqa: F401  (re-exported)
+from ..ops._validate import as_tensor, check_has_data, int_scalar, real_scalar  # noqa: F401  (re-exported)
 
 # tolerance on sum_c p_c = 1, as in minidiff.agreement: float32 softmax outputs summed over
 # up to ~1e5 classes stay well inside 1e-3; float16/bfloat16 outputs need 1e-2
@@ -43,7 +43,7 @@ class MetricSkipped(Exception):
 
 def _jsonable(v: Any) -> Any:
     if isinstance(v, torch.Tensor):
-        v = v.detach().cpu().numpy()
+        v = check_has_data(v, "a value to write").detach().cpu().numpy()
     if isinstance(v, np.ndarray):
         return [_jsonable(x) for x in v.tolist()] if v.ndim else _jsonable(v.item())
     if isinstance(v, (np.floating, float)):
@@ -176,6 +176,7 @@ def check_sample(values: Any, name: str) -> np.ndarray:
     """A non-empty finite 1-D sample as float64 numpy, read without passing through
     float32 (``torch.as_tensor`` of a Python list of floats would make float32)."""
     if isinstance(values, torch.Tensor):
+        check_has_data(values, name)
         if values.is_complex() or values.dtype == torch.bool:
             raise TypeError(f"{name} must hold real numbers, got dtype {values.dtype}")
         a = values.detach().to(device="cpu", dtype=torch.float64).numpy()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ._checks import Result, check_embeddings
+from ._checks import Result, check_embeddings, check_has_data
 
 __all__ = ["normalize_rows", "knn_indices", "KNNOverlap", "knn_overlap", "LayerCorrespondence",
            "layer_correspondence"]
@@ -156,7 +156,7 @@ def layer_correspondence(cka, layers_a: list[str] | None = None, layers_b: list[
     """Layer-to-layer correspondence of two models (possibly of different depth)
     from their ``(L_a, L_b)`` CKA matrix: argmax per row and per column, NaN ignored
     (Kornblith et al. 2019, Sec. 6 "CKA reveals correspondence between layers")."""
-    c = cka if isinstance(cka, torch.Tensor) else torch.from_numpy(np.asarray(cka, dtype=np.float64))
+    c = check_has_data(cka, "cka") if isinstance(cka, torch.Tensor) else torch.from_numpy(np.asarray(cka, dtype=np.float64))
     if not c.is_floating_point() or c.ndim != 2 or 0 in c.shape:
         raise ValueError(f"cka must be a non-empty 2-D float matrix (layers of A x layers of B), "
                          f"got {c.dtype} {tuple(c.shape)}")

@@ -61,5 +61,9 @@ def load_model(
         An optional package the source needs is missing (the one-line message
         says what to install).
     """
+    from minidiff.validation import check_device
+
     from .sources import load_model as _load
+    if options.get("device") is not None:
+        options["device"] = check_device(options["device"], "device")
     return _load(source, kind=kind, task=task, **options)

@@ -528,6 +528,9 @@ def load_variant(path: str | os.PathLike, *, base: nn.Module | None = None,
         Missing files, a hash mismatch (corrupted weights), or weights whose
         names/shapes do not match the manifest.
     """
+    if device is not None:
+        from minidiff.validation import check_device
+        device = check_device(device, "device")
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 

@@ -10,10 +10,21 @@ import numpy as np
 import torch
 
 
+def check_has_data(t: torch.Tensor, name: str) -> torch.Tensor:
+    """Refuse a tensor with no values to read: a ``meta`` tensor carries a shape and a
+    dtype only (models built under ``torch.device("meta")`` or loaded with empty
+    weights), so every number computed from it would be made up."""
+    if t.device.type == "meta":
+        raise ValueError(f"{name} is a 'meta' tensor: it has a shape {tuple(t.shape)} but no values, so nothing "
+                         "can be measured from it. Materialize it first (a model made on the meta device: "
+                         "model.to_empty(device='cpu') and then load its weights)")
+    return t
+
+
 def as_tensor(x, name: str) -> torch.Tensor:
     """Accept a torch tensor or anything numpy can read; never copy a tensor."""
     if isinstance(x, torch.Tensor):
-        return x
+        return check_has_data(x, name)
     try:
         return torch.as_tensor(np.asarray(x))
     except Exception as exc:

@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import torch
 
+from minidiff.ops._validate import check_has_data
+
 __all__ = [
     "INT8_QMAX",
     "check_finite_weight",
@@ -64,7 +66,7 @@ def check_finite_weight(weight: torch.Tensor, name: str | None = None) -> torch.
                          + (f" of shape {tuple(weight.shape)}" if isinstance(weight, torch.Tensor) else ""))
     if not weight.is_floating_point():
         raise ValueError(f"weight must be floating point to quantize, got {weight.dtype}")
-    w = weight.detach()
+    w = check_has_data(weight, f"the weight of layer {name!r}" if name else "weight").detach()
     bad = int((~torch.isfinite(w)).sum().item())
     if bad:
         where = f"layer {name!r}" if name else "this layer"

@@ -35,6 +35,7 @@ from minidiff.similarity.hsic import (_blocks, _feature_hsic, _grams_hsic, _hsic
                                       _zero_variance)
 from minidiff.similarity.measures import COVARIANCE_MEASURES, DEFAULT_RIDGE, check_measure, pair_measures
 from minidiff.similarity.memory import available_bytes, check_state_fits
+from minidiff.validation import check_device
 from minidiff.similarity.inputs import (ACC_ESTIMATORS, _as_features, _check_finite, _check_rows,
                                         _compute_dtype, _layer_list, _names, _offsets)
 
@@ -106,7 +107,7 @@ class CKAAccumulator(Accumulator):
         self.same = dims_b is None
         self.dims_b = self.dims_a if self.same else self._check_dims(dims_b, "dims_b")
         self.estimator = estimator
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.device = check_device(device, "device") if device is not None else torch.device("cpu")
         self.names_a = _names(names_a, len(self.dims_a), "a")
         self.names_b = self.names_a if self.same else _names(names_b, len(self.dims_b), "b")
         self.offs_a, self.offs_b = _offsets(self.dims_a), _offsets(self.dims_b)
@@ -436,7 +437,7 @@ class CKAAccumulator(Accumulator):
     def to(self, device) -> "CKAAccumulator":
         """Move the states, shifts and partial sums to ``device`` (in place)."""
         self._flush()
-        device = torch.device(device)
+        device = check_device(device, "device")
         super().to(device)
         self.device = device
         self._ia, self._ib = self._ia.to(device), self._ib.to(device)

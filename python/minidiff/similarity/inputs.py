@@ -13,6 +13,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from minidiff.ops._validate import check_has_data
+
 KERNELS = ("linear", "rbf")
 ESTIMATORS = ("biased", "unbiased")
 ACC_ESTIMATORS = ("biased", "unbiased", "minibatch")
@@ -21,7 +23,7 @@ _EPS = float(torch.finfo(torch.float64).eps)
 
 def _as_features(x, what: str, check_finite: bool = True) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
-        t = x.detach()
+        t = check_has_data(x, what).detach()
     else:
         try:
             t = torch.as_tensor(np.asarray(x))

@@ -24,6 +24,7 @@ import torch
 
 from minidiff.accumulate import Accumulator
 from minidiff.similarity.inputs import _as_features, _layer_list, _names
+from minidiff.validation import check_device
 
 ERROR_KEYS = ("rel_error", "sqnr_db", "cosine", "max_abs")
 
@@ -133,7 +134,7 @@ class LayerErrorAccumulator(Accumulator):
         if not self.dims or any(d <= 0 for d in self.dims):
             raise ValueError(f"dims must be a non-empty sequence of positive layer widths, got {self.dims}")
         self.names = _layer_names(names, len(self.dims))
-        device = torch.device("cpu") if device is None else torch.device(device)
+        device = torch.device("cpu") if device is None else check_device(device, "device")
         z = torch.zeros(len(self.dims), dtype=torch.float64, device=device)
         for name in ("sig", "err", "cos", "count"):
             self.add_state(name, z, "sum")

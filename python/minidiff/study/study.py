@@ -30,7 +30,7 @@ from torch import nn
 
 import minidiff
 from minidiff.distributed import DistContext
-from minidiff.validation import check_device
+from minidiff.validation import check_device, check_module_has_data
 from minidiff.study.analysis import THRESHOLDS, Analysis
 from minidiff.study.cache import StudyCache, hash_json, hash_module
 from minidiff.models.capture import TOKEN_MODES
@@ -135,6 +135,11 @@ class Study:
             if len(v) != len(self.base) and len(v) != 1:
                 raise ValueError(f"variant {k!r} has {len(v)} models but the base population has "
                                  f"{len(self.base)}; give one per base seed (or one)")
+        for i, m in enumerate(self.base):
+            check_module_has_data(m, f"base model {i}")
+        for k, v in self.variants.items():
+            for i, m in enumerate(v):
+                check_module_has_data(m, f"variant {k!r} model {i}")
         self.seeds = list(seeds) if seeds is not None else list(range(len(self.base)))
         if len(self.seeds) != len(self.base):
             raise ValueError(f"seeds has {len(self.seeds)} entries for {len(self.base)} base models")
