@@ -302,13 +302,8 @@ def _main(argv: Sequence[str] | None) -> int:
 
 def _print_summary(res: dict, out: str, seconds: float) -> None:
     print(f"\n{res.get('study', {}).get('name', 'study')} — {seconds:.0f} s")
-    from minidiff.results import characteristics
-    ver_of = res.get("verdicts", {})
-    # a column no variant was measured on (the language-model column of an image study, the
-    # classification columns of a language-model study) says nothing: leave it out here
-    chars = [key for key, _ in characteristics()
-             if any(ver_of.get(v, {}).get(key, {}).get("verdict", "not_measured") != "not_measured"
-                    for v in res.get("variants", []))] or [key for key, _ in characteristics()]
+    from minidiff.results import measured_characteristics
+    chars = [key for key, _ in measured_characteristics(res.get("verdicts", {}), res.get("variants", []))]
     width = max([len(v) for v in res.get("variants", [])] + [8])
     print("  " + "variant".ljust(width) + "  " + "  ".join(c[:18].ljust(18) for c in chars))
     for v in res.get("variants", []):

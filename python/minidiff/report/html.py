@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from minidiff.results import SECTIONS, Results, Verdict, as_float, characteristics
+from minidiff.results import SECTIONS, Results, Verdict, as_float, measured_characteristics
 from minidiff.results.core import coerce
 
 from . import adversarial as _adversarial  # noqa: F401  (registers the adversarial renderer)
@@ -74,7 +74,7 @@ def _figs(*imgs: str) -> str:
 def verdict_table(res: Any, style: bool = True) -> str:
     """The verdict table with its legend (the report's first screen; ``Results._repr_html_``)."""
     res = coerce(res)
-    cols = characteristics()
+    cols = measured_characteristics(res.verdicts, res.variants)
     rows = []
     for var in res.variants:
         cells = [f"<th>{e(var)}</th>"]
@@ -85,7 +85,8 @@ def verdict_table(res: Any, style: bool = True) -> str:
         rows.append("<tr>" + "".join(cells) + "</tr>")
     head = "<tr><th>variant vs base</th>" + "".join(f"<th>{e(t)}</th>" for _, t in cols) + "</tr>"
     titles = dict(cols)
-    legend = "".join(f"<li><b>{e(titles.get(k, k))}</b>: {e(v)}</li>" for k, v in res.thresholds.items())
+    legend = "".join(f"<li><b>{e(titles.get(k, k))}</b>: {e(v)}</li>" for k, v in res.thresholds.items()
+                     if k in titles)
     words = "; ".join(f"{badge(v)} {e(v.meaning)}" for v in Verdict)
     out = (f'<table class="summary" id="summary">{head}{"".join(rows)}</table>'
            f'<div class="legend"><b>How to read the verdicts</b> — {words}.<ul>{legend}</ul></div>')

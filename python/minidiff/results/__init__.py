@@ -51,11 +51,13 @@ from .sections import (SECTIONS, AdversarialSection, DistributionSection, Entry,
 from .values import NotComputed, as_float, is_number
 from .lm import LanguageModelEntry, LanguageModelRule, LanguageModelSection
 from .swap import LayerSwapEntry, LayerSwapSection, SwapRow
-from .verdicts import RULES, Verdict, VerdictCell, VerdictRule, characteristics, decide_all, legends, register_rule
+from .verdicts import (RULES, Verdict, VerdictCell, VerdictRule, characteristics, decide_all, legends,
+                       measured_characteristics, register_rule)
 
 __all__ = ["Results", "StudyInfo", "SCHEMA", "SCHEMA_V1", "OutputWriteError", "OutputFolderInUseError", "check_output",
            "Section", "Entry", "Record", "SECTIONS", "register_section", "ModelsSection", "PredictionErrorsSection",
            "RepresentationSection", "DistributionSection", "AdversarialSection", "NotComputed", "as_float",
            "is_number", "Verdict", "VerdictCell", "VerdictRule", "RULES", "register_rule", "characteristics",
+           "measured_characteristics",
            "legends", "decide_all", "LanguageModelSection", "LanguageModelEntry", "LanguageModelRule",
            "LayerSwapSection", "LayerSwapEntry", "SwapRow"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from enum import Enum
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
@@ -285,6 +285,27 @@ for _r in (AccuracyRule(), PredictionErrorsRule(), RepresentationRule(), Distrib
 def characteristics() -> list[tuple[str, str]]:
     """``[(key, title), ...]`` of every verdict column, in order."""
     return [(r.key, r.title) for r in RULES.values()]
+
+
+def measured_characteristics(verdicts: Mapping[str, Mapping[str, Any]], variants: Sequence[str]
+                             ) -> list[tuple[str, str]]:
+    """The verdict columns at least one variant was measured on (every column when none was).
+
+    A column no variant was measured on says nothing (the language-model column of an
+    image study, the classification columns of a language-model study), so the
+    terminal summary and the report leave it out. ``verdicts[variant][key]`` is a
+    :class:`VerdictCell` or its dict form.
+    """
+    def verdict(cell: Any) -> str:
+        if cell is None:
+            return Verdict.NOT_MEASURED.value
+        v = cell.get("verdict") if isinstance(cell, Mapping) else cell.verdict
+        return Verdict(v).value
+
+    cols = characteristics()
+    shown = [(k, t) for k, t in cols
+             if any(verdict(verdicts.get(v, {}).get(k)) != Verdict.NOT_MEASURED.value for v in variants)]
+    return shown or cols
 
 
 def legends() -> dict[str, str]:
