@@ -5,7 +5,10 @@ After the evaluation pass, for every variant that shares the base's architecture
 variant (the first seed pair of a population) over a seeded sample of the evaluation
 set, and returns the ``layer_swap`` section of results.json in its JSON form
 (:mod:`minidiff.results.swap`). Nothing here measures anything itself: every number is
-the library function's.
+the library function's. :func:`run_swap_jobs` is the part every kind of study shares
+(skip reasons, cache, cost line, swaps); :func:`run_layer_swap` makes its jobs for a
+classifier study, :meth:`minidiff.lm.study.LMStudy.run_layer_swap` for a language-model
+study (windows instead of examples, the study's scored tokens).
 
 - The sample: :func:`swap_subset`, ``examples`` indices drawn without replacement by a
   ``torch.Generator`` seeded with the study seed and sorted (the rule of ``[data] limit``);
@@ -30,10 +33,12 @@ the library function's.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -41,7 +46,8 @@ from torch import nn
 from minidiff.results.swap import SHARE_UNDEFINED
 from minidiff.study.cache import StudyCache, hash_json
 
-__all__ = ["SECTION_KEY", "run_layer_swap", "skip_reason", "swap_batches", "swap_layers", "swap_subset"]
+__all__ = ["SECTION_KEY", "SwapJob", "run_layer_swap", "run_swap_jobs", "skip_reason", "swap_batches", "swap_layers",
+           "swap_subset"]
 
 logger = logging.getLogger(__name__)
 
@@ -174,9 +180,116 @@ def _skipped(reason: str, pair: Sequence[str]) -> dict[str, Any]:
     return {"pair": list(pair), "skipped": {"layer_swap": reason}}
 
 
+@dataclass
+class SwapJob:
+    """One variant's layer swap as :func:`run_swap_jobs` runs it.
+
+    ``pair`` names the two models in the entry (``[base member, variant member]``);
+    ``keys`` are their exact fingerprints (an empty key, or one starting with
+    ``"unhashable"``, keeps the entry out of the cache); ``batches()`` makes the batches
+    as the models take them (called only when the entry is not cached); ``forward`` is
+    passed to :func:`minidiff.localize.layer_swap` (None: its default call); ``skip`` is a
+    reason known before anything runs (the entry is then only that reason).
+    """
+
+    name: str
+    pair: list[str]
+    base: nn.Module
+    variant: nn.Module
+    keys: tuple[str, str]
+    batches: Callable[[], list[Any]]
+    forward: Callable[..., Any] | None = None
+    skip: str | None = None
+
+
+def run_swap_jobs(jobs: Sequence[SwapJob], cfg: Any, indices: Sequence[int], *, data_key: Any,
+                  settings: dict[str, Any], cache: StudyCache | None = None, progress: bool = False,
+                  what: str = "example(s)") -> dict[str, dict[str, Any]]:
+    """The ``layer_swap`` section (JSON form), one entry per job, in job order: the part
+    of the stage every kind of study shares (skip reasons, cache, the cost stated before
+    running, the swaps).
+
+    Parameters
+    ----------
+    jobs : list of SwapJob
+    cfg : LayerSwapConfig
+        granularity and direction (``examples`` has already chosen ``indices``).
+    indices : list of int
+        The sample the batches hold (stored in each entry, part of the cache key).
+    data_key : JSON-able
+        Fingerprint of the data the indices refer to (part of the cache key).
+    settings : dict
+        Everything else that changes the numbers (batch size, scoring rule); part of the
+        cache key together with the granularity, direction and entry version.
+    cache : StudyCache, optional
+        Entries are read from and written to ``layer_swap/<key>.json``.
+    progress : bool
+        Show a progress bar (its title states the cost).
+    what : str
+        What ``indices`` count, for the logged cost line.
+    """
+    from minidiff.localize import layer_swap, plan
+
+    indices = [int(i) for i in indices]
+    settings = {**settings, "granularity": cfg.granularity, "direction": cfg.direction, "version": _ENTRY_VERSION}
+    out: dict[str, dict[str, Any]] = {}
+    todo: list[tuple[SwapJob, list[Any], Any, str | None]] = []
+    for job in jobs:
+        reason = job.skip if job.skip is not None else skip_reason(job.base, job.variant, cfg.granularity)
+        if reason is not None:
+            out[job.name] = _skipped(reason, job.pair)
+            continue
+        cacheable = cache is not None and not any(k.startswith("unhashable") or not k for k in job.keys)
+        rel = None
+        if cacheable:
+            rel = "layer_swap/" + hash_json({"base": job.keys[0], "variant": job.keys[1], "data": data_key,
+                                             "indices": indices, **settings})[:32] + ".json"
+            got = cache.load_json(rel)
+            if got is not None:
+                out[job.name] = got
+                continue
+        batches = job.batches()
+        try:
+            p = plan(job.base, job.variant, batches, granularity=cfg.granularity, direction=cfg.direction,
+                     forward=job.forward, max_examples=None)
+        except ValueError as e:
+            out[job.name] = _skipped(f"layer swaps do not apply: {e}", job.pair)
+            continue
+        out[job.name] = {}  # keeps the study's variant order; filled below
+        todo.append((job, batches, p, rel))
+    if todo:
+        passes = sum(t[2].forward_passes for t in todo)
+        est = sum(t[2].estimated_seconds for t in todo)
+        msg = (f"layer swap: {len(todo)} variant(s) x {len(indices)} {what}, {cfg.granularity} granularity, "
+               f"{cfg.direction}: {passes} forward passes, about {est:.1f} s")
+        logger.info(msg)
+        for job, _, p, _ in todo:
+            logger.info("  %s: %s", job.name, p.describe())
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(todo), desc=f"layer swap ({passes} forward passes)", unit="variant",
+                   disable=not progress, leave=False)
+        try:
+            for job, batches, p, rel in todo:
+                t0 = time.perf_counter()
+                try:
+                    res = layer_swap(job.base, job.variant, batches, granularity=cfg.granularity,
+                                     direction=cfg.direction, forward=job.forward, max_examples=None)
+                except ValueError as e:  # e.g. same names, other widths: layer_swap names the layer
+                    out[job.name] = _skipped(f"layer swaps do not apply: {e}", job.pair)
+                else:
+                    out[job.name] = entry_of(res, job.pair, indices)
+                    logger.info("  %s: done in %.1f s", job.name, time.perf_counter() - t0)
+                if rel is not None:  # a failed swap fails again on the same models: keep its reason too
+                    cache.save_json(rel, out[job.name])
+                bar.update(1)
+        finally:
+            bar.close()
+    return out
+
+
 def run_layer_swap(pairs: Sequence[tuple[str, Any, Any]], data: Any, cfg: Any, *, seed: int, batch_size: int,
                    cache: StudyCache | None = None, progress: bool = False) -> dict[str, dict[str, Any]]:
-    """The ``layer_swap`` section (JSON form): one entry per variant.
+    """The ``layer_swap`` section (JSON form) of a classifier study: one entry per variant.
 
     Parameters
     ----------
@@ -193,63 +306,9 @@ def run_layer_swap(pairs: Sequence[tuple[str, Any, Any]], data: Any, cfg: Any, *
     progress : bool
         Show a progress bar (its title states the cost).
     """
-    from minidiff.localize import layer_swap, plan
-
     indices = swap_subset(len(data), cfg.examples, seed)
-    settings = {"granularity": cfg.granularity, "direction": cfg.direction, "batch_size": int(batch_size),
-                "version": _ENTRY_VERSION}
-    out: dict[str, dict[str, Any]] = {}
-    todo: list[tuple[str, Any, Any, list[Any], Any, str | None]] = []
-    for name, bm, vm in pairs:
-        pair = [bm.name, vm.name]
-        reason = skip_reason(bm.module, vm.module, cfg.granularity)
-        if reason is not None:
-            out[name] = _skipped(reason, pair)
-            continue
-        cacheable = cache is not None and not any(k.startswith("unhashable") or not k for k in (bm.key, vm.key))
-        rel = None
-        if cacheable:
-            rel = "layer_swap/" + hash_json({"base": bm.key, "variant": vm.key, "data": data.fingerprint(),
-                                             "indices": indices, **settings})[:32] + ".json"
-            got = cache.load_json(rel)
-            if got is not None:
-                out[name] = got
-                continue
-        batches = swap_batches(data, indices, bm.prepare, batch_size)
-        try:
-            p = plan(bm.module, vm.module, batches, granularity=cfg.granularity, direction=cfg.direction,
-                     max_examples=None)
-        except ValueError as e:
-            out[name] = _skipped(f"layer swaps do not apply: {e}", pair)
-            continue
-        out[name] = {}  # keeps the study's variant order; filled below
-        todo.append((name, bm, vm, batches, p, rel))
-    if todo:
-        passes = sum(t[4].forward_passes for t in todo)
-        est = sum(t[4].estimated_seconds for t in todo)
-        msg = (f"layer swap: {len(todo)} variant(s) x {len(indices)} example(s), {cfg.granularity} granularity, "
-               f"{cfg.direction}: {passes} forward passes, about {est:.1f} s")
-        logger.info(msg)
-        for name, _, _, _, p, _ in todo:
-            logger.info("  %s: %s", name, p.describe())
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(todo), desc=f"layer swap ({passes} forward passes)", unit="variant",
-                   disable=not progress, leave=False)
-        try:
-            for name, bm, vm, batches, p, rel in todo:
-                pair = [bm.name, vm.name]
-                t0 = time.perf_counter()
-                try:
-                    res = layer_swap(bm.module, vm.module, batches, granularity=cfg.granularity,
-                                     direction=cfg.direction, max_examples=None)
-                except ValueError as e:  # e.g. same names, other widths: layer_swap names the layer
-                    out[name] = _skipped(f"layer swaps do not apply: {e}", pair)
-                else:
-                    out[name] = entry_of(res, pair, indices)
-                    logger.info("  %s: done in %.1f s", name, time.perf_counter() - t0)
-                if rel is not None:  # a failed swap fails again on the same models: keep its reason too
-                    cache.save_json(rel, out[name])
-                bar.update(1)
-        finally:
-            bar.close()
-    return out
+    jobs = [SwapJob(name, [bm.name, vm.name], bm.module, vm.module, (bm.key, vm.key),
+                    functools.partial(swap_batches, data, indices, bm.prepare, batch_size))
+            for name, bm, vm in pairs]
+    return run_swap_jobs(jobs, cfg, indices, data_key=data.fingerprint() if cache is not None else None,
+                         settings={"batch_size": int(batch_size)}, cache=cache, progress=progress)
