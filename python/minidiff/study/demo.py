@@ -53,7 +53,7 @@ def digits_config(quick: bool = False) -> StudyConfig:
         "base": {"kind": "mlp", "hidden": [128, 64], "seeds": seeds,
                  "train": {"epochs": epochs, "lr": 0.005, "batch_size": 64}},
         "variants": variants,
-        "metrics": {"knn_k": 10, "ood_k": 10, "pie_examples": 12, "bootstrap": 1000},
+        "metrics": {"knn_k": 10, "ood_k": 10, "pie_examples": 12, "bootstrap": 1000, "layer_swap": True},
         # pixels lie in [0, 1]; eps 0.1 = a tenth of the range per pixel (L-inf)
         "adversarial": {"attacks": ["fgsm", "pgd-linf"], "epsilon": [0.1], "steps": 10, "clip_min": 0.0,
                         "clip_max": 1.0, "max_examples": 150 if quick else 450, "bootstrap": 500},
@@ -82,7 +82,9 @@ def minilm_config(quick: bool = False) -> StudyConfig:
             {"name": "ort-int8", "recipe": "ort-int8"},
         ],
         "layers": {"capture": "auto", "token_mode": "mean"},
-        "metrics": {"knn_k": 10, "ood_k": 10, "pie_examples": 12, "bootstrap": 1000},
+        "metrics": {"knn_k": 10, "ood_k": 10, "pie_examples": 12, "bootstrap": 1000,
+                    # one forward of `examples` sentences per swapped block (6) and variant
+                    "layer_swap": {"examples": 48 if quick else 128}},
         # word substitution costs tens of model queries per sentence on CPU: a small sample
         "adversarial": {"attacks": ["embedding-pgd", "word-substitution"], "steps": 10,
                         "max_examples": 8 if quick else 48, "word_budget": 0.25, "query_budget": 400,
@@ -109,6 +111,8 @@ def merge_results(parts: dict[str, dict[str, Any]], name: str, lm: Any = None) -
                 out[sec][key] = res[sec].get(v, {})
         for g, m in res["models"].items():
             out["models"][f"{tag}-{g}"] = m
+        if res.get("layer_swap"):  # {variant: entry}, like the sections above, when a part measured it
+            out.setdefault("layer_swap", {}).update({f"{tag}-{v}": e for v, e in res["layer_swap"].items()})
         out["adversarial"][tag] = res.get("adversarial")
         out["studies"][tag] = {"name": res["study"]["name"], "report": f"{tag}/report.html",
                                "data": res["study"]["data"]["name"], "timing": res.get("timing")}

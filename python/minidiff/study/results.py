@@ -13,7 +13,7 @@ from minidiff.results import SCHEMA, OutputFolderInUseError, OutputWriteError, R
 from minidiff.results.core import coerce
 
 TOP_LEVEL_KEYS = ("schema", "study", "variants", "thresholds", "verdicts", "models", "prediction_errors",
-                  "representation", "distribution", "adversarial")
+                  "representation", "distribution", "adversarial", "language_model", "layer_swap")
 
 
 def to_json(results: Any) -> str:
