@@ -53,6 +53,11 @@ keys. Format::
     explain_windows = 4         # highest-KLD windows shown token by token, per variant
     max_flipped = 24            # flipped tokens listed in context, per variant
 
+    [metrics.layer_swap]        # optional (or `layer_swap = true` under [metrics]): which layer's
+    granularity = "block"       # compression costs most; block | linear | ["model.layers.0", ...]
+    direction = "into_base"     # into_base | restore | both
+    examples = 256              # windows the swaps run on (a seeded sample; all when fewer)
+
 :func:`build_lm_study` turns a validated :class:`LMStudyConfig` into an
 :class:`~minidiff.lm.study.LMStudy` (loading the models and making the variants).
 """
@@ -64,6 +69,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from minidiff.study.swap import LayerSwapConfig, layer_swap_setting
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -177,6 +184,19 @@ class LMReportConfig(_Strict):
     max_flipped: int = Field(24, ge=0)
 
 
+class LMMetricsConfig(_Strict):
+    """``[metrics]``: what a language-model study measures besides the token statistics."""
+
+    layer_swap: LayerSwapConfig | None = Field(
+        None, description="layer-swap sensitivity of same-architecture variants on a seeded sample of the scored "
+                          "windows: a [metrics.layer_swap] table, or true for its defaults (false or absent: not run)")
+
+    @field_validator("layer_swap", mode="before")
+    @classmethod
+    def _layer_swap(cls, v: Any) -> Any:
+        return layer_swap_setting(v)  # the classifier study's rule: true = the defaults, false = off
+
+
 class LMStudyConfig(_Strict):
     """A language-model study file."""
 
@@ -187,6 +207,7 @@ class LMStudyConfig(_Strict):
     layers: LMLayerConfig = Field(default_factory=LMLayerConfig)
     memory: LMMemoryConfig = Field(default_factory=LMMemoryConfig)
     report: LMReportConfig = Field(default_factory=LMReportConfig)
+    metrics: LMMetricsConfig = Field(default_factory=LMMetricsConfig)
 
     @model_validator(mode="after")
     def _names(self) -> "LMStudyConfig":
@@ -282,4 +303,5 @@ def build_lm_study(cfg: LMStudyConfig, cache_dir: str | Path | None = None) -> A
                    max_windows=d.max_windows, add_bos=None if d.add_bos == "auto" else d.add_bos,
                    base_file=cfg.memory.base_file or None, base_file_range=cfg.memory.base_file_range,
                    explain_windows=cfg.report.explain_windows, max_flipped=cfg.report.max_flipped,
-                   progress=cfg.study.progress, name=cfg.study.name)
+                   progress=cfg.study.progress, name=cfg.study.name, seed=cfg.study.seed,
+                   layer_swap=cfg.metrics.layer_swap, cache=cache_dir)

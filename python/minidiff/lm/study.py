@@ -33,6 +33,18 @@ as long as no entry is raised to the floor; raised entries add at most
 scored token (``V = 32k``, 100 windows of 512: 1.7 GB). CKA needs both models'
 activations at once and is not measured in this mode.
 
+Layer swaps (``layer_swap=...``, a study file's ``[metrics.layer_swap]``). After the
+divergence pass, for every variant of the base's architecture,
+:func:`minidiff.localize.layer_swap` swaps one block (or Linear) at a time between the
+base and the variant on a seeded sample of ``examples`` windows
+(:func:`minidiff.study.swap.swap_subset`), fed in the study's batches
+(:meth:`LMStudy._batch_windows` windows each, no padding: every window is ``n_ctx`` real
+tokens) and compared on the study's scored tokens only (causal: the logits at positions
+``n_ctx/2 .. n_ctx-2``; masked: each masked copy's masked position): KLD and same top-1.
+The stage is :func:`minidiff.study.swap.run_swap_jobs`, shared with classifier studies
+(skip reasons, the cost logged before running, entries cached under
+``<cache>/layer_swap/``); the result is the ``layer_swap`` section of the saved results.
+
 Distributed. Under ``torchrun`` every rank takes a contiguous block of windows
 (:meth:`minidiff.distributed.DistContext.shard_range`, aligned to the batch), and
 the accumulators are merged with :meth:`~minidiff.distributed.DistContext.sync`;
@@ -41,6 +53,7 @@ rank 0 writes the result.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import math
@@ -125,10 +138,14 @@ class LMStudyResult:
     study: dict[str, Any]
     variants: dict[str, LMVariantResult]
     timing: dict[str, float] = field(default_factory=dict)
+    #: the ``layer_swap`` section (JSON form, :mod:`minidiff.results.swap`) when the study asked for it
+    layer_swap: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        extra = {"layer_swap": self.layer_swap} if self.layer_swap is not None else {}
         return _jsonable({"schema": "minidiff.lm-study/1", "study": self.study,
-                          "variants": {k: asdict(v) for k, v in self.variants.items()}, "timing": self.timing})
+                          "variants": {k: asdict(v) for k, v in self.variants.items()}, "timing": self.timing,
+                          **extra})
 
     def table(self) -> str:
         """The llama.cpp-style terminal statistics of every variant."""
@@ -138,8 +155,9 @@ class LMStudyResult:
 
     def to_results(self) -> Any:
         """This result as a :class:`minidiff.Results`: the ``language_model`` section (one
-        entry per variant), the verdicts of every registered rule (the ``language_model``
-        column decides from KLD and same top-1) and the timing; ``save(out)`` writes
+        entry per variant), the ``layer_swap`` section when the study ran layer swaps, the
+        verdicts of every registered rule (the ``language_model`` column decides from KLD
+        and same top-1) and the timing; ``save(out)`` writes
         ``results.json`` (schema ``minidiff.results/2``), the CSV tables and ``report.html``."""
         from minidiff import __version__
         from minidiff.results import Results, decide_all
@@ -151,6 +169,9 @@ class LMStudyResult:
                 v["skipped"] = {"cka": "token-level CKA was not measured (cka=False, or the base-file mode, where "
                                        "the two models never run together)"}
         section = LanguageModelSection({"study": data["study"], "variants": data["variants"]})
+        sections: dict[str, Any] = {"language_model": section}
+        if self.layer_swap is not None:
+            sections["layer_swap"] = data["layer_swap"]
         st = self.study
         return Results(
             study={"name": st.get("name") or "language-model study", "seed": 0, "minidiff_version": __version__,
@@ -160,7 +181,7 @@ class LMStudyResult:
                    "notes": [f"scoring: {st.get('scoring', '')}"]},
             variants=list(self.variants),
             verdicts={v: decide_all(v, {"language_model": section.entry(v)}) for v in self.variants},
-            sections={"language_model": section}, timing=self.timing)
+            sections=sections, timing=self.timing)
 
 
 def _from_json_form(x: Any) -> Any:
@@ -316,6 +337,15 @@ class LMStudy:
         Default: from the environment (``torchrun``), else one process.
     name, meta
         The study's name and extra JSON-able facts recorded in ``result.study``.
+    seed : int
+        Seeds the sample of windows the layer swaps run on.
+    layer_swap : LayerSwapConfig, dict or bool, optional
+        Run :meth:`run_layer_swap` after the divergence pass (``True``: the defaults;
+        a dict: ``granularity``, ``direction``, ``examples`` windows, validated as a study
+        file's ``[metrics.layer_swap]``). None or False: not run.
+    cache : str, path or StudyCache, optional
+        Where layer-swap entries are kept (``layer_swap/<key>.json``), so a rerun only runs
+        the variants not done yet. None: nothing is cached.
     """
 
     def __init__(self, base: Any, variants: Mapping[str, Any], *, text: Any = None, tokenizer: Any = None,
@@ -325,7 +355,8 @@ class LMStudy:
                  base_file_range: float = DEFAULT_RANGE, explain_windows: int = 4, explain_top_k: int = 3,
                  max_flipped: int = 24, accumulator_options: Mapping[str, Any] | None = None,
                  dist: Any = None, progress: bool = False, name: str = "language-model study",
-                 meta: Mapping[str, Any] | None = None) -> None:
+                 meta: Mapping[str, Any] | None = None, seed: int = 0, layer_swap: Any = None,
+                 cache: Any = None) -> None:
         if not isinstance(variants, Mapping) or not variants:
             raise ValueError("variants must be a non-empty dict name -> model")
         if "base" in variants:
@@ -356,6 +387,9 @@ class LMStudy:
         self.explain_windows, self.explain_top_k, self.max_flipped = explain_windows, explain_top_k, max_flipped
         self.accumulator_options = dict(accumulator_options or {})
         self.dist, self.progress, self.name, self.meta = dist, progress, name, dict(meta or {})
+        self.seed = int(seed)
+        self.layer_swap = _swap_config(layer_swap)
+        self.cache = _study_cache(cache)
         self._windows: TokenWindows | None = None
         self._best: dict[str, dict[int, float]] = {}  # variant -> window -> mean KLD (explained windows)
         self._details: dict[str, dict[int, dict[str, Any]]] = {}
@@ -568,6 +602,73 @@ class LMStudy:
                     self._update(v, out[v]["divergence"], base_l, vl, self._row_meta(lo, hi), lo)
         return out
 
+    # -- layer swaps ---------------------------------------------------------------
+    def swap_batches(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+        """The windows ``indices`` as the study feeds them to its models: batches of
+        :meth:`_batch_windows` windows, ``{"input_ids": (sequences, n_ctx)}`` (masked LMs:
+        each window's masked copies, window-major). No padding, so no attention mask."""
+        w = self.windows
+        bw = self._batch_windows()
+        out = []
+        for s in range(0, len(indices), bw):
+            ids = [int(i) for i in indices[s:s + bw]]
+            if self.task == "masked-lm":
+                x = torch.cat([w.masked_copies(i, i + 1)[0] for i in ids])
+            else:
+                x = w.input_ids[torch.tensor(ids)]
+            out.append({"input_ids": x})
+        return out
+
+    def swap_forward(self) -> Callable[[nn.Module, Any], torch.Tensor]:
+        """``forward(model, batch) -> (sequences, scored, V)`` logits of the study's scored
+        tokens only (causal: positions ``logit_positions``, asked with ``logits_to_keep``
+        where the model takes it; masked: each copy's masked position, ``scored = 1``),
+        for :func:`minidiff.localize.layer_swap`."""
+        w = self.windows
+        keep = self._keep()
+        made: dict[int, Callable[..., Any]] = {}
+
+        def forward(m: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+            fwd = made.get(id(m))
+            if fwd is None:  # the host of a swap is the base or the variant: one forward each
+                fwd = made[id(m)] = make_forward(m, keep)
+            n = int(batch["input_ids"].shape[0])
+            if self.task == "masked-lm":
+                rows = torch.arange(n) * w.n_ctx + w.target_positions.repeat(n // w.n_scored)
+            else:
+                rows = (torch.arange(n)[:, None] * w.n_ctx + w.logit_positions[None, :]).reshape(-1)
+            lg = self._scored_logits(logits_of(fwd(m, batch)), rows)
+            return lg.reshape(n, -1, lg.shape[-1])
+        return forward
+
+    def run_layer_swap(self) -> dict[str, dict[str, Any]] | None:
+        """The ``layer_swap`` section (JSON form) when the study asked for it, else None.
+
+        One entry per variant: :func:`minidiff.localize.layer_swap` of the base and the
+        variant on :func:`~minidiff.study.swap.swap_subset` (``examples`` windows, seeded
+        by ``seed``) in :meth:`swap_batches`, scored by :meth:`swap_forward`; run by
+        :func:`minidiff.study.swap.run_swap_jobs` (the cost is logged before any swap runs;
+        a variant in ONNX Runtime or llama.cpp, of another architecture, or in base-file
+        mode is left out with its reason; entries cached in ``cache``).
+        """
+        cfg = self.layer_swap
+        if cfg is None:
+            return None
+        from minidiff.study.swap import SwapJob, run_swap_jobs, swap_subset
+
+        w = self.windows
+        indices = swap_subset(w.n_windows, cfg.examples, self.seed)
+        cache = self.cache
+        keys = {n: _model_key(m) if cache is not None else "" for n, m in {"base": self.base, **self.variants}.items()}
+        skip = ("base-file mode: the base and a variant never run together here (they need not fit on the "
+                "device together), and a layer swap runs both" if self.base_file is not None else None)
+        jobs = [SwapJob(v, ["base", v], self.base, m, (keys["base"], keys[v]),
+                        functools.partial(self.swap_batches, indices), self.swap_forward(), skip)
+                for v, m in self.variants.items()]
+        return run_swap_jobs(jobs, cfg, indices, data_key=w.fingerprint() if cache is not None else None,
+                             settings={"batch_size": self._batch_windows(), "scored": f"{self.task} scored tokens"},
+                             cache=cache, progress=self.progress, what="window(s)")
+
     # -- run -----------------------------------------------------------------------
     def run(self, out: str | os.PathLike | None = None, *, overwrite: bool = False) -> LMStudyResult:
         """Stream this rank's windows, merge across ranks, explain the worst windows,
@@ -577,6 +678,9 @@ class LMStudy:
         from minidiff.distributed import DistContext
 
         ctx = self.dist if self.dist is not None else DistContext.from_env()
+        if self.layer_swap is not None:  # a wrong layer name fails before any model runs
+            from minidiff.study.swap import swap_layers
+            swap_layers(self.base, self.layer_swap.granularity)
         t0 = time.perf_counter()
         w = self.windows
         t_tok = time.perf_counter() - t0
@@ -606,9 +710,14 @@ class LMStudy:
             for v in variants:
                 variants[v].where_it_hurts, variants[v].flipped_tokens = self.explain(v, variants[v].divergence)
         t_explain = time.perf_counter() - t2
+        timing = {"tokenize_s": t_tok, "stream_s": t_stream, "explain_s": t_explain}
+        swap = None
+        if ctx.is_main and self.layer_swap is not None:  # rank 0 swaps and writes
+            t3 = time.perf_counter()
+            swap = self.run_layer_swap()
+            timing["layer_swap_s"] = time.perf_counter() - t3
         result = LMStudyResult(study=self.describe(), variants=variants,
-                               timing={"tokenize_s": t_tok, "stream_s": t_stream, "explain_s": t_explain,
-                                       "total_s": time.perf_counter() - t0})
+                               timing={**timing, "total_s": time.perf_counter() - t0}, layer_swap=swap)
         if out is not None and ctx.is_main:
             write_lm_output(out, result, overwrite=overwrite)
         return result
@@ -710,6 +819,48 @@ class LMStudy:
 
     def _candidates(self, ids: list[int], probs: list[float]) -> list[list[Any]]:
         return [[t, float(p)] for t, p in zip(self._token_text([int(i) for i in ids]), probs)]
+
+
+def _swap_config(value: Any) -> Any:
+    """``layer_swap=`` as a :class:`~minidiff.study.config.LayerSwapConfig` (or None), by the
+    study file's rule for ``[metrics] layer_swap``."""
+    from pydantic import ValidationError
+
+    from minidiff.study.swap import LayerSwapConfig, layer_swap_setting
+    from minidiff.validation import format_validation_error
+
+    if value is None or isinstance(value, LayerSwapConfig):
+        return value
+    if isinstance(value, bool):
+        return layer_swap_setting(value)
+    if not isinstance(value, Mapping):
+        raise TypeError(f"layer_swap must be a LayerSwapConfig, a dict of its keys (granularity, direction, "
+                        f"examples) or a bool, got {type(value).__name__}")
+    try:
+        return LayerSwapConfig.model_validate(dict(value))
+    except ValidationError as e:
+        raise ValueError(format_validation_error(e, "layer_swap")) from None
+
+
+def _study_cache(cache: Any) -> Any:
+    from minidiff.study.cache import StudyCache
+
+    if cache is None or isinstance(cache, StudyCache):
+        return cache
+    if not isinstance(cache, (str, os.PathLike)):
+        raise TypeError(f"cache must be a folder (str or path) or a StudyCache, got {type(cache).__name__}")
+    return StudyCache(cache)
+
+
+def _model_key(model: nn.Module) -> str:
+    """The model's exact fingerprint (a cache key), or ``"unhashable"`` (never cached)."""
+    from minidiff.models.fingerprint import UnhashableModelError
+    from minidiff.study.cache import hash_module
+
+    try:
+        return hash_module(model)
+    except UnhashableModelError:
+        return "unhashable"
 
 
 def _to(batch: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:

@@ -394,8 +394,10 @@ def render_layer_swap(res: Any, ctx: RenderContext) -> str:
             '<p class="muted">Each row runs the model once with a single layer exchanged: into the base, the '
             "base with that one layer taken from the variant (what compressing only that layer costs); restored, "
             "the variant with that one layer taken back from the base. Both are compared with the base on the "
-            f"same {e(any_ent.get('n_examples'))} evaluation examples (a seeded sample; "
-            f"<code>[metrics.layer_swap] examples</code>), {e(any_ent.get('granularity'))} granularity. Share of "
+            + (f"scored tokens of the same {e(any_ent.get('n_examples'))} windows (a seeded sample; "
+               if any_ent.get("kind") == "language-model" else
+               f"same {e(any_ent.get('n_examples'))} evaluation examples (a seeded sample; ")
+            + f"<code>[metrics.layer_swap] examples</code>), {e(any_ent.get('granularity'))} granularity. Share of "
             "whole KL: the swapped model's mean KL(base ‖ swapped) over the variant's, or for a restored layer "
             "the part of the variant's KL that restoring it removes; shares need not add up to 100% (the errors "
             "of layers compound or cancel). Cost: one forward pass per swap and batch, "

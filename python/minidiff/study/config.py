@@ -69,6 +69,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 from minidiff.metrics._checks import MIN_BOOTSTRAP  # the one rule, shared with the metric functions
+# [metrics.layer_swap] is defined with its stage, where language-model study files take it too
+from minidiff.study.swap import LAYER_SWAP_EXAMPLES, LayerSwapConfig, layer_swap_setting  # noqa: F401
 from minidiff.validation import StudyFileError, format_validation_error  # noqa: F401  (re-exported)
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -318,42 +320,6 @@ class LayerConfig(_Strict):
 SQNR_THRESHOLD_DB = 20.0
 
 
-#: Default of ``[metrics.layer_swap] examples``: evaluation examples each swap runs on. With
-#: the study's batch size of 128 that is two batches, so a digits MLP (3 blocks) costs
-#: 2 x (2 + 3) = 10 forward passes per variant, all-MiniLM-L6-v2 by block (9 blocks) 22.
-LAYER_SWAP_EXAMPLES = 256
-
-
-class LayerSwapConfig(_Strict):
-    """``[metrics.layer_swap]`` (or ``[metrics] layer_swap = true`` for the defaults):
-    layer-swap sensitivity of every same-architecture variant
-    (:func:`minidiff.localize.layer_swap`, run by :mod:`minidiff.study.swap`)."""
-
-    granularity: str | list[str] = Field(
-        "block", description="'block', 'linear' or a list of module names present in the base and the variant")
-    direction: Literal["into_base", "restore", "both"] = Field(
-        "into_base", description="swap a variant layer into the base, restore a base layer in the variant, or both")
-    examples: int = Field(LAYER_SWAP_EXAMPLES, ge=1,
-                          description="evaluation examples the swaps run on (a seeded sample; all when fewer)")
-
-    @field_validator("granularity")
-    @classmethod
-    def _names(cls, v: Any) -> Any:
-        if isinstance(v, str) and v not in ("block", "linear"):
-            raise ValueError(f"expected 'block', 'linear' or a list of module names, got {v!r} (one module: "
-                             f"granularity = [{v!r}])")
-        if isinstance(v, list):
-            if not v:
-                raise ValueError("an empty list names no layer; give module names, or 'block' / 'linear'")
-            bad = [n for n in v if not n.strip()]
-            if bad:
-                raise ValueError("module names must be non-empty strings (e.g. 'encoder.layer.0')")
-            dup = sorted({n for n in v if v.count(n) > 1})
-            if dup:
-                raise ValueError(f"module names are listed more than once: {dup}")
-        return v
-
-
 class MetricsConfig(_Strict):
     """``[metrics]``: metric settings and which characteristics to measure."""
 
@@ -385,9 +351,7 @@ class MetricsConfig(_Strict):
     @field_validator("layer_swap", mode="before")
     @classmethod
     def _layer_swap(cls, v: Any) -> Any:
-        if isinstance(v, bool):
-            return LayerSwapConfig() if v else None
-        return v
+        return layer_swap_setting(v)
 
     @field_validator("similarity")
     @classmethod

@@ -38,22 +38,72 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from minidiff.results.swap import SHARE_UNDEFINED
 from minidiff.study.cache import StudyCache, hash_json
 
-__all__ = ["SECTION_KEY", "SwapJob", "run_layer_swap", "run_swap_jobs", "skip_reason", "swap_batches", "swap_layers",
-           "swap_subset"]
+__all__ = ["LAYER_SWAP_EXAMPLES", "LayerSwapConfig", "SECTION_KEY", "SwapJob", "layer_swap_setting", "run_layer_swap",
+           "run_swap_jobs", "skip_reason", "swap_batches", "swap_layers", "swap_subset"]
 
 logger = logging.getLogger(__name__)
 
 SECTION_KEY = "layer_swap"
 #: Part of every cache key: bump when the stored entry changes meaning.
 _ENTRY_VERSION = 1
+
+
+#: Default of ``[metrics.layer_swap] examples``: evaluation examples each swap runs on. With
+#: the study's batch size of 128 that is two batches, so a digits MLP (3 blocks) costs
+#: 2 x (2 + 3) = 10 forward passes per variant, all-MiniLM-L6-v2 by block (9 blocks) 22.
+LAYER_SWAP_EXAMPLES = 256
+
+
+class LayerSwapConfig(BaseModel):
+    """``[metrics.layer_swap]`` (or ``[metrics] layer_swap = true`` for the defaults):
+    layer-swap sensitivity of every same-architecture variant
+    (:func:`minidiff.localize.layer_swap`, run by :mod:`minidiff.study.swap`). The same
+    table in a classifier and in a language-model study file (there ``examples`` counts
+    windows)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    granularity: str | list[str] = Field(
+        "block", description="'block', 'linear' or a list of module names present in the base and the variant")
+    direction: Literal["into_base", "restore", "both"] = Field(
+        "into_base", description="swap a variant layer into the base, restore a base layer in the variant, or both")
+    examples: int = Field(LAYER_SWAP_EXAMPLES, ge=1,
+                          description="evaluation examples (language-model studies: windows) the swaps run on "
+                                      "(a seeded sample; all when fewer)")
+
+    @field_validator("granularity")
+    @classmethod
+    def _names(cls, v: Any) -> Any:
+        if isinstance(v, str) and v not in ("block", "linear"):
+            raise ValueError(f"expected 'block', 'linear' or a list of module names, got {v!r} (one module: "
+                             f"granularity = [{v!r}])")
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("an empty list names no layer; give module names, or 'block' / 'linear'")
+            bad = [n for n in v if not n.strip()]
+            if bad:
+                raise ValueError("module names must be non-empty strings (e.g. 'encoder.layer.0')")
+            dup = sorted({n for n in v if v.count(n) > 1})
+            if dup:
+                raise ValueError(f"module names are listed more than once: {dup}")
+        return v
+
+
+def layer_swap_setting(value: Any) -> Any:
+    """The ``[metrics] layer_swap`` rule of every study file: ``true`` is the defaults,
+    ``false`` not run; a table is validated as :class:`LayerSwapConfig`."""
+    if isinstance(value, bool):
+        return LayerSwapConfig() if value else None
+    return value
 
 
 def swap_subset(n: int, examples: int, seed: int) -> list[int]:
