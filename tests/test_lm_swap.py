@@ -236,3 +236,38 @@ direction = "restore"
         _study(tok, text, base, {"int8": quantize(base, "int8")}, layer_swap="block")
     with pytest.raises(ValueError, match=r"\[metrics.layer_swap\] granularity names module"):
         _study(tok, text, base, {"int8": quantize(base, "int8")}, layer_swap={"granularity": ["model.layer.0"]}).run()
+
+
+def test_masked_lm_scores_the_masked_positions(text):
+    """Masked LMs: the swaps run on the study's masked copies and compare each copy's masked
+    position only (the pseudo-log-likelihood tokens)."""
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
+    from minidiff.models.loading import embedded_minilm_dir
+
+    btok = AutoTokenizer.from_pretrained(embedded_minilm_dir())
+    torch.manual_seed(0)
+    base = BertForMaskedLM(BertConfig(vocab_size=len(btok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      intermediate_size=64, max_position_embeddings=64)).eval()
+    var = quantize(base, "int8")
+    st = LMStudy(base, {"int8": var}, text=text, tokenizer=btok, task="masked-lm", n_ctx=12, batch_size=8,
+                 max_windows=5, cka=False, explain_windows=0, seed=SEED, layer_swap={"examples": 3})
+    ent = st.run().layer_swap["int8"]
+    w = st.windows
+    idx = swap_subset(w.n_windows, 3, SEED)
+    per = max(1, 8 // w.n_scored)  # windows per batch, as the study batches masked copies
+    batches, positions = [], []
+    for s in range(0, len(idx), per):
+        xs = [w.masked_copies(i, i + 1) for i in idx[s:s + per]]
+        batches.append({"input_ids": torch.cat([x for x, _ in xs])})
+        positions.append(torch.cat([p for _, p in xs]))
+
+    def fwd(m, b):
+        x = b["input_ids"]
+        p = next(pp for bb, pp in zip(batches, positions) if torch.equal(bb["input_ids"], x))
+        return m(input_ids=x).logits[torch.arange(x.shape[0]), p][:, None]
+    ref = layer_swap(base, var.model, batches, forward=fwd, max_examples=None)
+    assert ent["n_units"] == ref.n_units == 3 * w.n_scored and ent["unit"] == "tokens"
+    assert ent["whole_kl"] == pytest.approx(ref.whole_kl, rel=1e-6) and ent["whole_kl"] > 0
+    assert [r["layer"] for r in ent["into_base"]] == ref.ranking()
+    assert [r["kl"] for r in ent["into_base"]] == pytest.approx([e.kl for e in ref.into_base], rel=1e-6)
