@@ -8,7 +8,13 @@ every measure here is a function of the three covariance blocks
 which the streaming :class:`~minidiff.similarity.CKAAccumulator` holds for every
 layer pair (``Sxx = G - s s^T / n`` from its Gram and sum states, whatever shift
 they were taken at), so no second pass over the data and no ``n x n`` matrix is
-needed. Cost: one ``eigh`` per layer and ``O(d^3)`` per pair, independent of n.
+needed. Cost, independent of n: one ``eigh`` per layer; per pair (``d = dx = dy``,
+float64 flops) the rotation ``S' = Ux^T Sxy Uy`` into both eigenbases (``4 d^3``), from which
+CCA, both regressions and RV are ``O(d^2)`` sums and SVCCA is the nuclear norm of S''s
+``kx x ky`` block of kept directions (``~7/3 k^3``); Procrustes is ``svdvals(Sxy)``
+(``8/3 d^3``); the mean canonical correlation a nuclear norm of the whitened S' (``7/3 d^3``
+where :func:`nuclear_norm` proves its Gram route accurate, else ``8/3 d^3`` more). The CKA pass
+costs ``~2 n d^2 (1 + 1/L)`` float32 flops per pair, so the measures' share falls as ``d / n``.
 
 Measures (``MEASURES``; survey: Klabunde et al. 2023, "Similarity of Neural
 Network Models: A Survey of Functional and Representational Measures")
@@ -126,11 +132,11 @@ def nuclear_norm(m: torch.Tensor, rtol: float = NUCLEAR_RTOL) -> float:
     Gram ``G`` (``M^T M`` or ``M M^T``) where that is provably accurate, else from ``svdvals``.
 
     ``eigvalsh(G)`` costs ``p q^2 + 4/3 q^3`` flops (``q <= p`` the sides) against the
-    ``4 p q^2 - 4/3 q^3`` of the bidiagonalization behind ``svdvals`` (a third of the time
+    ``4 p q^2 - 4/3 q^3`` of the bidiagonalization behind ``svdvals`` (less than half the time,
     measured at 768 x 768). Its values are the exact eigenvalues of a matrix within
     ``delta = (p + q) eps ||M||_F^2`` of ``M^T M`` in the 2-norm (rounding of the product,
-    ``|fl(G) - G| <= p eps |M|^T |M|``, plus the backward error of the tridiagonal
-    eigensolver), so by Weyl's theorem ``|lambda_i - sigma_i^2| <= delta`` and
+    ``|fl(G) - G| <= p eps |M|^T |M|``, plus the backward error ``c(q) eps ||G||_2`` of the
+    tridiagonal eigensolver, LAPACK's modest ``c(q)`` taken as ``q``), so by Weyl's theorem ``|lambda_i - sigma_i^2| <= delta`` and
     ``|sqrt(max(lambda_i, 0)) - sigma_i| <= sqrt(2) delta / sqrt(max(lambda_i, delta))``.
     The summed bound must be at most ``rtol`` times the result; otherwise (singular values
     near ``sqrt(delta)``: ill-conditioned or rank-deficient matrices, e.g. most raw
