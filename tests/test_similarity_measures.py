@@ -146,8 +146,25 @@ def test_streamed_measures_equal_definitions_random(estimator):
         _check_all(ref, got, 1e-9)
         for m in ("cca", "procrustes", "regression"):
             torch.testing.assert_close(acc.compute(m), got[m], rtol=0, atol=0)
+        # alone, these take cheaper products (Sxy Uy; SVCCA's kept directions only): equal to rounding
+        for m in ("regression_reverse", "svcca", "cca_mean"):
+            torch.testing.assert_close(acc.compute(m), got[m], rtol=0, atol=1e-14)
     for m in MEASURES[1:]:
         torch.testing.assert_close(similarity_matrix(fa, fb, measure=m), got[m], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("subset", [("regression", "svcca"), ("regression_reverse", "svcca"), ("cca", "rv"),
+                                    ("regression", "regression_reverse"), ("svcca", "procrustes")])
+def test_any_subset_of_measures_gives_the_same_values(subset):
+    """Each side's eigenbasis is whole or SVCCA's kept part depending on the measures asked; the
+    values do not depend on it (beyond rounding)."""
+    fa, fb = _related(n=300, widths_a=(12, 30), widths_b=(25, 9))
+    acc = _streamed(fa, fb, [300])
+    every = acc.compute_measures([m for m in MEASURES if m != "cka"])
+    got = acc.compute_measures(list(subset))
+    assert set(got) == set(subset)
+    for m in subset:
+        torch.testing.assert_close(got[m], every[m], rtol=0, atol=1e-14, msg=m)
 
 
 def test_self_comparison_and_float32_stream():

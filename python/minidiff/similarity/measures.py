@@ -66,7 +66,6 @@ SVCCA_VARIANCE = 0.99
 RANK_RTOL = 1e-10
 DEFAULT_RIDGE = 1e-6
 NUCLEAR_RTOL = 1e-9  # nuclear norms from the Gram's eigenvalues only where provably this accurate
-WHITENED_MEASURES = ("cca", "cca_mean", "regression", "regression_reverse")
 _EPS = torch.finfo(torch.float64).eps
 
 
@@ -223,12 +222,18 @@ def _parallel_map(fn, items: list, workers: int) -> list:
 
 
 def _pair_measures(cov_a, cov_b, cross, measures, names_a, names_b, ridge, same, zero_a, zero_b, threads):
-    need_white = any(m in WHITENED_MEASURES for m in measures)
+    # each side's eigenbasis: whole for its whitening (regression whitens a's side only, its reverse
+    # b's), else only the directions SVCCA keeps
+    need_white_a = any(m in ("cca", "cca_mean", "regression") for m in measures)
+    need_white_b = any(m in ("cca", "cca_mean", "regression_reverse") for m in measures)
+    if same:
+        need_white_a = need_white_b = need_white_a or need_white_b
     need_sv = "svcca" in measures
     zero_a = [False] * len(cov_a) if zero_a is None else [bool(z) for z in zero_a]
     zero_b = [False] * len(cov_b) if zero_b is None else [bool(z) for z in zero_b]
-    layers = list(zip(cov_a, zero_a)) + ([] if same else list(zip(cov_b, zero_b)))
-    sides = _parallel_map(lambda t: _side(t[0], need_white, need_sv, ridge, t[1]), layers, threads)
+    layers = [(c, z, need_white_a) for c, z in zip(cov_a, zero_a)]
+    layers += [] if same else [(c, z, need_white_b) for c, z in zip(cov_b, zero_b)]
+    sides = _parallel_map(lambda t: _side(t[0], t[2], need_sv, ridge, t[1]), layers, threads)
     sides_a = sides[:len(cov_a)]
     sides_b = sides_a if same else sides[len(cov_a):]
     for side, name in zip(sides, list(names_a) + ([] if same else list(names_b))):
@@ -262,18 +267,21 @@ def _pair_measures(cov_a, cov_b, cross, measures, names_a, names_b, ridge, same,
 
 def _one_pair(x: _Side, y: _Side, sxy: torch.Tensor, measures: Sequence[str]) -> dict[str, float]:
     vals: dict[str, float] = {}
-    # Sxy in the two eigenbases, S' = Ux^T Sxy Uy (all directions, or SVCCA's kept ones): every
-    # whitened measure is then an O(d^2) weighting of S' (row norms are invariant under Uy)
-    s = x.basis.T @ sxy @ y.basis if x.basis is not None else None
-    if x.inv is not None:
-        q = s * s
+    # Sxy in the eigenbases: P = Ux^T Sxy, then S' = P Uy (all directions, or SVCCA's kept ones).
+    # The whitened measures are O(d^2) weightings of their squares (row norms of S' are those of P,
+    # column norms those of Sxy Uy): regression reads P, CCA and the reverse regression S'
+    both = any(m in measures for m in ("cca", "cca_mean", "svcca"))
+    p = x.basis.T @ sxy if x.basis is not None and (both or "regression" in measures) else None
+    s = p @ y.basis if both else None
+    if "regression" in measures:                # ||(Sxx + k)^-1/2 Sxy||_F^2 / tr Syy
+        vals["regression"] = float(x.inv @ (p * p).sum(1)) / y.trace
+    if "regression_reverse" in measures:        # ||Sxy (Syy + k)^-1/2||_F^2 / tr Sxx
+        t = s if s is not None and y.inv is not None and x.inv is not None else sxy @ y.basis
+        vals["regression_reverse"] = float((t * t).sum(0) @ y.inv) / x.trace
+    if "cca" in measures or "cca_mean" in measures:
         r = min(x.rank, y.rank)
-        if "regression" in measures:            # ||(Sxx + k)^-1/2 Sxy||_F^2 / tr Syy
-            vals["regression"] = float(x.inv @ q.sum(1)) / y.trace
-        if "regression_reverse" in measures:
-            vals["regression_reverse"] = float(q.sum(0) @ y.inv) / x.trace
         if "cca" in measures:                   # sum rho_i^2 = ||Sxx^-1/2 Sxy Syy^-1/2||_F^2
-            vals["cca"] = float(x.inv @ (q @ y.inv)) / r
+            vals["cca"] = float(x.inv @ ((s * s) @ y.inv)) / r
         if "cca_mean" in measures:
             vals["cca_mean"] = nuclear_norm(s * torch.sqrt(x.inv)[:, None] * torch.sqrt(y.inv)[None, :]) / r
     if "svcca" in measures:
