@@ -240,3 +240,38 @@ def test_a_hub_base_with_a_trained_head_takes_compression_recipes(tmp_path):
         out_b, out_v = base(**enc), var(**enc)
     assert out_b.shape == out_v.shape == (4, data.num_classes)
     assert not torch.equal(out_b, out_v)
+
+
+def test_check_reads_a_language_model_study_without_running_a_model(tmp_path):
+    from minidiff.cli import main
+    from minidiff.lm.config import check_lm_study, parse_lm_config
+    text = tmp_path / "t.txt"
+    text.write_text("some text to score " * 50)
+    good = {"study": {"task": "causal-lm"}, "data": {"source": "text", "path": str(text), "n_ctx": 32},
+            "base": {"kind": "tinylm"}, "variants": [{"name": "q", "recipe": "int8"}],
+            "metrics": {"layer_swap": True}}
+    done = check_lm_study(parse_lm_config(good))
+    assert any("950 characters" in line for line in done) and any("layer_swap" in line for line in done)
+
+    def bad(mutate, words):
+        d = copy.deepcopy(good)
+        mutate(d)
+        with pytest.raises(StudyFileError) as e:
+            check_lm_study(parse_lm_config(d))
+        assert all(w in str(e.value) for w in words), str(e.value)
+
+    bad(lambda d: d["data"].update(path=str(tmp_path / "missing.txt")), ["[data]", "does not exist"])
+    (tmp_path / "empty.txt").write_text("  \n")
+    bad(lambda d: d["data"].update(path=str(tmp_path / "empty.txt")), ["[data]", "is empty"])
+    bad(lambda d: d.update(base={"kind": "path", "path": str(tmp_path / "nope")}), ["base:", "does not exist"])
+    folder = tmp_path / "m"
+    folder.mkdir()
+    bad(lambda d: d.update(base={"kind": "path", "path": str(folder)}), ["no config.json"])
+    (folder / "config.json").write_text("{}")
+    bad(lambda d: d["variants"].append({"name": "other", "recipe": "model", "path": str(folder)}),
+        ["variants[other]", "no tokenizer files"])
+    bad(lambda d: d["study"].update(device="cuda:7"), ["study.device"])
+    f = tmp_path / "lm.toml"
+    f.write_text(f'[study]\ntask = "causal-lm"\n[data]\nsource = "text"\npath = "{tmp_path / "missing.txt"}"\n'
+                 '[base]\nkind = "tinylm"\n[[variants]]\nname = "q"\nrecipe = "int8"\n')
+    assert main(["check", str(f)]) == 2

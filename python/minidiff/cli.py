@@ -218,14 +218,11 @@ def _main(argv: Sequence[str] | None) -> int:
         _quiet()
     try:
         if args.command == "check":
-            from minidiff.lm.config import LMStudyConfig
+            from minidiff.lm.config import LMStudyConfig, check_lm_study
             from minidiff.study.check import check_study
-            from minidiff.validation import check_device
             cfg = load_config(args.study)  # classifier or language-model study, read once
             if isinstance(cfg, LMStudyConfig):
-                check_device(args.device or cfg.study.device, "device")
-                checks, what = ["valid TOML, every key known and typed", "device exists"], \
-                    f"language-model study ({cfg.study.task})"
+                checks, what = check_lm_study(cfg, device=args.device), f"language-model study ({cfg.study.task})"
             else:
                 checks, what = check_study(args.study, device=args.device, config=cfg), f"base {cfg.base.kind}"
             if args.verbose:

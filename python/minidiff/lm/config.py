@@ -305,3 +305,65 @@ def build_lm_study(cfg: LMStudyConfig, cache_dir: str | Path | None = None) -> A
                    explain_windows=cfg.report.explain_windows, max_flipped=cfg.report.max_flipped,
                    progress=cfg.study.progress, name=cfg.study.name, seed=cfg.study.seed,
                    layer_swap=cfg.metrics.layer_swap, cache=cache_dir)
+
+
+def check_lm_study(cfg: LMStudyConfig, *, device: str | None = None) -> list[str]:
+    """Validate a language-model study file without running or loading a model; return the
+    checks that passed.
+
+    Checks: the device exists; the scored text can be read and is not empty; every model
+    folder holds a ``config.json`` and a tokenizer (a hub id is only checked when it is in
+    the local Hugging Face cache, without network); the ``[metrics.layer_swap]`` plan.
+
+    Raises
+    ------
+    StudyFileError
+        The first check that fails, naming the key and how to fix it.
+    """
+    from minidiff.validation import StudyFileError, check_device
+
+    from .windows import load_text
+
+    done = ["valid TOML, every key known and typed"]
+    try:
+        check_device(device or cfg.study.device, "--device" if device else "key 'study.device'")
+    except ValueError as e:
+        raise StudyFileError(str(e)) from None
+    done.append(f"device {device or cfg.study.device} exists")
+    d = cfg.data
+    try:
+        text = load_text(d.source, name=d.name, path=d.path, text_column=d.text_column, split=d.split,
+                         options=d.options)
+    except (ValueError, OSError, KeyError) as e:
+        raise StudyFileError(f"[data]: {e}") from None
+    if not text.strip():
+        raise StudyFileError(f"[data]: the text ({d.source} {d.name or d.path}) is empty; a study scores tokens of it")
+    done.append(f"[data]: {len(text):,} characters of text to cut into windows of {d.n_ctx} tokens")
+    # (key, where, a local folder is required: a 'path' rather than a hub 'id')
+    where = [("base", cfg.base.path or cfg.base.id, cfg.base.kind == "path")] if cfg.base.kind != "tinylm" else []
+    where += [(f"variants[{v.name}]", v.path or v.id, bool(v.path)) for v in cfg.variants if v.recipe == "model"]
+    for key, loc, local in where:
+        p = Path(loc)
+        if p.exists():
+            if not (p / "config.json").is_file():
+                raise StudyFileError(f"{key}: {loc!r} is not a transformers model folder (no config.json); give "
+                                     "a folder written by save_pretrained")
+            if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json",
+                                                   "tokenizer.model", "vocab.txt")):
+                raise StudyFileError(f"{key}: {loc!r} has no tokenizer files; a token-level comparison needs the "
+                                     "model's tokenizer saved beside it (tokenizer.save_pretrained)")
+            done.append(f"{key}: model folder {loc} (config.json and a tokenizer)")
+        elif not local:
+            done.append(f"{key}: {loc!r} is a hub id; it is downloaded (or read from the local cache) at run time")
+        else:
+            raise StudyFileError(f"{key}: model folder {loc!r} does not exist")
+    if cfg.base.kind == "tinylm":
+        done.append("base: minidiff's tiny language model (trained on first use, then cached)")
+    ls = cfg.metrics.layer_swap
+    if ls is not None:
+        gran = ls.granularity if isinstance(ls.granularity, str) else f"modules {ls.granularity}"
+        mode = ("left out for every variant: base_file mode never runs the two models together"
+                if cfg.memory.base_file else "variants of another architecture are left out, with the reason")
+        done.append(f"[metrics.layer_swap]: {gran} granularity, direction {ls.direction}, on {ls.examples} "
+                    f"windows; {mode}")
+    return done
