@@ -101,13 +101,14 @@ def measure_flops(d: int, k: int, layers: int) -> dict[str, float]:
     """Leading float64 flops per layer pair of each measure alone (``d = dx = dy``, ``k`` the
     directions SVCCA keeps), the per-layer ``eigh`` (``~4 d^3``: tridiagonal reduction
     ``4/3 d^3``, back-transformation ``2 d^3``, divide and conquer) shared over the row/column."""
-    eigh = 4 * d ** 3 * 2 / layers  # two sides, each layer's eigh shared by `layers` pairs
-    rotate = 4 * d ** 3             # S' = Ux^T Sxy Uy
-    return {"cca": eigh + rotate, "regression": eigh + rotate, "regression_reverse": eigh + rotate,
-            "svcca": eigh + 2 * k * d * d + 2 * k * k * d + k ** 3 + 4 / 3 * k ** 3,  # block, Gram, eigvalsh
-            "procrustes": 8 / 3 * d ** 3,  # svdvals: bidiagonalization 4 d^3 - 4/3 d^3
+    eigh = 4 * d ** 3 / layers  # one side's eigh, each layer's shared by `layers` pairs
+    return {"cca": 2 * eigh + 4 * d ** 3,                   # S' = (Ux^T Sxy) Uy
+            "regression": eigh + 2 * d ** 3,                # P = Ux^T Sxy (a's side only)
+            "regression_reverse": eigh + 2 * d ** 3,        # Sxy Uy (b's side only)
+            "svcca": 2 * eigh + 2 * k * d * d + 2 * k * k * d + 7 / 3 * k ** 3,  # kept block, Gram, eigvalsh
+            "procrustes": 8 / 3 * d ** 3,                   # svdvals: bidiagonalization 4 d^3 - 4/3 d^3
             "rv": 2 * d * d,
-            "all": eigh + rotate + k ** 3 + 4 / 3 * k ** 3 + 8 / 3 * d ** 3}
+            "all": 2 * eigh + 4 * d ** 3 + 7 / 3 * k ** 3 + 8 / 3 * d ** 3}
 
 
 def pass_flops(d: int, n: int, layers: int) -> float:
