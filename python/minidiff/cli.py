@@ -68,11 +68,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 _SHOW_TRACEBACK = False
+_ERROR_SAID = False  # minidiff's one error line is out
 
 
 def _fail(msg: str, code: int) -> int:
+    global _ERROR_SAID
     if _SHOW_TRACEBACK:
         traceback.print_exc()
+    _ERROR_SAID = True  # a SIGTERM arriving now (torchrun stopping the ranks) adds no second line
     print(f"minidiff: error: {msg}", file=sys.stderr)
     return code
 
@@ -115,7 +118,7 @@ def _say_why_on_sigterm(grace_s: float = 5.0):
     said = threading.Lock()  # held once the line is out: it is printed once, by whoever is first
 
     def say() -> None:
-        if said.acquire(blocking=False):
+        if said.acquire(blocking=False) and not _ERROR_SAID:
             print(_termination_line(), file=sys.stderr, flush=True)
 
     def on_sigterm(signum, frame):
@@ -190,7 +193,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    global _SHOW_TRACEBACK
+    global _SHOW_TRACEBACK, _ERROR_SAID
+    _ERROR_SAID = False
     args = _parser().parse_args(argv)
     _SHOW_TRACEBACK = bool(getattr(args, "traceback", False))
     if args.version:
