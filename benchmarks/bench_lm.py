@@ -33,6 +33,7 @@ import time
 import torch
 
 from minidiff.lm import token_divergence
+from minidiff.similarity.memory import available_bytes
 
 
 def torch_pipeline(z: torch.Tensor, w: torch.Tensor, t: torch.Tensor, chunk: int) -> None:
@@ -54,17 +55,6 @@ def exp_floor(z: torch.Tensor, w: torch.Tensor, buf: torch.Tensor) -> None:
         for r0 in range(0, m.shape[0], n):
             part = m[r0:r0 + n]
             torch.exp(part, out=buf[: part.shape[0]])
-
-
-def available_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def _sync(device: torch.device) -> None:
@@ -110,7 +100,7 @@ def main() -> None:
     device = torch.device(args.device)
     need = 4 * max(args.vocab) * (2 * args.rows + 4 * min(args.torch_chunk, args.rows)
                                   + min(args.exp_chunk, args.rows))
-    avail = available_bytes() if device.type == "cpu" else None
+    avail = available_bytes(device) if device.type == "cpu" else None
     if avail is not None and need + (2 << 30) > avail:
         raise SystemExit(f"needs about {need / 2**30:.1f} GiB (+2 GiB margin) but {avail / 2**30:.1f} GiB are "
                          "available: lower --rows, --torch-chunk or --vocab")
