@@ -9,9 +9,10 @@ which the streaming :class:`~minidiff.similarity.CKAAccumulator` holds for every
 layer pair (``Sxx = G - s s^T / n`` from its Gram and sum states, whatever shift
 they were taken at), so no second pass over the data and no ``n x n`` matrix is
 needed. Cost, independent of n: one ``eigh`` per layer; per pair (``d = dx = dy``,
-float64 flops) the rotation ``S' = Ux^T Sxy Uy`` into both eigenbases (``4 d^3``), from which
-CCA, both regressions and RV are ``O(d^2)`` sums and SVCCA is the nuclear norm of S''s
-``kx x ky`` block of kept directions (``~7/3 k^3``); Procrustes is ``svdvals(Sxy)``
+float64 flops) the rotation ``S' = (Ux^T Sxy) Uy`` into both eigenbases (``4 d^3``), from which
+CCA and both regressions are ``O(d^2)`` sums (a regression alone needs only one side's ``eigh``
+and ``Ux^T Sxy``, ``2 d^3``) and SVCCA is the nuclear norm of S''s ``kx x ky`` block of kept
+directions (``~7/3 k^3``); RV is ``O(d^2)`` from Sxy; Procrustes is ``svdvals(Sxy)``
 (``8/3 d^3``); the mean canonical correlation a nuclear norm of the whitened S' (``7/3 d^3``
 where :func:`nuclear_norm` proves its Gram route accurate, else ``8/3 d^3`` more). The CKA pass
 costs ``~2 n d^2 (1 + 1/L)`` float32 flops per pair, so the measures' share falls as ``d / n``.
