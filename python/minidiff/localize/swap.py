@@ -504,11 +504,11 @@ def plan(base: nn.Module, variant: nn.Module, batches: Any, *, granularity: str 
     """The cost of :func:`layer_swap` with the same arguments, without running it.
 
     Resolves the layers, takes the examples and times one forward pass of the base
-    on the first batch (the only pass it runs). The plan is also logged (logger
-    ``minidiff.localize.swap``, level INFO).
+    on the first batch (the only pass it runs). The plan is returned for the caller to
+    state (logged at DEBUG; :func:`layer_swap` logs it at INFO before it runs).
     """
     p, _, _ = _prepare(base, variant, batches, granularity, direction, forward, max_examples)
-    logger.info(p.describe())
+    logger.debug(p.describe())
     return p
 
 

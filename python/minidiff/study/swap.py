@@ -312,9 +312,7 @@ def run_swap_jobs(jobs: Sequence[SwapJob], cfg: Any, indices: Sequence[int], *, 
         est = sum(t[2].estimated_seconds for t in todo)
         msg = (f"layer swap: {len(todo)} variant(s) x {len(indices)} {what}, {cfg.granularity} granularity, "
                f"{cfg.direction}: {passes} forward passes, about {est:.1f} s")
-        logger.info(msg)
-        for job, _, p, _ in todo:
-            logger.info("  %s: %s", job.name, p.describe())
+        logger.info(msg)  # each variant's own plan is logged by layer_swap just before it runs
         from tqdm.auto import tqdm
         bar = tqdm(total=len(todo), desc=f"layer swap ({passes} forward passes)", unit="variant",
                    disable=not progress, leave=False)
