@@ -437,13 +437,16 @@ class TokenDivergenceAccumulator(Accumulator):
         rec[:, 4] = stats["top1_variant"].reshape(-1)[idx].to(torch.float64)
         rec[:, 5] = kld[idx]
         for start, logits in ((6, z), (12, w)):
-            lp = torch.log_softmax(logits[idx].to(torch.float64), dim=-1)
-            k = min(3, lp.shape[-1])
-            ids, vals = _top_k_smallest_id_first(lp, k)
+            # the top 3 of the logits are those of the log-probabilities (one shift per row),
+            # so only the row's float64 logsumexp is needed, not a float64 copy of its log_softmax
+            rows_ = logits[idx]
+            k = min(3, rows_.shape[-1])
+            ids, vals = _top_k_smallest_id_first(rows_, k)
+            lse = torch.logsumexp(rows_.to(torch.float64), dim=-1, keepdim=True)
             rec[:, start:start + 3] = -1.0
             rec[:, start + 3:start + 6] = 0.0
             rec[:, start:start + k] = ids.to(torch.float64)
-            rec[:, start + 3:start + 3 + k] = vals.exp()
+            rec[:, start + 3:start + 3 + k] = torch.exp(vals.to(torch.float64) - lse)
         self.flips = self._trim_flips(torch.cat([self.flips, rec]))
 
     def _trim_flips(self, flips: torch.Tensor) -> torch.Tensor:
