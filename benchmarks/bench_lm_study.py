@@ -15,7 +15,7 @@ vocabulary: the text's own tokenizer has too small a vocabulary for the shape).
 Rounds alternate (floor, study, study+CKA); medians over rounds. Target: the study
 within 1.2x of the floor.
 
-    python benchmarks/bench_lm_study.py            # V = 32000, n_ctx = 256, 16 windows
+    python benchmarks/bench_lm_study.py            # V = 32000, n_ctx = 256, 64 windows (16,384 tokens)
     python benchmarks/bench_lm_study.py --quick    # smoke run
 """
 
@@ -35,7 +35,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--n-ctx", type=int, default=256)
-    ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--quick", action="store_true")
