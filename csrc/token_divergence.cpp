@@ -371,25 +371,18 @@ MD_INLINE double js_block(const T* z, const T* w, int64_t b0, int64_t b1, const 
   return js_block_generic<T>(z, w, b0, b1, ez, ew, fz, fw, delta);
 }
 
-// Offers the entries of x[b0, b1) to the top-10 in index order, skipping runs of
-// kSub entries whose maximum cannot enter (most of them once the list is full).
+// Offers the entries of x[b0, b1) to the top-10 in index order. Once the list is full
+// only entries above its current 10th value can enter: each run of kSub entries is
+// compared with that value in one vectorized pass (a bit mask), and only the entries of
+// the mask are offered (push re-checks against the rising threshold). The threshold is
+// a T value widened to double, so the comparison in T is exact.
 constexpr int64_t kSub = 32;
 template <typename T>
 MD_INLINE void push_block(TopK& tk, const T* x, int64_t b0, int64_t b1) {
-  for (int64_t s0 = b0; s0 < b1; s0 += kSub) {
+  int64_t v0 = b0;
+  for (; tk.n < kTop && v0 < b1; ++v0) tk.push(static_cast<double>(x[v0]), v0);  // the row's first entries
+  for (int64_t s0 = v0; s0 < b1; s0 += kSub) {
     const int64_t s1 = std::min(b1, s0 + kSub);
-    T mx = -std::numeric_limits<T>::infinity();
-#pragma omp simd reduction(max : mx)
-    for (int64_t v = s0; v < s1; ++v) mx = std::max(mx, x[v]);
-    if (!tk.wants_block(static_cast<double>(mx))) continue;
-    if (tk.n < kTop) {  // still filling (the row's first entries): offer every entry
-      for (int64_t v = s0; v < s1; ++v) tk.push(static_cast<double>(x[v]), v);
-      continue;
-    }
-    // Only the entries above the current 10th value can enter: find them with one
-    // vectorized comparison and offer just those (push re-checks against the rising
-    // threshold). Offering all 32 one by one cost ~12 us per row on random logits:
-    // a mispredicted branch per entry. The threshold is a T value widened, so exact in T.
     const T th = static_cast<T>(tk.val[kTop - 1]);
     uint32_t m = 0;
 #pragma omp simd reduction(| : m)
