@@ -56,3 +56,25 @@ def one_thread():
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def digits_family():
+    """A digits MLP trained briefly (150 evaluation examples) with its int8 and 80%-pruned
+    copies and a distilled student of another architecture (one hidden layer): the
+    models of the localization and layer-swap study tests. Built once per module."""
+    from minidiff.compress import distill, prune, quantize
+    from minidiff.compress.training import seeded, train
+    from minidiff.data import load_builtin
+    from minidiff.models import make_mlp
+    torch.set_num_threads(1)
+    tr, te = load_builtin("digits").split(0.5, seed=0)
+    te = te.subset(range(150))
+    with seeded(0):
+        base = make_mlp(64, [32, 16], 10)
+    train(base, (tr.inputs, tr.labels), epochs=6, lr=1e-2, batch_size=64, seed=0)
+    base.eval()
+    return {"base": base, "data": te,
+            "variants": {"int8": quantize(base, "int8").model.eval(),
+                         "prune-80": prune(base, sparsity=0.8, scope="global").model.eval(),
+                         "small": distill(base, (tr.inputs, tr.labels), hidden=[16], epochs=2, seed=0).model.eval()}}

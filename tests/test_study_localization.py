@@ -23,24 +23,9 @@ ERRORS = ("rel_error", "sqnr_db", "cosine", "max_abs")
 
 
 @pytest.fixture(scope="module")
-def models():
-    """A digits MLP (150 evaluation examples), its int8 and 80%-pruned copies, and a
-    distilled student of another architecture (one hidden layer)."""
-    from minidiff.compress import distill, prune, quantize
-    from minidiff.compress.training import seeded, train
-    from minidiff.data import load_builtin
-    from minidiff.models import make_mlp
-    torch.set_num_threads(1)
-    tr, te = load_builtin("digits").split(0.5, seed=0)
-    te = te.subset(range(150))
-    with seeded(0):
-        base = make_mlp(64, [32, 16], 10)
-    train(base, (tr.inputs, tr.labels), epochs=6, lr=1e-2, batch_size=64, seed=0)
-    base.eval()
-    return {"base": base, "data": te,
-            "variants": {"int8": quantize(base, "int8").model.eval(),
-                         "prune-80": prune(base, sparsity=0.8, scope="global").model.eval(),
-                         "small": distill(base, (tr.inputs, tr.labels), hidden=[16], epochs=2, seed=0).model.eval()}}
+def models(digits_family):
+    """conftest's digits MLP, its int8 and 80%-pruned copies and a distilled student."""
+    return digits_family
 
 
 def _study(models, variants=None, cache_dir=None, **metrics):
