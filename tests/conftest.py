@@ -78,3 +78,21 @@ def digits_family():
             "variants": {"int8": quantize(base, "int8").model.eval(),
                          "prune-80": prune(base, sparsity=0.8, scope="global").model.eval(),
                          "small": distill(base, (tr.inputs, tr.labels), hidden=[16], epochs=2, seed=0).model.eval()}}
+
+
+def _null_paths(obj, path=""):
+    if obj is None:
+        yield path
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _null_paths(v, f"{path}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _null_paths(v, f"{path}[{i}]")
+
+
+@pytest.fixture
+def null_paths():
+    """``null_paths(obj)`` -> the paths (``.key[i]``) of every ``None`` in a JSON-like
+    object: results.json must hold a number or a reason wherever a value is defined."""
+    return lambda obj: list(_null_paths(obj))

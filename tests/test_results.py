@@ -36,18 +36,7 @@ def saved(tmp_path_factory):
     return res, out, files
 
 
-def _nulls(obj, path=""):
-    if obj is None:
-        yield path
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _nulls(v, f"{path}.{k}")
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            yield from _nulls(v, f"{path}[{i}]")
-
-
-def test_v1_file_loads_with_the_same_numbers_and_verdicts(v1):
+def test_v1_file_loads_with_the_same_numbers_and_verdicts(v1, null_paths):
     res = Results.load(V1)
     assert res["schema"] == "minidiff.results/2" and res.variants == ["prune-90", "int8"]
     for v in res.variants:
@@ -64,7 +53,7 @@ def test_v1_file_loads_with_the_same_numbers_and_verdicts(v1):
     # /1 wrote null for empty calibration bins: an undefined cell, read as NaN
     conf = res["prediction_errors"]["int8"]["calibration"]["bins_base"]["confidence"]
     assert any(isinstance(c, float) and math.isnan(c) for c in conf)
-    assert not list(_nulls(res.json_data()))
+    assert not null_paths(res.json_data())
 
 
 def test_round_trip_v2(saved):
@@ -86,7 +75,7 @@ def test_no_null_where_a_value_is_defined(saved):
     assert json.loads(text)["study"]["config"]["variants"][0].get("model", "unset") == "unset"  # unset: left out
 
 
-def test_missing_and_non_finite_values_carry_reasons(tmp_path):
+def test_missing_and_non_finite_values_carry_reasons(tmp_path, null_paths):
     d = {"schema": "minidiff.results/2", "study": {"name": "hand-made"}, "variants": ["v"],
          "models": {"base": {"members": ["base"], "accuracy": None, "nonzero_fraction": None,
                              "skipped": {"accuracy": "needs labels; the evaluation data has none"}}},
@@ -109,7 +98,7 @@ def test_missing_and_non_finite_values_carry_reasons(tmp_path):
     assert j["representation"]["v"]["cka"]["matrix"] == [["NaN", 0.5]]
     assert "constant" in j["representation"]["v"]["cka"]["final"]["not_computed"]
     assert "ood" not in j["study"] and j["study"]["skipped"] == {"ood": "no OOD set was given"}
-    assert not list(_nulls(j))
+    assert not null_paths(j)
     res.save(tmp_path / "o")
     back = Results.load(tmp_path / "o")
     assert back["prediction_errors"]["v"]["divergence"]["kl"]["max"] == math.inf

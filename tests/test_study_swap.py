@@ -98,7 +98,7 @@ def test_rankings_are_sorted(run):
             assert r["share_kl"] == pytest.approx(r["kl"] / ent["whole_kl"], rel=1e-12)
 
 
-def test_skipped_and_undefined_values_carry_reasons(run):
+def test_skipped_and_undefined_values_carry_reasons(run, null_paths):
     res, out = run
     saved = json.loads((out / "results.json").read_text())
     sec = saved["layer_swap"]
@@ -115,16 +115,7 @@ def test_skipped_and_undefined_values_carry_reasons(run):
         assert "whole-model change 0" in r["share_kl"]["not_computed"]
         assert "whole-model change 0" in r["share_churn"]["not_computed"]
 
-    def nulls(x, path=""):
-        if x is None:
-            yield path
-        elif isinstance(x, dict):
-            for k, v in x.items():
-                yield from nulls(v, f"{path}.{k}")
-        elif isinstance(x, list):
-            for i, v in enumerate(x):
-                yield from nulls(v, f"{path}[{i}]")
-    assert list(nulls(sec)) == []
+    assert null_paths(sec) == []
     main = pd.read_csv(out / "layer_swap.csv")
     assert list(main["variant"]) == ["int8", "prune-80", "copy", "small"]
     assert main.set_index("variant").loc["small", "skipped"] == why
