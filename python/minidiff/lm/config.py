@@ -70,7 +70,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from minidiff.study.swap import LayerSwapConfig, layer_swap_setting
+from minidiff.study.swap import LayerSwapSetting
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -187,14 +187,9 @@ class LMReportConfig(_Strict):
 class LMMetricsConfig(_Strict):
     """``[metrics]``: what a language-model study measures besides the token statistics."""
 
-    layer_swap: LayerSwapConfig | None = Field(
+    layer_swap: LayerSwapSetting = Field(
         None, description="layer-swap sensitivity of same-architecture variants on a seeded sample of the scored "
                           "windows: a [metrics.layer_swap] table, or true for its defaults (false or absent: not run)")
-
-    @field_validator("layer_swap", mode="before")
-    @classmethod
-    def _layer_swap(cls, v: Any) -> Any:
-        return layer_swap_setting(v)  # the classifier study's rule: true = the defaults, false = off
 
 
 class LMStudyConfig(_Strict):

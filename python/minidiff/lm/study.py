@@ -824,20 +824,18 @@ class LMStudy:
 def _swap_config(value: Any) -> Any:
     """``layer_swap=`` as a :class:`~minidiff.study.config.LayerSwapConfig` (or None), by the
     study file's rule for ``[metrics] layer_swap``."""
-    from pydantic import ValidationError
+    from pydantic import TypeAdapter, ValidationError
 
-    from minidiff.study.swap import LayerSwapConfig, layer_swap_setting
+    from minidiff.study.swap import LayerSwapConfig, LayerSwapSetting
     from minidiff.validation import format_validation_error
 
     if value is None or isinstance(value, LayerSwapConfig):
         return value
-    if isinstance(value, bool):
-        return layer_swap_setting(value)
-    if not isinstance(value, Mapping):
+    if not isinstance(value, (bool, Mapping)):
         raise TypeError(f"layer_swap must be a LayerSwapConfig, a dict of its keys (granularity, direction, "
                         f"examples) or a bool, got {type(value).__name__}")
-    try:
-        return LayerSwapConfig.model_validate(dict(value))
+    try:  # the study file's type, so the same rule: true = the defaults, false = off
+        return TypeAdapter(LayerSwapSetting).validate_python(value if isinstance(value, bool) else dict(value))
     except ValidationError as e:
         raise ValueError(format_validation_error(e, "layer_swap")) from None
 

@@ -70,7 +70,7 @@ from typing import Annotated, Any, Literal, Union
 
 from minidiff.metrics._checks import MIN_BOOTSTRAP  # the one rule, shared with the metric functions
 # [metrics.layer_swap] is defined with its stage, where language-model study files take it too
-from minidiff.study.swap import LAYER_SWAP_EXAMPLES, LayerSwapConfig, layer_swap_setting  # noqa: F401
+from minidiff.study.swap import LAYER_SWAP_EXAMPLES, LayerSwapConfig, LayerSwapSetting, layer_swap_setting  # noqa: F401
 from minidiff.validation import StudyFileError, format_validation_error  # noqa: F401  (re-exported)
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -344,14 +344,9 @@ class MetricsConfig(_Strict):
         SQNR_THRESHOLD_DB, allow_inf_nan=False,
         description="the report names the first layer whose SQNR falls below this many dB")
     similarity_heatmaps: bool = Field(False, description="draw the layer x layer matrix of every chosen measure")
-    layer_swap: LayerSwapConfig | None = Field(
+    layer_swap: LayerSwapSetting = Field(
         None, description="layer-swap sensitivity of same-architecture variants: a [metrics.layer_swap] table, "
                           "or true for its defaults (false or absent: not run)")
-
-    @field_validator("layer_swap", mode="before")
-    @classmethod
-    def _layer_swap(cls, v: Any) -> Any:
-        return layer_swap_setting(v)
 
     @field_validator("similarity")
     @classmethod

@@ -38,10 +38,10 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Sequence
+from typing import Annotated, Any, Callable, Literal, Optional, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 from torch import nn
 
 from minidiff.results.swap import SHARE_UNDEFINED
@@ -104,6 +104,11 @@ def layer_swap_setting(value: Any) -> Any:
     if isinstance(value, bool):
         return LayerSwapConfig() if value else None
     return value
+
+
+#: The type of the ``layer_swap`` key in every study file's ``[metrics]`` (classifier and
+#: language-model): ``true``/``false`` or a ``[metrics.layer_swap]`` table, one rule.
+LayerSwapSetting = Annotated[Optional[LayerSwapConfig], BeforeValidator(layer_swap_setting)]
 
 
 def swap_subset(n: int, examples: int, seed: int) -> list[int]:
