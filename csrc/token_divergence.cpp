@@ -78,34 +78,34 @@ MD_INLINE uint64_t double_to_bits(double d) {
 }
 
 // e^x for x <= ~0 (the callers' arguments are log-probabilities or logits minus
-// a maximum), NaN -> NaN, x < -708 (incl. -inf) -> 0 (true value < 3e-308).
-// n = round(x / ln 2) by the 1.5 * 2^52 shift, r = x - n ln 2 (Cody-Waite,
-// |r| <= 0.347), e^r by a degree-11 polynomial (Chebyshev fit of e^r on |r| <= 0.347,
-// relative error < 2e-17), times 2^n built in the exponent bits. Error about 1 ulp.
+// a maximum), NaN -> 0, x < -708 (incl. -inf) -> 0 (true value < 3e-308).
+// n = round(16 x / ln 2) by the 1.5 * 2^52 shift, r = x - n ln 2 / 16 (Cody-Waite,
+// |r| <= ln 2 / 32 = 0.0217), e^x = 2^floor(n / 16) * 2^((n mod 16) / 16) * e^r with the
+// 16 powers 2^(j/16) from a table and e^r by a degree-6 polynomial (Chebyshev fit on
+// |r| <= ln 2 / 32, relative error < 8e-18). Error about 1 ulp.
+constexpr double kExpTable[16] = {
+    1.0,                1.0442737824274138, 1.0905077326652577, 1.1387886347566916,
+    1.189207115002721,  1.241857812073484,  1.2968395546510096, 1.3542555469368927,
+    1.4142135623730951, 1.4768261459394993, 1.5422108254079407, 1.6104903319492543,
+    1.681792830507429,  1.7562521603732995, 1.8340080864093424, 1.9152065613971474};  // 2^(j/16)
+constexpr double kExpShift = 6755399441055744.0;  // 1.5 * 2^52
+constexpr double kExp16Log2e = 23.083120654223414;                   // 16 / ln 2
+constexpr double kExpLn2Hi16 = 6.93147180369123816490e-01 / 16;      // ln 2 / 16, high bits (exact n * hi)
+constexpr double kExpLn2Lo16 = 1.90821492927058770002e-10 / 16;      // and the rest
+constexpr double kExpPoly[7] = {1.0,                  1.0000000000000022,    0.5000000000000003,
+                                0.16666666662844726,  0.04166666666188925,   0.008333496248686918,
+                                0.0013889092532749104};  // e^r, r^0 .. r^6
+
 MD_INLINE double exp_neg(double x) {
-  const double kShift = 6755399441055744.0;  // 1.5 * 2^52
-  const double kLog2e = 1.4426950408889634;
-  const double kLn2Hi = 6.93147180369123816490e-01;
-  const double kLn2Lo = 1.90821492927058770002e-10;
-  double t = x * kLog2e + kShift;
-  const uint64_t tb = double_to_bits(t);
-  const double n = t - kShift;
-  const double r = (x - n * kLn2Hi) - n * kLn2Lo;
-  double pl = 2.5110037940619665e-08;
-  pl = pl * r + 2.7632640074237224e-07;
-  pl = pl * r + 2.755724091767456e-06;
-  pl = pl * r + 2.4801485481152372e-05;
-  pl = pl * r + 0.0001984126989004796;
-  pl = pl * r + 0.0013888888952315874;
-  pl = pl * r + 0.008333333333319601;
-  pl = pl * r + 0.04166666666648809;
-  pl = pl * r + 0.1666666666666668;
-  pl = pl * r + 0.5000000000000019;
-  pl = pl * r + 1.0;
-  pl = pl * r + 1.0;
-  const double scale = bits_to_double((tb + 1023) << 52);  // low bits of tb hold n
-  const double res = pl * scale;
-  return x < -708.0 ? 0.0 : res;
+  if (!(x >= -708.0)) return 0.0;
+  const double t = x * kExp16Log2e + kExpShift;
+  const int64_t n = static_cast<int64_t>(double_to_bits(t) & ((uint64_t{1} << 52) - 1)) - (int64_t{1} << 51);
+  const double nd = t - kExpShift;
+  const double r = (x - nd * kExpLn2Hi16) - nd * kExpLn2Lo16;
+  double pl = kExpPoly[6];
+  for (int i = 5; i >= 0; --i) pl = pl * r + kExpPoly[i];
+  const double scale = bits_to_double(static_cast<uint64_t>((n >> 4) + 1023) << 52);  // 2^floor(n / 16)
+  return pl * kExpTable[n & 15] * scale;
 }
 
 // 2 atanh(s) = log((1 + s) / (1 - s)) for s in [-1/3, 0] as 2 s P(s^2), P a degree-10
@@ -170,28 +170,21 @@ struct RowArgs {
 #define MD_AVX512_ATTR __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma")))
 #define MD_AVX512 MD_AVX512_ATTR __attribute__((always_inline)) inline
 
-// exp_neg on 8 lanes, the same operations as the scalar version (x < -708 and NaN -> 0).
+// exp_neg on 8 lanes, the same operations as the scalar version (x < -708 and NaN -> 0):
+// the table lookup is one permute on the low 4 bits of t (which hold n mod 16), the
+// power 2^floor(n / 16) one vscalefpd.
 MD_AVX512 __m512d exp_neg8(__m512d x) {
-  const __m512d shift = _mm512_set1_pd(6755399441055744.0);
-  const __m512d t = _mm512_fmadd_pd(x, _mm512_set1_pd(1.4426950408889634), shift);
+  const __m512d shift = _mm512_set1_pd(kExpShift);
+  const __m512d t = _mm512_fmadd_pd(x, _mm512_set1_pd(kExp16Log2e), shift);
   const __m512d n = _mm512_sub_pd(t, shift);
-  __m512d r = _mm512_fnmadd_pd(n, _mm512_set1_pd(6.93147180369123816490e-01), x);
-  r = _mm512_fnmadd_pd(n, _mm512_set1_pd(1.90821492927058770002e-10), r);
-  __m512d pl = _mm512_set1_pd(2.5110037940619665e-08);
-  pl = _mm512_fmadd_pd(pl, r, _mm512_set1_pd(2.7632640074237224e-07));
-  pl = _mm512_fmadd_pd(pl, r, _mm512_set1_pd(2.755724091767456e-06));
-  pl = _mm512_fmadd_pd(pl, r, _mm512_set1_pd(2.4801485481152372e-05));
-  pl = _mm512_fmadd_pd(pl, r, _mm512_set1_pd(0.0001984126989004796));
-  pl = _mm512_fmadd_pd(pl, r, _mm512_set1_pd(0.0013888888952315874));
-  pl = _mm512_fmadd_pd(pl, r, _mm512_set1_pd(0.008333333333319601));
-  pl = _mm512_fmadd_pd(pl, r, _mm512_set1_pd(0.04166666666648809));
-  pl = _mm512_fmadd_pd(pl, r, _mm512_set1_pd(0.1666666666666668));
-  pl = _mm512_fmadd_pd(pl, r, _mm512_set1_pd(0.5000000000000019));
-  pl = _mm512_fmadd_pd(pl, r, _mm512_set1_pd(1.0));
-  pl = _mm512_fmadd_pd(pl, r, _mm512_set1_pd(1.0));
-  const __m512i sb = _mm512_slli_epi64(_mm512_add_epi64(_mm512_castpd_si512(t), _mm512_set1_epi64(1023)), 52);
+  __m512d r = _mm512_fnmadd_pd(n, _mm512_set1_pd(kExpLn2Hi16), x);
+  r = _mm512_fnmadd_pd(n, _mm512_set1_pd(kExpLn2Lo16), r);
+  __m512d pl = _mm512_set1_pd(kExpPoly[6]);
+  for (int i = 5; i >= 0; --i) pl = _mm512_fmadd_pd(pl, r, _mm512_set1_pd(kExpPoly[i]));
+  const __m512d tab = _mm512_permutex2var_pd(_mm512_loadu_pd(kExpTable), _mm512_castpd_si512(t),
+                                             _mm512_loadu_pd(kExpTable + 8));
   const __mmask8 ok = _mm512_cmp_pd_mask(x, _mm512_set1_pd(-708.0), _CMP_GE_OQ);
-  return _mm512_maskz_mul_pd(ok, pl, _mm512_castsi512_pd(sb));
+  return _mm512_maskz_scalef_pd(ok, _mm512_mul_pd(pl, tab), _mm512_mul_pd(n, _mm512_set1_pd(1.0 / 16)));
 }
 
 MD_AVX512 __m512d two_atanh_small8(__m512d s) {
@@ -207,6 +200,83 @@ MD_AVX512 __m512d two_atanh_small8(__m512d s) {
 // 8 entries from v (all lanes of mask k; the others 0) widened to double.
 MD_AVX512 __m512d load8(const float* p, __mmask8 k) { return _mm512_cvtps_pd(_mm256_maskz_loadu_ps(k, p)); }
 MD_AVX512 __m512d load8(const double* p, __mmask8 k) { return _mm512_maskz_loadu_pd(k, p); }
+
+// Block scan of one row (see the generic loop in row_kernel), vector compares into bit
+// masks: the block maxima, a NaN/+inf flag, the rank counts #{x > zy} and, against each
+// top-10's 10th value at the start of the block (`thz`, `thw`: the 10th value only
+// rises, so an entry at or below it can never enter), the candidate entries of the block,
+// one mask bit per entry in `cand_z` / `cand_w` (16 lanes per word for float32, 8 for
+// float64). Returns whether any entry is a candidate.
+template <typename T>
+struct Lanes;
+template <>
+struct Lanes<float> {
+  static constexpr int n = 16;
+  using mask = __mmask16;
+};
+template <>
+struct Lanes<double> {
+  static constexpr int n = 8;
+  using mask = __mmask8;
+};
+
+struct ScanOut {
+  double max_z, max_w;
+  int bad_z, bad_w;
+  int64_t rank_z, rank_w;
+  bool cand_z, cand_w;
+};
+
+MD_AVX512 __m512 load16(const float* p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
+MD_AVX512 __m512d load16(const double* p, __mmask8 k) { return _mm512_maskz_loadu_pd(k, p); }
+MD_AVX512 __m512 set1v(float x) { return _mm512_set1_ps(x); }
+MD_AVX512 __m512d set1v(double x) { return _mm512_set1_pd(x); }
+MD_AVX512 __m512 maxv(__m512 a, __m512 b) { return _mm512_max_ps(a, b); }
+MD_AVX512 __m512d maxv(__m512d a, __m512d b) { return _mm512_max_pd(a, b); }
+MD_AVX512 __mmask16 gtv(__m512 a, __m512 b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
+MD_AVX512 __mmask8 gtv(__m512d a, __m512d b) { return _mm512_cmp_pd_mask(a, b, _CMP_GT_OQ); }
+MD_AVX512 __mmask16 not_below_inf(__m512 a) { return _mm512_cmp_ps_mask(a, _mm512_set1_ps(INFINITY), _CMP_NLT_UQ); }
+MD_AVX512 __mmask8 not_below_inf(__m512d a) { return _mm512_cmp_pd_mask(a, _mm512_set1_pd(INFINITY), _CMP_NLT_UQ); }
+MD_AVX512 __m512 blend(__mmask16 k, __m512 a, __m512 b) { return _mm512_mask_blend_ps(k, a, b); }
+MD_AVX512 __m512d blend(__mmask8 k, __m512d a, __m512d b) { return _mm512_mask_blend_pd(k, a, b); }
+MD_AVX512 float hmax(__m512 a) { return _mm512_reduce_max_ps(a); }
+MD_AVX512 double hmax(__m512d a) { return _mm512_reduce_max_pd(a); }
+
+template <typename T>
+MD_AVX512_ATTR void scan_block_avx512(const T* z, const T* w, int64_t b0, int64_t b1, T zy, T wy, T thz, T thw,
+                                      uint16_t* cand_z, uint16_t* cand_w, ScanOut& o) {
+  constexpr int L = Lanes<T>::n;
+  using M = typename Lanes<T>::mask;
+  const auto ninf = set1v(-std::numeric_limits<T>::infinity());
+  const auto vzy = set1v(zy), vwy = set1v(wy), vtz = set1v(thz), vtw = set1v(thw);
+  auto xz = ninf, xw = ninf;
+  uint32_t bad_z = 0, bad_w = 0, any_z = 0, any_w = 0;
+  int64_t cz = 0, cw = 0;
+  for (int64_t v = b0, j = 0; v < b1; v += L, ++j) {
+    const M k = b1 - v >= L ? M(~M(0)) : M((uint32_t{1} << (b1 - v)) - 1);
+    const auto x = load16(z + v, k), u = load16(w + v, k);
+    // masked-off lanes load 0: they take part in no count, flag or candidate
+    xz = maxv(xz, blend(k, ninf, x));
+    xw = maxv(xw, blend(k, ninf, u));
+    bad_z |= static_cast<M>(not_below_inf(x) & k);
+    bad_w |= static_cast<M>(not_below_inf(u) & k);
+    cz += __builtin_popcount(static_cast<M>(gtv(x, vzy) & k));
+    cw += __builtin_popcount(static_cast<M>(gtv(u, vwy) & k));
+    const M mz = gtv(x, vtz) & k, mw = gtv(u, vtw) & k;
+    cand_z[j] = mz;
+    cand_w[j] = mw;
+    any_z |= mz;
+    any_w |= mw;
+  }
+  o.max_z = static_cast<double>(hmax(xz));
+  o.max_w = static_cast<double>(hmax(xw));
+  o.bad_z = bad_z != 0;
+  o.bad_w = bad_w != 0;
+  o.rank_z = cz;
+  o.rank_w = cw;
+  o.cand_z = any_z != 0;
+  o.cand_w = any_w != 0;
+}
 
 // Pass-1 exponentials of one block (see exp_block below), 8 lanes at a time.
 // While this block's exps run (arithmetic on data already in L1), the same offsets of the
@@ -286,9 +356,11 @@ MD_AVX512_ATTR double js_block_avx512(const T* z, const T* w, int64_t b0, int64_
 // running maximum of their block) and each block's running maxima.
 struct Scratch {
   std::vector<double> ez, ew, bmz, bmw;
+  std::vector<uint16_t> cand_z, cand_w;  // one block's top-10 candidate masks (AVX-512 scan)
   explicit Scratch(int64_t vocab)
       : ez(static_cast<size_t>(vocab)), ew(static_cast<size_t>(vocab)),
-        bmz(static_cast<size_t>((vocab + kBlock - 1) / kBlock)), bmw(bmz.size()) {}
+        bmz(static_cast<size_t>((vocab + kBlock - 1) / kBlock)), bmw(bmz.size()),
+        cand_z(kBlock / 8), cand_w(kBlock / 8) {}
 };
 
 // Rescale an online sum when the running maximum grows from m_old to m_new:
@@ -395,6 +467,21 @@ MD_INLINE void push_block(TopK& tk, const T* x, int64_t b0, int64_t b1) {
   }
 }
 
+// Offers the entries whose bit is set in the scan's candidate masks (one word per
+// 16 float32 / 8 float64 entries of [b0, b1)) to the top-10, in index order.
+template <typename T>
+MD_INLINE void push_masks(TopK& tk, const T* x, int64_t b0, int64_t b1, const uint16_t* masks) {
+  constexpr int64_t lanes = sizeof(T) == 4 ? 16 : 8;
+  for (int64_t j = 0, v0 = b0; v0 < b1; ++j, v0 += lanes) {
+    uint32_t m = masks[j];
+    while (m) {
+      const int b = __builtin_ctz(m);
+      m &= m - 1;
+      tk.push(static_cast<double>(x[v0 + b]), v0 + b);
+    }
+  }
+}
+
 template <typename T, bool kAvx512>
 MD_INLINE void row_kernel(const T* z, const T* w, int64_t r, const RowArgs& a, Scratch& sc) {
   const int64_t V = a.vocab;
@@ -415,28 +502,57 @@ MD_INLINE void row_kernel(const T* z, const T* w, int64_t r, const RowArgs& a, S
   //      (stored for pass 2) and the online sums
   for (int64_t b0 = 0, bi = 0; b0 < V; b0 += kBlock, ++bi) {
     const int64_t b1 = std::min(V, b0 + kBlock);
-    T xz = -tinf, xw = -tinf;
-    int fz = 0, fw = 0;
-    int32_t cz = 0, cw = 0;
+    double blk_z, blk_w;
+    const bool full_z = tz.n == kTop, full_w = tw.n == kTop;
+    bool cand_z = true, cand_w = true;
+#if defined(__x86_64__) || defined(__i386__)
+    if constexpr (kAvx512) {
+      ScanOut so;
+      scan_block_avx512<T>(z, w, b0, b1, zy, wy, static_cast<T>(tz.threshold()), static_cast<T>(tw.threshold()),
+                           sc.cand_z.data(), sc.cand_w.data(), so);
+      blk_z = so.max_z;
+      blk_w = so.max_w;
+      bad_z |= so.bad_z;
+      bad_w |= so.bad_w;
+      rank_z += so.rank_z;
+      rank_w += so.rank_w;
+      cand_z = so.cand_z;
+      cand_w = so.cand_w;
+    } else
+#endif
+    {
+      T xz = -tinf, xw = -tinf;
+      int fz = 0, fw = 0;
+      int32_t cz = 0, cw = 0;
 #pragma omp simd reduction(max : xz, xw) reduction(| : fz, fw) reduction(+ : cz, cw)
-    for (int64_t v = b0; v < b1; ++v) {
-      const T x = z[v];
-      const T u = w[v];
-      xz = std::max(xz, x);
-      xw = std::max(xw, u);
-      fz |= !(x < tinf);  // NaN or +inf
-      fw |= !(u < tinf);
-      cz += x > zy;
-      cw += u > wy;
+      for (int64_t v = b0; v < b1; ++v) {
+        const T x = z[v];
+        const T u = w[v];
+        xz = std::max(xz, x);
+        xw = std::max(xw, u);
+        fz |= !(x < tinf);  // NaN or +inf
+        fw |= !(u < tinf);
+        cz += x > zy;
+        cw += u > wy;
+      }
+      blk_z = static_cast<double>(xz);
+      blk_w = static_cast<double>(xw);
+      bad_z |= fz;
+      bad_w |= fw;
+      rank_z += cz;
+      rank_w += cw;
     }
-    bad_z |= fz;
-    bad_w |= fw;
-    rank_z += cz;
-    rank_w += cw;
     if (bad_z | bad_w) continue;  // the row is rejected; skip the arithmetic
-    const double blk_z = static_cast<double>(xz), blk_w = static_cast<double>(xw);
-    if (tz.wants_block(blk_z)) push_block(tz, z, b0, b1);
-    if (tw.wants_block(blk_w)) push_block(tw, w, b0, b1);
+    if (kAvx512 && full_z) {
+      if (cand_z) push_masks<T>(tz, z, b0, b1, sc.cand_z.data());
+    } else if (tz.wants_block(blk_z)) {
+      push_block(tz, z, b0, b1);
+    }
+    if (kAvx512 && full_w) {
+      if (cand_w) push_masks<T>(tw, w, b0, b1, sc.cand_w.data());
+    } else if (tw.wants_block(blk_w)) {
+      push_block(tw, w, b0, b1);
+    }
     if (blk_z > mz) {
       if (sz > 0.0) {
         const double c = exp_neg(mz - blk_z);
