@@ -108,23 +108,17 @@ MD_INLINE double exp_neg(double x) {
   return pl * kExpTable[n & 15] * scale;
 }
 
-// 2 atanh(s) = log((1 + s) / (1 - s)) for s in [-1/3, 0] as 2 s P(s^2), P a degree-10
-// Chebyshev fit of atanh(s)/s on s^2 in [0, 1/9] (relative error < 3e-18; the series
-// 1 + s^2/3 + s^4/5 + ... needs 18 terms for that).
-MD_INLINE double two_atanh_small(double s) {
-  const double s2 = s * s;
-  double pl = 0.08522081781390699;
-  pl = pl * s2 + 0.0416225325593041;
-  pl = pl * s2 + 0.06055084364034609;
-  pl = pl * s2 + 0.06650187016337313;
-  pl = pl * s2 + 0.07693307021152004;
-  pl = pl * s2 + 0.09090870416252403;
-  pl = pl * s2 + 0.11111112040373837;
-  pl = pl * s2 + 0.14285714272727057;
-  pl = pl * s2 + 0.20000000000092874;
-  pl = pl * s2 + 0.33333333333333076;
-  pl = pl * s2 + 1.0;
-  return 2.0 * s * pl;
+// atanh(s) / s = 1 + x Q(x), x = s^2 in [0, 1/9] (s in [-1/3, 0]), Q a degree-8 Chebyshev
+// fit of (atanh(s)/s - 1) / s^2 (relative error < 5e-15, so atanh(s)/s within 2e-16: the
+// leading 1 is exact, and the error shrinks with s where the JS terms cancel).
+constexpr double kAtanhQ[9] = {0.33333333333333487, 0.19999999999780063, 0.14285714338330496,
+                               0.11111106278964857, 0.09091130554209872, 0.07686637438179002,
+                               0.0675117123587855,  0.05161334635249541, 0.08435350330548605};
+
+MD_INLINE double atanh_over_s(double x) {
+  double q = kAtanhQ[8];
+  for (int i = 7; i >= 0; --i) q = q * x + kAtanhQ[i];
+  return q * x + 1.0;
 }
 
 // Top-10 (value descending, index ascending) of one row, filled in index order.
@@ -170,10 +164,11 @@ struct RowArgs {
 #define MD_AVX512_ATTR __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma")))
 #define MD_AVX512 MD_AVX512_ATTR __attribute__((always_inline)) inline
 
-// exp_neg on 8 lanes, the same operations as the scalar version (x < -708 and NaN -> 0):
+// exp_neg on 8 lanes, the same operations as the scalar version (x < -708 and NaN -> 0,
+// and lanes outside mask k -> 0):
 // the table lookup is one permute on the low 4 bits of t (which hold n mod 16), the
 // power 2^floor(n / 16) one vscalefpd.
-MD_AVX512 __m512d exp_neg8(__m512d x) {
+MD_AVX512 __m512d exp_neg8(__m512d x, __mmask8 k) {
   const __m512d shift = _mm512_set1_pd(kExpShift);
   const __m512d t = _mm512_fmadd_pd(x, _mm512_set1_pd(kExp16Log2e), shift);
   const __m512d n = _mm512_sub_pd(t, shift);
@@ -183,18 +178,14 @@ MD_AVX512 __m512d exp_neg8(__m512d x) {
   for (int i = 5; i >= 0; --i) pl = _mm512_fmadd_pd(pl, r, _mm512_set1_pd(kExpPoly[i]));
   const __m512d tab = _mm512_permutex2var_pd(_mm512_loadu_pd(kExpTable), _mm512_castpd_si512(t),
                                              _mm512_loadu_pd(kExpTable + 8));
-  const __mmask8 ok = _mm512_cmp_pd_mask(x, _mm512_set1_pd(-708.0), _CMP_GE_OQ);
+  const __mmask8 ok = _mm512_mask_cmp_pd_mask(k, x, _mm512_set1_pd(-708.0), _CMP_GE_OQ);
   return _mm512_maskz_scalef_pd(ok, _mm512_mul_pd(pl, tab), _mm512_mul_pd(n, _mm512_set1_pd(1.0 / 16)));
 }
 
-MD_AVX512 __m512d two_atanh_small8(__m512d s) {
-  const __m512d s2 = _mm512_mul_pd(s, s);
-  __m512d pl = _mm512_set1_pd(0.08522081781390699);
-  const double c[] = {0.0416225325593041,  0.06055084364034609, 0.06650187016337313, 0.07693307021152004,
-                      0.09090870416252403, 0.11111112040373837, 0.14285714272727057, 0.20000000000092874,
-                      0.33333333333333076, 1.0};  // the coefficients of two_atanh_small
-  for (double ci : c) pl = _mm512_fmadd_pd(pl, s2, _mm512_set1_pd(ci));
-  return _mm512_mul_pd(_mm512_add_pd(s, s), pl);
+MD_AVX512 __m512d atanh_over_s8(__m512d x) {
+  __m512d q = _mm512_set1_pd(kAtanhQ[8]);
+  for (int i = 7; i >= 0; --i) q = _mm512_fmadd_pd(q, x, _mm512_set1_pd(kAtanhQ[i]));
+  return _mm512_fmadd_pd(q, x, _mm512_set1_pd(1.0));
 }
 
 // 8 entries from v (all lanes of mask k; the others 0) widened to double.
@@ -284,7 +275,7 @@ MD_AVX512_ATTR void scan_block_avx512(const T* z, const T* w, int64_t b0, int64_
 // two rows from DRAM overlaps the exps instead of stalling the next block's first pass.
 template <typename T>
 MD_AVX512_ATTR void exp_block_avx512(const T* z, const T* w, int64_t b0, int64_t b1, double cmz, double cmw,
-                                double* ez, double* ew, double acc[5], int64_t end) {
+                                     double* ez, double* ew, double* ed, double acc[5], int64_t end) {
   const __m512d vmz = _mm512_set1_pd(cmz), vmw = _mm512_set1_pd(cmw), zero = _mm512_setzero_pd();
   __m512d s1 = zero, s2 = zero, a1 = zero, a2 = zero, bs = zero;
   for (int64_t v = b0; v < b1; v += 8) {
@@ -295,12 +286,13 @@ MD_AVX512_ATTR void exp_block_avx512(const T* z, const T* w, int64_t b0, int64_t
     const __mmask8 k = b1 - v >= 8 ? __mmask8(0xFF) : __mmask8((1u << (b1 - v)) - 1);
     const __m512d x = load8(z + v, k), u = load8(w + v, k);
     const __m512d xm = _mm512_sub_pd(x, vmz);
-    // vmaxpd returns its second operand when the first is NaN: NaN -> 0
-    const __m512d e = _mm512_maskz_mov_pd(k, _mm512_max_pd(exp_neg8(xm), zero));
-    const __m512d f = _mm512_maskz_mov_pd(k, _mm512_max_pd(exp_neg8(_mm512_sub_pd(u, vmw)), zero));
+    // 0 outside k, for NaN (x - m with m = -inf) and below e^-708
+    const __m512d e = exp_neg8(xm, k);
+    const __m512d f = exp_neg8(_mm512_sub_pd(u, vmw), k);
+    const __m512d dv = _mm512_sub_pd(x, u);
     _mm512_mask_storeu_pd(ez + v, k, e);
     _mm512_mask_storeu_pd(ew + v, k, f);
-    const __m512d dv = _mm512_sub_pd(x, u);
+    _mm512_mask_storeu_pd(ed + v, k, dv);
     s1 = _mm512_add_pd(s1, e);
     s2 = _mm512_add_pd(s2, f);
     const __mmask8 pe = _mm512_cmp_pd_mask(e, zero, _CMP_GT_OQ), pf = _mm512_cmp_pd_mask(f, zero, _CMP_GT_OQ);
@@ -316,19 +308,17 @@ MD_AVX512_ATTR void exp_block_avx512(const T* z, const T* w, int64_t b0, int64_t
 }
 
 // Pass-2 JS sum of one block, 8 lanes at a time (see js_block below).
-template <typename T>
-MD_AVX512_ATTR double js_block_avx512(const T* z, const T* w, int64_t b0, int64_t b1, const double* ez,
-                                 const double* ew, double fz, double fw, double delta) {
+MD_AVX512_ATTR double js_block_avx512(int64_t b0, int64_t b1, const double* ez, const double* ew,
+                                      const double* ed, double fz, double fw, double delta) {
   const __m512d vfz = _mm512_set1_pd(fz), vfw = _mm512_set1_pd(fw), vd = _mm512_set1_pd(delta);
   const __m512d zero = _mm512_setzero_pd(), three = _mm512_set1_pd(3.0), one = _mm512_set1_pd(1.0);
   const __m512d absmask = _mm512_castsi512_pd(_mm512_set1_epi64(0x7FFFFFFFFFFFFFFFLL));
-  __m512d acc = zero;
+  __m512d acc_l = zero, acc_n = zero;
   for (int64_t v = b0; v < b1; v += 8) {
     const __mmask8 k = b1 - v >= 8 ? __mmask8(0xFF) : __mmask8((1u << (b1 - v)) - 1);
     const __m512d p = _mm512_mul_pd(_mm512_maskz_loadu_pd(k, ez + v), vfz);
     const __m512d q = _mm512_mul_pd(_mm512_maskz_loadu_pd(k, ew + v), vfw);
-    const __m512d d = _mm512_sub_pd(_mm512_sub_pd(load8(z + v, k), load8(w + v, k)), vd);
-    const __m512d ad = _mm512_and_pd(d, absmask);
+    const __m512d ad = _mm512_and_pd(_mm512_sub_pd(_mm512_maskz_loadu_pd(k, ed + v), vd), absmask);
     const __m512d m = _mm512_max_pd(p, q), n = _mm512_min_pd(p, q);
     const __mmask8 mpos = _mm512_cmp_pd_mask(m, zero, _CMP_GT_OQ);
     const __mmask8 npos = _mm512_cmp_pd_mask(n, zero, _CMP_GT_OQ);
@@ -342,23 +332,21 @@ MD_AVX512_ATTR double js_block_avx512(const T* z, const T* w, int64_t b0, int64_
     // 1 / den overflows for den < ~2^-1022: those (rare) lanes divide
     const __mmask8 tiny = _mm512_mask_cmp_pd_mask(mpos, m, _mm512_set1_pd(1e-290), _CMP_LT_OQ);
     if (tiny) s = _mm512_mask_div_pd(s, tiny, _mm512_sub_pd(n, m), den);
-    const __m512d L = two_atanh_small8(s);
-    // -(p + q) L - n |d|, the n |d| term only where n > 0
-    const __m512d t = _mm512_mul_pd(_mm512_add_pd(p, q), L);
-    acc = _mm512_sub_pd(acc, t);
-    acc = _mm512_mask3_fnmadd_pd(n, ad, acc, npos);
+    // sum (p + q) s atanh(s)/s and sum n |d| (only where n > 0); the block's sum is -2 x the first - the second
+    acc_l = _mm512_fmadd_pd(_mm512_mul_pd(_mm512_add_pd(p, q), s), atanh_over_s8(_mm512_mul_pd(s, s)), acc_l);
+    acc_n = _mm512_mask3_fmadd_pd(n, ad, acc_n, npos);
   }
-  return _mm512_reduce_add_pd(acc);
+  return -2.0 * _mm512_reduce_add_pd(acc_l) - _mm512_reduce_add_pd(acc_n);
 }
 #endif
 
 // Per-thread scratch of one row: the pass-1 exponentials of both rows (relative to the
-// running maximum of their block) and each block's running maxima.
+// running maximum of their block), the logit differences and each block's running maxima.
 struct Scratch {
-  std::vector<double> ez, ew, bmz, bmw;
-  std::vector<uint16_t> cand_z, cand_w;  // one block's top-10 candidate masks (AVX-512 scan)
+  std::vector<double> ez, ew, ed, bmz, bmw;  // ed: z - w (exact for float32 logits)
+  std::vector<uint16_t> cand_z, cand_w;      // one block's top-10 candidate masks (AVX-512 scan)
   explicit Scratch(int64_t vocab)
-      : ez(static_cast<size_t>(vocab)), ew(static_cast<size_t>(vocab)),
+      : ez(static_cast<size_t>(vocab)), ew(static_cast<size_t>(vocab)), ed(static_cast<size_t>(vocab)),
         bmz(static_cast<size_t>((vocab + kBlock - 1) / kBlock)), bmw(bmz.size()),
         cand_z(kBlock / 8), cand_w(kBlock / 8) {}
 };
@@ -368,13 +356,13 @@ struct Scratch {
 // (p = 0), so it becomes 0 (not inf * 0 = NaN).
 MD_INLINE double rescale(double s, double c) { return c > 0.0 ? s * c : 0.0; }
 
-// Pass 1 of one block [b0, b1) under the running maxima cmz, cmw: stores
+// Pass 1 of one block [b0, b1) under the running maxima cmz, cmw: stores z_v - w_v,
 // e_v = e^(z_v - cmz), f_v = e^(w_v - cmw) (0 where the running maximum is -inf and
 // x - m is NaN) and returns the block's sum e, sum f, sum e (z - w), -sum f (z - w) and
 // sum e (z - cmz), each term 0 where its weight is 0 (z = -inf: z - w is -inf or NaN).
 template <typename T>
 MD_INLINE void exp_block_generic(const T* z, const T* w, int64_t b0, int64_t b1, double cmz, double cmw,
-                                 double* ez, double* ew, double acc[5]) {
+                                 double* ez, double* ew, double* ed, double acc[5]) {
   double s1 = 0.0, s2 = 0.0, a1 = 0.0, a2 = 0.0, bs = 0.0;
 #pragma omp simd reduction(+ : s1, s2, a1, a2, bs)
   for (int64_t v = b0; v < b1; ++v) {
@@ -385,9 +373,10 @@ MD_INLINE void exp_block_generic(const T* z, const T* w, int64_t b0, int64_t b1,
     double f = exp_neg(u - cmw);
     e = e > 0.0 ? e : 0.0;
     f = f > 0.0 ? f : 0.0;
+    const double dv = x - u;  // exact for float32 inputs
     ez[v] = e;
     ew[v] = f;
-    const double dv = x - u;  // exact for float32 inputs
+    ed[v] = dv;
     s1 += e;
     s2 += f;
     a1 += e > 0.0 ? e * dv : 0.0;
@@ -407,40 +396,40 @@ MD_INLINE void exp_block_generic(const T* z, const T* w, int64_t b0, int64_t b1,
 // 2 atanh(u / (2 + u)) with u / (2 + u) = (n - m) / (3m + n) (one division), the pair's
 // terms -p g(-d) - q g(d), g(x) = log((1 + e^x) / 2), add up to -(p + q) L - n |d|
 // (the n |d| term only where n > 0: n = 0 can meet |d| = inf).
-template <typename T>
-MD_INLINE double js_block_generic(const T* z, const T* w, int64_t b0, int64_t b1, const double* ez,
-                                  const double* ew, double fz, double fw, double delta) {
-  double jb = 0.0;
-#pragma omp simd reduction(+ : jb)
+MD_INLINE double js_block_generic(int64_t b0, int64_t b1, const double* ez, const double* ew, const double* ed,
+                                  double fz, double fw, double delta) {
+  double jl = 0.0, jn = 0.0;
+#pragma omp simd reduction(+ : jl, jn)
   for (int64_t v = b0; v < b1; ++v) {
     const double p = ez[v] * fz;
     const double q = ew[v] * fw;
-    const double d = (static_cast<double>(z[v]) - static_cast<double>(w[v])) - delta;
+    const double d = ed[v] - delta;
     const double m = std::max(p, q);
     const double n = std::min(p, q);
-    const double L = two_atanh_small(m > 0.0 ? (n - m) / (3.0 * m + n) : 0.0);
-    jb += -((p + q) * L) - (n > 0.0 ? n * std::fabs(d) : 0.0);
+    const double sv = m > 0.0 ? (n - m) / (3.0 * m + n) : 0.0;
+    jl += (p + q) * sv * atanh_over_s(sv * sv);
+    jn += n > 0.0 ? n * std::fabs(d) : 0.0;
   }
-  return jb;
+  return -2.0 * jl - jn;
 }
 
 template <typename T, bool kAvx512>
 MD_INLINE void exp_block(const T* z, const T* w, int64_t b0, int64_t b1, double cmz, double cmw, double* ez,
-                         double* ew, double acc[5], int64_t end) {
+                         double* ew, double* ed, double acc[5], int64_t end) {
 #if defined(__x86_64__) || defined(__i386__)
-  if (kAvx512) return exp_block_avx512<T>(z, w, b0, b1, cmz, cmw, ez, ew, acc, end);
+  if (kAvx512) return exp_block_avx512<T>(z, w, b0, b1, cmz, cmw, ez, ew, ed, acc, end);
 #endif
   (void)end;
-  exp_block_generic<T>(z, w, b0, b1, cmz, cmw, ez, ew, acc);
+  exp_block_generic<T>(z, w, b0, b1, cmz, cmw, ez, ew, ed, acc);
 }
 
-template <typename T, bool kAvx512>
-MD_INLINE double js_block(const T* z, const T* w, int64_t b0, int64_t b1, const double* ez, const double* ew,
-                          double fz, double fw, double delta) {
+template <bool kAvx512>
+MD_INLINE double js_block(int64_t b0, int64_t b1, const double* ez, const double* ew, const double* ed, double fz,
+                          double fw, double delta) {
 #if defined(__x86_64__) || defined(__i386__)
-  if (kAvx512) return js_block_avx512<T>(z, w, b0, b1, ez, ew, fz, fw, delta);
+  if (kAvx512) return js_block_avx512(b0, b1, ez, ew, ed, fz, fw, delta);
 #endif
-  return js_block_generic<T>(z, w, b0, b1, ez, ew, fz, fw, delta);
+  return js_block_generic(b0, b1, ez, ew, ed, fz, fw, delta);
 }
 
 // Offers the entries of x[b0, b1) to the top-10 in index order. Once the list is full
@@ -573,7 +562,7 @@ MD_INLINE void row_kernel(const T* z, const T* w, int64_t r, const RowArgs& a, S
     sc.bmz[bi] = mz;
     sc.bmw[bi] = mw;
     double acc[5];
-    exp_block<T, kAvx512>(z, w, b0, b1, mz, mw, ez, ew, acc, V);
+    exp_block<T, kAvx512>(z, w, b0, b1, mz, mw, ez, ew, sc.ed.data(), acc, V);
     sz += acc[0];
     sw += acc[1];
     az += acc[2];
@@ -603,7 +592,7 @@ MD_INLINE void row_kernel(const T* z, const T* w, int64_t r, const RowArgs& a, S
   for (int64_t b0 = 0, bi = 0; b0 < V; b0 += kBlock, ++bi) {
     const int64_t b1 = std::min(V, b0 + kBlock);
     const double fz = exp_neg(sc.bmz[bi] - lse_z), fw = exp_neg(sc.bmw[bi] - lse_w);
-    js += js_block<T, kAvx512>(z, w, b0, b1, ez, ew, fz, fw, delta);
+    js += js_block<kAvx512>(b0, b1, ez, ew, sc.ed.data(), fz, fw, delta);
   }
   const double kl = az / sz - delta;
   const double klr = aw / sw + delta;
