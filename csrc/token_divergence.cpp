@@ -13,23 +13,29 @@
 // d_v = 0 every term is exactly 0, so identical rows give exactly 0.
 //
 // Per row, two passes over blocks of kBlock entries:
-//  1. each block (in L1): its maxima, rank counts, a NaN/+inf flag and top-10 insertion
-//     (only for the few runs of entries that can still enter); then, under the running
-//     maxima mz, mw, the exponentials e_v = e^(z_v - mz), f_v = e^(w_v - mw), which are
-//     kept in a per-thread buffer, and the online sums (rescaled when a maximum grows)
+//  1. each block (in L1): its maxima, rank counts, a NaN/+inf check and the top-10
+//     (only entries above the current 10th value are offered); then, under the running
+//     maxima mz, mw, the exponentials e_v = e^(z_v - mz), f_v = e^(w_v - mw) and the
+//     differences z_v - w_v, kept in a per-thread buffer, and the online sums (rescaled
+//     when a maximum grows)
 //       S_z = sum e, S_w = sum f, A_z = sum e (z - w), A_w = sum f (w - z), B = sum e (z - mz)
 //     so that lse_z = mz + log S_z, kld = A_z / S_z - (lse_z - lse_w),
 //     kld_reverse = A_w / S_w + (lse_z - lse_w), entropy = log S_z - B / S_z;
-//  2. JS from the kept exponentials (p = e_v e^(m_block - lse_z)), no exp per entry.
+//  2. JS from the kept values (p = e_v e^(m_block - lse_z)), no exp per entry.
 // That is one read of the two logit rows from memory and one exp per entry of each;
 // exps and sums in float64. Identical rows give A = 0 and equal lse: exactly 0.
-// JS per entry uses only p, q and |d|: with m = max(p, q) and
-// L = log1p(-|p - q| / (2 m)) = log((1 + min/max) / 2), g(-|d|) = L and g(|d|) = |d| + L.
+// JS per entry uses only p, q and |d|: with m = max(p, q), n = min(p, q) and
+// L = log((1 + n/m) / 2) = 2 atanh(s), s = (n - m) / (3m + n) in [-1/3, 0],
+// g(-|d|) = L and g(|d|) = |d| + L, so the pair's terms add up to -(p + q) L - n |d|.
 //
-// exp and log1p are branch-free float64 polynomials (below) so the passes
-// vectorize; the AVX-512 path runs both passes' entry loops as intrinsics (GCC's
-// vectorization of the generic loops spills registers), the AVX2+FMA and portable
-// paths the generic loops; picked at run time (csrc/cpu_features.h).
+// exp and atanh are branch-free float64 polynomials (below) so the passes vectorize.
+// The AVX-512 path runs the entry loops as intrinsics (GCC's vectorization of the
+// generic loops spills registers and masks every operation): after the first block the
+// scan compares 16 float32 (8 float64) entries at a time into bit masks (rank counts by
+// popcount, top-10 candidates as mask words; NaN and +inf always count as candidates,
+// so no separate check per entry), and the exp and JS loops run two 8-lane chains per
+// iteration. The AVX2+FMA and portable paths run the generic loops; picked at run time
+// (csrc/cpu_features.h).
 //
 // Python (minidiff.ops.token_divergence) validates dtypes, shapes, contiguity and
 // the target range before calling; NaN/+inf logits and rows without a finite
@@ -43,6 +49,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -165,10 +172,10 @@ struct RowArgs {
 #define MD_AVX512 MD_AVX512_ATTR __attribute__((always_inline)) inline
 
 // exp_neg on 8 lanes, the same operations as the scalar version (x < -708 and NaN -> 0,
-// and lanes outside mask k -> 0):
+// and lanes outside mask k -> 0; `pos` gets the lanes whose result is > 0):
 // the table lookup is one permute on the low 4 bits of t (which hold n mod 16), the
 // power 2^floor(n / 16) one vscalefpd.
-MD_AVX512 __m512d exp_neg8(__m512d x, __mmask8 k) {
+MD_AVX512 __m512d exp_neg8(__m512d x, __mmask8 k, __mmask8& pos) {
   const __m512d shift = _mm512_set1_pd(kExpShift);
   const __m512d t = _mm512_fmadd_pd(x, _mm512_set1_pd(kExp16Log2e), shift);
   const __m512d n = _mm512_sub_pd(t, shift);
@@ -178,8 +185,9 @@ MD_AVX512 __m512d exp_neg8(__m512d x, __mmask8 k) {
   for (int i = 5; i >= 0; --i) pl = _mm512_fmadd_pd(pl, r, _mm512_set1_pd(kExpPoly[i]));
   const __m512d tab = _mm512_permutex2var_pd(_mm512_loadu_pd(kExpTable), _mm512_castpd_si512(t),
                                              _mm512_loadu_pd(kExpTable + 8));
-  const __mmask8 ok = _mm512_mask_cmp_pd_mask(k, x, _mm512_set1_pd(-708.0), _CMP_GE_OQ);
-  return _mm512_maskz_scalef_pd(ok, _mm512_mul_pd(pl, tab), _mm512_mul_pd(n, _mm512_set1_pd(1.0 / 16)));
+  // the lanes with a nonzero result (at least 2^-1022 * 0.98): in k, x >= -708, not NaN
+  pos = _mm512_mask_cmp_pd_mask(k, x, _mm512_set1_pd(-708.0), _CMP_GE_OQ);
+  return _mm512_maskz_scalef_pd(pos, _mm512_mul_pd(pl, tab), _mm512_mul_pd(n, _mm512_set1_pd(1.0 / 16)));
 }
 
 MD_AVX512 __m512d atanh_over_s8(__m512d x) {
@@ -192,12 +200,13 @@ MD_AVX512 __m512d atanh_over_s8(__m512d x) {
 MD_AVX512 __m512d load8(const float* p, __mmask8 k) { return _mm512_cvtps_pd(_mm256_maskz_loadu_ps(k, p)); }
 MD_AVX512 __m512d load8(const double* p, __mmask8 k) { return _mm512_maskz_loadu_pd(k, p); }
 
-// Block scan of one row (see the generic loop in row_kernel), vector compares into bit
-// masks: the block maxima, a NaN/+inf flag, the rank counts #{x > zy} and, against each
-// top-10's 10th value at the start of the block (`thz`, `thw`: the 10th value only
-// rises, so an entry at or below it can never enter), the candidate entries of the block,
-// one mask bit per entry in `cand_z` / `cand_w` (16 lanes per word for float32, 8 for
-// float64). Returns whether any entry is a candidate.
+// Block scan of one logit row once its top-10 is full (the first block takes the generic
+// loop in row_kernel): the block maximum, the rank count #{x > y} and the top-10
+// candidates !(x <= th) against the 10th value `th` at the start of the block (the 10th
+// value only rises, so an entry at or below it can never enter), one mask bit per entry
+// in `cand` (16 lanes per word for float32, 8 for float64). NaN and +inf are candidates
+// too: push_masks finds them, so the block needs no separate value check. Returns
+// whether any entry is a candidate.
 template <typename T>
 struct Lanes;
 template <>
@@ -211,142 +220,164 @@ struct Lanes<double> {
   using mask = __mmask8;
 };
 
-struct ScanOut {
-  double max_z, max_w;
-  int bad_z, bad_w;
-  int64_t rank_z, rank_w;
-  bool cand_z, cand_w;
-};
-
-MD_AVX512 __m512 load16(const float* p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
-MD_AVX512 __m512d load16(const double* p, __mmask8 k) { return _mm512_maskz_loadu_pd(k, p); }
+MD_AVX512 __m512 loadv(const float* p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
+MD_AVX512 __m512d loadv(const double* p, __mmask8 k) { return _mm512_maskz_loadu_pd(k, p); }
 MD_AVX512 __m512 set1v(float x) { return _mm512_set1_ps(x); }
 MD_AVX512 __m512d set1v(double x) { return _mm512_set1_pd(x); }
-MD_AVX512 __m512 maxv(__m512 a, __m512 b) { return _mm512_max_ps(a, b); }
-MD_AVX512 __m512d maxv(__m512d a, __m512d b) { return _mm512_max_pd(a, b); }
-MD_AVX512 __mmask16 gtv(__m512 a, __m512 b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
-MD_AVX512 __mmask8 gtv(__m512d a, __m512d b) { return _mm512_cmp_pd_mask(a, b, _CMP_GT_OQ); }
-MD_AVX512 __mmask16 not_below_inf(__m512 a) { return _mm512_cmp_ps_mask(a, _mm512_set1_ps(INFINITY), _CMP_NLT_UQ); }
-MD_AVX512 __mmask8 not_below_inf(__m512d a) { return _mm512_cmp_pd_mask(a, _mm512_set1_pd(INFINITY), _CMP_NLT_UQ); }
-MD_AVX512 __m512 blend(__mmask16 k, __m512 a, __m512 b) { return _mm512_mask_blend_ps(k, a, b); }
-MD_AVX512 __m512d blend(__mmask8 k, __m512d a, __m512d b) { return _mm512_mask_blend_pd(k, a, b); }
+MD_AVX512 __m512 maxv(__m512 a, __mmask16 k, __m512 b) { return _mm512_mask_max_ps(a, k, a, b); }
+MD_AVX512 __m512d maxv(__m512d a, __mmask8 k, __m512d b) { return _mm512_mask_max_pd(a, k, a, b); }
+MD_AVX512 __mmask16 gtv(__mmask16 k, __m512 a, __m512 b) { return _mm512_mask_cmp_ps_mask(k, a, b, _CMP_GT_OQ); }
+MD_AVX512 __mmask8 gtv(__mmask8 k, __m512d a, __m512d b) { return _mm512_mask_cmp_pd_mask(k, a, b, _CMP_GT_OQ); }
+MD_AVX512 __mmask16 nlev(__mmask16 k, __m512 a, __m512 b) { return _mm512_mask_cmp_ps_mask(k, a, b, _CMP_NLE_UQ); }
+MD_AVX512 __mmask8 nlev(__mmask8 k, __m512d a, __m512d b) { return _mm512_mask_cmp_pd_mask(k, a, b, _CMP_NLE_UQ); }
 MD_AVX512 float hmax(__m512 a) { return _mm512_reduce_max_ps(a); }
 MD_AVX512 double hmax(__m512d a) { return _mm512_reduce_max_pd(a); }
 
 template <typename T>
-MD_AVX512_ATTR void scan_block_avx512(const T* z, const T* w, int64_t b0, int64_t b1, T zy, T wy, T thz, T thw,
-                                      uint16_t* cand_z, uint16_t* cand_w, ScanOut& o) {
+MD_AVX512_ATTR bool scan_block_avx512(const T* x, int64_t b0, int64_t b1, T y, T th, uint16_t* cand,
+                                      double& block_max, int64_t& rank) {
   constexpr int L = Lanes<T>::n;
   using M = typename Lanes<T>::mask;
+  const auto vy = set1v(y), vth = set1v(th);
   const auto ninf = set1v(-std::numeric_limits<T>::infinity());
-  const auto vzy = set1v(zy), vwy = set1v(wy), vtz = set1v(thz), vtw = set1v(thw);
-  auto xz = ninf, xw = ninf;
-  uint32_t bad_z = 0, bad_w = 0, any_z = 0, any_w = 0;
-  int64_t cz = 0, cw = 0;
-  for (int64_t v = b0, j = 0; v < b1; v += L, ++j) {
-    const M k = b1 - v >= L ? M(~M(0)) : M((uint32_t{1} << (b1 - v)) - 1);
-    const auto x = load16(z + v, k), u = load16(w + v, k);
-    // masked-off lanes load 0: they take part in no count, flag or candidate
-    xz = maxv(xz, blend(k, ninf, x));
-    xw = maxv(xw, blend(k, ninf, u));
-    bad_z |= static_cast<M>(not_below_inf(x) & k);
-    bad_w |= static_cast<M>(not_below_inf(u) & k);
-    cz += __builtin_popcount(static_cast<M>(gtv(x, vzy) & k));
-    cw += __builtin_popcount(static_cast<M>(gtv(u, vwy) & k));
-    const M mz = gtv(x, vtz) & k, mw = gtv(u, vtw) & k;
-    cand_z[j] = mz;
-    cand_w[j] = mw;
-    any_z |= mz;
-    any_w |= mw;
+  auto mx = ninf, mx2 = ninf;  // two maxima: one vmaxps chain would bound the loop by its latency
+  uint32_t any = 0;
+  int64_t c = 0, v = b0, j = 0;
+  const M all = M(~M(0));
+  for (; v + 2 * L <= b1; v += 2 * L, j += 2) {
+    const auto a = loadv(x + v, all), a2 = loadv(x + v + L, all);
+    mx = maxv(mx, all, a);
+    mx2 = maxv(mx2, all, a2);
+    c += __builtin_popcount(static_cast<uint32_t>(gtv(all, a, vy))) +
+         __builtin_popcount(static_cast<uint32_t>(gtv(all, a2, vy)));
+    const M m = nlev(all, a, vth), m2 = nlev(all, a2, vth);
+    cand[j] = m;
+    cand[j + 1] = m2;
+    any |= m | m2;
   }
-  o.max_z = static_cast<double>(hmax(xz));
-  o.max_w = static_cast<double>(hmax(xw));
-  o.bad_z = bad_z != 0;
-  o.bad_w = bad_w != 0;
-  o.rank_z = cz;
-  o.rank_w = cw;
-  o.cand_z = any_z != 0;
-  o.cand_w = any_w != 0;
+  for (; v < b1; v += L, ++j) {
+    const M k = b1 - v >= L ? all : M((uint32_t{1} << (b1 - v)) - 1);
+    const auto a = loadv(x + v, k);
+    mx = maxv(mx, k, a);
+    c += __builtin_popcount(static_cast<uint32_t>(gtv(k, a, vy)));
+    const M m = nlev(k, a, vth);
+    cand[j] = m;
+    any |= m;
+  }
+  mx = maxv(mx, all, mx2);
+  block_max = static_cast<double>(hmax(mx));
+  rank += c;
+  return any != 0;
 }
 
-// Pass-1 exponentials of one block (see exp_block below), 8 lanes at a time.
+// Pass-1 exponentials of one block (see exp_block below), 8 lanes at a time, two chains.
 // While this block's exps run (arithmetic on data already in L1), the same offsets of the
 // next block are prefetched from memory (up to `end`, the row's end), so the stream of the
 // two rows from DRAM overlaps the exps instead of stalling the next block's first pass.
+struct ExpSums {
+  __m512d s1, s2, a1, a2, bs;
+};
+
+template <typename T>
+MD_AVX512 void exp_lanes8(__mmask8 k, const T* z, const T* w, __m512d vmz, __m512d vmw, double* ez, double* ew,
+                          double* ed, ExpSums& a) {
+  const __m512d x = load8(z, k), u = load8(w, k);
+  const __m512d xm = _mm512_sub_pd(x, vmz);
+  // 0 outside k, for NaN (x - m with m = -inf) and below e^-708
+  __mmask8 pe, pf;  // e > 0, f > 0
+  const __m512d e = exp_neg8(xm, k, pe);
+  const __m512d f = exp_neg8(_mm512_sub_pd(u, vmw), k, pf);
+  const __m512d dv = _mm512_sub_pd(x, u);
+  _mm512_mask_storeu_pd(ez, k, e);
+  _mm512_mask_storeu_pd(ew, k, f);
+  _mm512_mask_storeu_pd(ed, k, dv);
+  a.s1 = _mm512_add_pd(a.s1, e);
+  a.s2 = _mm512_add_pd(a.s2, f);
+  a.a1 = _mm512_mask3_fmadd_pd(e, dv, a.a1, pe);
+  a.a2 = _mm512_mask3_fnmadd_pd(f, dv, a.a2, pf);
+  a.bs = _mm512_mask3_fmadd_pd(e, xm, a.bs, pe);
+}
+
 template <typename T>
 MD_AVX512_ATTR void exp_block_avx512(const T* z, const T* w, int64_t b0, int64_t b1, double cmz, double cmw,
                                      double* ez, double* ew, double* ed, double acc[5], int64_t end) {
   const __m512d vmz = _mm512_set1_pd(cmz), vmw = _mm512_set1_pd(cmw), zero = _mm512_setzero_pd();
-  __m512d s1 = zero, s2 = zero, a1 = zero, a2 = zero, bs = zero;
-  for (int64_t v = b0; v < b1; v += 8) {
-    if (v + kBlock < end) {
-      _mm_prefetch(reinterpret_cast<const char*>(z + v + kBlock), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(w + v + kBlock), _MM_HINT_T0);
+  ExpSums a{zero, zero, zero, zero, zero}, a2{zero, zero, zero, zero, zero};
+  int64_t v = b0;
+  for (; v + 16 <= b1; v += 16) {  // two independent chains per iteration
+    if (v + kBlock < end) {        // the next block, one 64-byte line per row at a time
+      for (int64_t o = 0; o < 16; o += 64 / static_cast<int64_t>(sizeof(T))) {
+        _mm_prefetch(reinterpret_cast<const char*>(z + v + o + kBlock), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(w + v + o + kBlock), _MM_HINT_T0);
+      }
     }
-    const __mmask8 k = b1 - v >= 8 ? __mmask8(0xFF) : __mmask8((1u << (b1 - v)) - 1);
-    const __m512d x = load8(z + v, k), u = load8(w + v, k);
-    const __m512d xm = _mm512_sub_pd(x, vmz);
-    // 0 outside k, for NaN (x - m with m = -inf) and below e^-708
-    const __m512d e = exp_neg8(xm, k);
-    const __m512d f = exp_neg8(_mm512_sub_pd(u, vmw), k);
-    const __m512d dv = _mm512_sub_pd(x, u);
-    _mm512_mask_storeu_pd(ez + v, k, e);
-    _mm512_mask_storeu_pd(ew + v, k, f);
-    _mm512_mask_storeu_pd(ed + v, k, dv);
-    s1 = _mm512_add_pd(s1, e);
-    s2 = _mm512_add_pd(s2, f);
-    const __mmask8 pe = _mm512_cmp_pd_mask(e, zero, _CMP_GT_OQ), pf = _mm512_cmp_pd_mask(f, zero, _CMP_GT_OQ);
-    a1 = _mm512_mask3_fmadd_pd(e, dv, a1, pe);
-    a2 = _mm512_mask3_fnmadd_pd(f, dv, a2, pf);
-    bs = _mm512_mask3_fmadd_pd(e, xm, bs, pe);
+    exp_lanes8<T>(0xFF, z + v, w + v, vmz, vmw, ez + v, ew + v, ed + v, a);
+    exp_lanes8<T>(0xFF, z + v + 8, w + v + 8, vmz, vmw, ez + v + 8, ew + v + 8, ed + v + 8, a2);
   }
-  acc[0] = _mm512_reduce_add_pd(s1);
-  acc[1] = _mm512_reduce_add_pd(s2);
-  acc[2] = _mm512_reduce_add_pd(a1);
-  acc[3] = _mm512_reduce_add_pd(a2);
-  acc[4] = _mm512_reduce_add_pd(bs);
+  for (; v < b1; v += 8) {
+    const __mmask8 k = b1 - v >= 8 ? __mmask8(0xFF) : __mmask8((1u << (b1 - v)) - 1);
+    exp_lanes8<T>(k, z + v, w + v, vmz, vmw, ez + v, ew + v, ed + v, a);
+  }
+  acc[0] = _mm512_reduce_add_pd(_mm512_add_pd(a.s1, a2.s1));
+  acc[1] = _mm512_reduce_add_pd(_mm512_add_pd(a.s2, a2.s2));
+  acc[2] = _mm512_reduce_add_pd(_mm512_add_pd(a.a1, a2.a1));
+  acc[3] = _mm512_reduce_add_pd(_mm512_add_pd(a.a2, a2.a2));
+  acc[4] = _mm512_reduce_add_pd(_mm512_add_pd(a.bs, a2.bs));
 }
 
-// Pass-2 JS sum of one block, 8 lanes at a time (see js_block below).
+// Pass-2 JS terms of 8 entries (see js_block below). 1 / (3m + n) by vrcp14pd (relative
+// error < 2^-14) and two Newton steps (< 2^-52): vdivpd alone would cost more than the
+// rest of the loop.
+MD_AVX512 void js_lanes8(__mmask8 k, const double* ez, const double* ew, const double* ed, __m512d vfz,
+                         __m512d vfw, __m512d vd, __m512d& acc_l, __m512d& acc_n) {
+  const __m512d zero = _mm512_setzero_pd(), one = _mm512_set1_pd(1.0);
+  const __m512d p = _mm512_mul_pd(_mm512_maskz_loadu_pd(k, ez), vfz);
+  const __m512d q = _mm512_mul_pd(_mm512_maskz_loadu_pd(k, ew), vfw);
+  const __m512d ad = _mm512_and_pd(_mm512_sub_pd(_mm512_maskz_loadu_pd(k, ed), vd),
+                                   _mm512_castsi512_pd(_mm512_set1_epi64(0x7FFFFFFFFFFFFFFFLL)));
+  const __m512d m = _mm512_max_pd(p, q), n = _mm512_min_pd(p, q);
+  const __m512d den = _mm512_fmadd_pd(_mm512_set1_pd(3.0), m, n);
+  __m512d rc = _mm512_rcp14_pd(den);
+  rc = _mm512_fmadd_pd(rc, _mm512_fnmadd_pd(den, rc, one), rc);
+  rc = _mm512_fmadd_pd(rc, _mm512_fnmadd_pd(den, rc, one), rc);
+  const __mmask8 mpos = _mm512_cmp_pd_mask(m, zero, _CMP_GT_OQ);  // s = 0 where p = q = 0
+  __m512d s = _mm512_maskz_mul_pd(mpos, _mm512_sub_pd(n, m), rc);
+  // 1 / den overflows for den < ~2^-1022: those (rare) lanes divide
+  const __mmask8 tiny = _mm512_mask_cmp_pd_mask(mpos, m, _mm512_set1_pd(1e-290), _CMP_LT_OQ);
+  if (tiny) s = _mm512_mask_div_pd(s, tiny, _mm512_sub_pd(n, m), den);
+  // sum (p + q) s atanh(s)/s and sum n |d| (only where n > 0: n = 0 can meet |d| = inf)
+  acc_l = _mm512_fmadd_pd(_mm512_mul_pd(_mm512_add_pd(p, q), s), atanh_over_s8(_mm512_mul_pd(s, s)), acc_l);
+  acc_n = _mm512_mask3_fmadd_pd(n, ad, acc_n, _mm512_cmp_pd_mask(n, zero, _CMP_GT_OQ));
+}
+
 MD_AVX512_ATTR double js_block_avx512(int64_t b0, int64_t b1, const double* ez, const double* ew,
                                       const double* ed, double fz, double fw, double delta) {
   const __m512d vfz = _mm512_set1_pd(fz), vfw = _mm512_set1_pd(fw), vd = _mm512_set1_pd(delta);
-  const __m512d zero = _mm512_setzero_pd(), three = _mm512_set1_pd(3.0), one = _mm512_set1_pd(1.0);
-  const __m512d absmask = _mm512_castsi512_pd(_mm512_set1_epi64(0x7FFFFFFFFFFFFFFFLL));
-  __m512d acc_l = zero, acc_n = zero;
-  for (int64_t v = b0; v < b1; v += 8) {
-    const __mmask8 k = b1 - v >= 8 ? __mmask8(0xFF) : __mmask8((1u << (b1 - v)) - 1);
-    const __m512d p = _mm512_mul_pd(_mm512_maskz_loadu_pd(k, ez + v), vfz);
-    const __m512d q = _mm512_mul_pd(_mm512_maskz_loadu_pd(k, ew + v), vfw);
-    const __m512d ad = _mm512_and_pd(_mm512_sub_pd(_mm512_maskz_loadu_pd(k, ed + v), vd), absmask);
-    const __m512d m = _mm512_max_pd(p, q), n = _mm512_min_pd(p, q);
-    const __mmask8 mpos = _mm512_cmp_pd_mask(m, zero, _CMP_GT_OQ);
-    const __mmask8 npos = _mm512_cmp_pd_mask(n, zero, _CMP_GT_OQ);
-    // 1 / (3m + n) by vrcp14pd (relative error < 2^-14) and two Newton steps (< 2^-52):
-    // vdivpd alone would cost more than the rest of the loop
-    const __m512d den = _mm512_fmadd_pd(three, m, n);
-    __m512d rc = _mm512_rcp14_pd(den);
-    rc = _mm512_fmadd_pd(rc, _mm512_fnmadd_pd(den, rc, one), rc);
-    rc = _mm512_fmadd_pd(rc, _mm512_fnmadd_pd(den, rc, one), rc);
-    __m512d s = _mm512_maskz_mul_pd(mpos, _mm512_sub_pd(n, m), rc);
-    // 1 / den overflows for den < ~2^-1022: those (rare) lanes divide
-    const __mmask8 tiny = _mm512_mask_cmp_pd_mask(mpos, m, _mm512_set1_pd(1e-290), _CMP_LT_OQ);
-    if (tiny) s = _mm512_mask_div_pd(s, tiny, _mm512_sub_pd(n, m), den);
-    // sum (p + q) s atanh(s)/s and sum n |d| (only where n > 0); the block's sum is -2 x the first - the second
-    acc_l = _mm512_fmadd_pd(_mm512_mul_pd(_mm512_add_pd(p, q), s), atanh_over_s8(_mm512_mul_pd(s, s)), acc_l);
-    acc_n = _mm512_mask3_fmadd_pd(n, ad, acc_n, npos);
+  __m512d acc_l = _mm512_setzero_pd(), acc_n = acc_l, acc_l2 = acc_l, acc_n2 = acc_l;
+  int64_t v = b0;
+  for (; v + 16 <= b1; v += 16) {  // two independent chains per iteration
+    js_lanes8(0xFF, ez + v, ew + v, ed + v, vfz, vfw, vd, acc_l, acc_n);
+    js_lanes8(0xFF, ez + v + 8, ew + v + 8, ed + v + 8, vfz, vfw, vd, acc_l2, acc_n2);
   }
-  return -2.0 * _mm512_reduce_add_pd(acc_l) - _mm512_reduce_add_pd(acc_n);
+  for (; v < b1; v += 8) {
+    const __mmask8 k = b1 - v >= 8 ? __mmask8(0xFF) : __mmask8((1u << (b1 - v)) - 1);
+    js_lanes8(k, ez + v, ew + v, ed + v, vfz, vfw, vd, acc_l, acc_n);
+  }
+  return -2.0 * _mm512_reduce_add_pd(_mm512_add_pd(acc_l, acc_l2)) - _mm512_reduce_add_pd(_mm512_add_pd(acc_n, acc_n2));
 }
 #endif
 
 // Per-thread scratch of one row: the pass-1 exponentials of both rows (relative to the
 // running maximum of their block), the logit differences and each block's running maxima.
 struct Scratch {
-  std::vector<double> ez, ew, ed, bmz, bmw;  // ed: z - w (exact for float32 logits)
-  std::vector<uint16_t> cand_z, cand_w;      // one block's top-10 candidate masks (AVX-512 scan)
+  // written before read in every row: left uninitialized (zeroing 3 x 8 x vocab bytes would
+  // cost as much as a few rows' work in a short call)
+  std::unique_ptr<double[]> ez, ew, ed;  // ed: z - w (exact for float32 logits)
+  std::vector<double> bmz, bmw;
+  std::vector<uint16_t> cand_z, cand_w;  // one block's top-10 candidate masks (AVX-512 scan)
   explicit Scratch(int64_t vocab)
-      : ez(static_cast<size_t>(vocab)), ew(static_cast<size_t>(vocab)), ed(static_cast<size_t>(vocab)),
+      : ez(new double[static_cast<size_t>(vocab)]), ew(new double[static_cast<size_t>(vocab)]),
+        ed(new double[static_cast<size_t>(vocab)]),
         bmz(static_cast<size_t>((vocab + kBlock - 1) / kBlock)), bmw(bmz.size()),
         cand_z(kBlock / 8), cand_w(kBlock / 8) {}
 };
@@ -457,18 +488,29 @@ MD_INLINE void push_block(TopK& tk, const T* x, int64_t b0, int64_t b1) {
 }
 
 // Offers the entries whose bit is set in the scan's candidate masks (one word per
-// 16 float32 / 8 float64 entries of [b0, b1)) to the top-10, in index order.
+// 16 float32 / 8 float64 entries of [b0, b1)) to the top-10, in index order. Returns
+// true (and stops) at a NaN or +inf entry: the row is invalid.
 template <typename T>
-MD_INLINE void push_masks(TopK& tk, const T* x, int64_t b0, int64_t b1, const uint16_t* masks) {
+MD_INLINE bool push_masks(TopK& tk, const T* x, int64_t b0, int64_t b1, const uint16_t* masks) {
   constexpr int64_t lanes = sizeof(T) == 4 ? 16 : 8;
-  for (int64_t j = 0, v0 = b0; v0 < b1; ++j, v0 += lanes) {
-    uint32_t m = masks[j];
-    while (m) {
-      const int b = __builtin_ctz(m);
-      m &= m - 1;
-      tk.push(static_cast<double>(x[v0 + b]), v0 + b);
+  const int64_t words = (b1 - b0 + lanes - 1) / lanes;
+  for (int64_t j0 = 0; j0 < words; j0 += 4) {
+    uint64_t four = 0;  // candidates are rare: skip four empty words at a time
+    std::memcpy(&four, masks + j0, sizeof(uint16_t) * static_cast<size_t>(std::min<int64_t>(4, words - j0)));
+    if (!four) continue;
+    for (int64_t j = j0; j < std::min(words, j0 + 4); ++j) {
+      uint32_t m = masks[j];
+      const int64_t v0 = b0 + j * lanes;
+      while (m) {
+        const int b = __builtin_ctz(m);
+        m &= m - 1;
+        const T a = x[v0 + b];
+        if (!(a < std::numeric_limits<T>::infinity())) return true;
+        tk.push(static_cast<double>(a), v0 + b);
+      }
     }
   }
+  return false;
 }
 
 template <typename T, bool kAvx512>
@@ -484,29 +526,23 @@ MD_INLINE void row_kernel(const T* z, const T* w, int64_t r, const RowArgs& a, S
   int64_t rank_z = 0, rank_w = 0;
   int bad_z = 0, bad_w = 0;
   TopK tz, tw;
-  double* ez = sc.ez.data();
-  double* ew = sc.ew.data();
+  double* ez = sc.ez.get();
+  double* ew = sc.ew.get();
 
   // ---- pass 1: block maxima, ranks, top-10, value check; then the block's exps
   //      (stored for pass 2) and the online sums
   for (int64_t b0 = 0, bi = 0; b0 < V; b0 += kBlock, ++bi) {
     const int64_t b1 = std::min(V, b0 + kBlock);
     double blk_z, blk_w;
-    const bool full_z = tz.n == kTop, full_w = tw.n == kTop;
-    bool cand_z = true, cand_w = true;
 #if defined(__x86_64__) || defined(__i386__)
-    if constexpr (kAvx512) {
-      ScanOut so;
-      scan_block_avx512<T>(z, w, b0, b1, zy, wy, static_cast<T>(tz.threshold()), static_cast<T>(tw.threshold()),
-                           sc.cand_z.data(), sc.cand_w.data(), so);
-      blk_z = so.max_z;
-      blk_w = so.max_w;
-      bad_z |= so.bad_z;
-      bad_w |= so.bad_w;
-      rank_z += so.rank_z;
-      rank_w += so.rank_w;
-      cand_z = so.cand_z;
-      cand_w = so.cand_w;
+    if (kAvx512 && tz.n == kTop && tw.n == kTop) {
+      const bool any_z = scan_block_avx512<T>(z, b0, b1, zy, static_cast<T>(tz.val[kTop - 1]),
+                                              sc.cand_z.data(), blk_z, rank_z);
+      const bool any_w = scan_block_avx512<T>(w, b0, b1, wy, static_cast<T>(tw.val[kTop - 1]),
+                                              sc.cand_w.data(), blk_w, rank_w);
+      if (any_z) bad_z |= push_masks<T>(tz, z, b0, b1, sc.cand_z.data());
+      if (any_w) bad_w |= push_masks<T>(tw, w, b0, b1, sc.cand_w.data());
+      if (bad_z | bad_w) continue;  // the row is rejected; skip the arithmetic
     } else
 #endif
     {
@@ -530,17 +566,9 @@ MD_INLINE void row_kernel(const T* z, const T* w, int64_t r, const RowArgs& a, S
       bad_w |= fw;
       rank_z += cz;
       rank_w += cw;
-    }
-    if (bad_z | bad_w) continue;  // the row is rejected; skip the arithmetic
-    if (kAvx512 && full_z) {
-      if (cand_z) push_masks<T>(tz, z, b0, b1, sc.cand_z.data());
-    } else if (tz.wants_block(blk_z)) {
-      push_block(tz, z, b0, b1);
-    }
-    if (kAvx512 && full_w) {
-      if (cand_w) push_masks<T>(tw, w, b0, b1, sc.cand_w.data());
-    } else if (tw.wants_block(blk_w)) {
-      push_block(tw, w, b0, b1);
+      if (bad_z | bad_w) continue;  // the row is rejected; skip the arithmetic
+      if (tz.wants_block(blk_z)) push_block(tz, z, b0, b1);
+      if (tw.wants_block(blk_w)) push_block(tw, w, b0, b1);
     }
     if (blk_z > mz) {
       if (sz > 0.0) {
@@ -562,7 +590,7 @@ MD_INLINE void row_kernel(const T* z, const T* w, int64_t r, const RowArgs& a, S
     sc.bmz[bi] = mz;
     sc.bmw[bi] = mw;
     double acc[5];
-    exp_block<T, kAvx512>(z, w, b0, b1, mz, mw, ez, ew, sc.ed.data(), acc, V);
+    exp_block<T, kAvx512>(z, w, b0, b1, mz, mw, ez, ew, sc.ed.get(), acc, V);
     sz += acc[0];
     sw += acc[1];
     az += acc[2];
@@ -592,7 +620,7 @@ MD_INLINE void row_kernel(const T* z, const T* w, int64_t r, const RowArgs& a, S
   for (int64_t b0 = 0, bi = 0; b0 < V; b0 += kBlock, ++bi) {
     const int64_t b1 = std::min(V, b0 + kBlock);
     const double fz = exp_neg(sc.bmz[bi] - lse_z), fw = exp_neg(sc.bmw[bi] - lse_w);
-    js += js_block<kAvx512>(b0, b1, ez, ew, sc.ed.data(), fz, fw, delta);
+    js += js_block<kAvx512>(b0, b1, ez, ew, sc.ed.get(), fz, fw, delta);
   }
   const double kl = az / sz - delta;
   const double klr = aw / sw + delta;

@@ -152,10 +152,11 @@ def test_native_paths_across_blocks_masks_and_growing_maxima():
     w[2] = z[2].flip(0)
     w[3, 4096:] = -math.inf                 # masked tail (ragged last block)
     z[4] = w[4]                             # identical row among others
-    z[5], w[5] = -1e4, -1e4                 # p, q near 1e-300: the AVX-512 JS loop divides there
+    z[5], w[5] = -1e4, -1e4                 # p, q near 1e-304: the AVX-512 JS loop divides there
     z[5, 0], w[5, 0] = 0.0, 0.0
     z[5, 1:100] -= 1e4 - 700
     w[5, 1:100] = z[5, 1:100] + torch.randn(99, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    z[6], w[6] = z[6].round(), w[6].round()  # ties everywhere: the top-10 keeps the smaller index
     t[1], t[3] = 4000, 10
     ref = np_stats(z, w, t)
     assert math.isfinite(ref["kld"][1]) and math.isinf(ref["kld"][0]) and ref["kld"][4] == 0.0
@@ -173,6 +174,41 @@ def test_native_paths_across_blocks_masks_and_growing_maxima():
             d["p_base"], d["p_variant"] = d["logp_base"].exp(), d["logp_variant"].exp()
             assert_matches(d, ref, scale=1e4)
             assert d["kld"][4] == 0.0 and d["kld_reverse"][4] == 0.0 and d["js"][4] == 0.0, path
+
+
+def test_native_paths_reject_nan_and_inf_in_any_block():
+    """After the first block the AVX-512 scan finds NaN and +inf among its top-10 candidates
+    (no separate value check per entry): a bad entry in any later block, of either matrix,
+    must still reject the row and name the matrix (the base when both are bad)."""
+    from minidiff._native import cpu_core
+
+    vocab = 4100
+    paths = ["portable"] + [p for p in ("avx2", "avx512") if cpu_core().cpu_features()[p + "f" * (p == "avx512")]]
+    for dtype in (torch.float32, torch.float64):
+        z, w, t = pair(3, vocab, seed=5, dtype=dtype)
+        for bad in (math.nan, math.inf):
+            for pos in (3, 1500, 4099):
+                for which in (0, 1):
+                    zz, ww = z.clone(), w.clone()
+                    (zz if which == 0 else ww)[1, pos] = bad
+                    if which == 1:
+                        zz[2, 4000] = bad  # base in a later block than the variant's: the base is named
+                        ww[2, 2000] = bad
+                    for path in paths:
+                        of = torch.empty(3, 8, dtype=torch.float64)
+                        oi = torch.empty(3, 4, dtype=torch.int64)
+                        got = cpu_core().token_divergence(zz.data_ptr(), ww.data_ptr(), dtype == torch.float64, 3,
+                                                          vocab, t.data_ptr(), of.data_ptr(), oi.data_ptr(), 1, path)
+                        assert got == (1, 1, which), (dtype, bad, pos, which, path, got)
+                        if which == 1:
+                            zz1 = zz.clone()
+                            zz1[1] = z[1]
+                            ww1 = ww.clone()
+                            ww1[1] = w[1]
+                            got = cpu_core().token_divergence(zz1.data_ptr(), ww1.data_ptr(), dtype == torch.float64,
+                                                              3, vocab, t.data_ptr(), of.data_ptr(), oi.data_ptr(), 1,
+                                                              path)
+                            assert got == (2, 1, 0), (dtype, bad, path, got)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
