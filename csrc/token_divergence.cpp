@@ -158,6 +158,9 @@ double overlap(const TopK& a, const TopK& b, int k, int64_t vocab) {
   return static_cast<double>(shared) / kk;
 }
 
+// Which entry loops a row runs: generic (compiler-vectorized), AVX2+FMA or AVX-512 intrinsics.
+enum class Isa { kGeneric, kAvx2, kAvx512 };
+
 struct RowArgs {
   int64_t vocab;
   const int64_t* targets;  // nullptr: none
@@ -444,21 +447,140 @@ MD_INLINE double js_block_generic(int64_t b0, int64_t b1, const double* ez, cons
   return -2.0 * jl - jn;
 }
 
-template <typename T, bool kAvx512>
+#if defined(__x86_64__) || defined(__i386__)
+// ---- AVX2 + FMA: the same entry loops on 4 lanes (no masks: full vectors of 8 entries,
+//      two chains, and the generic loops for a block's last < 8 entries)
+#define MD_AVX2_ATTR __attribute__((target("avx2,fma")))
+#define MD_AVX2 MD_AVX2_ATTR __attribute__((always_inline)) inline
+
+MD_AVX2 __m256d load4(const float* p) { return _mm256_cvtps_pd(_mm_loadu_ps(p)); }
+MD_AVX2 __m256d load4(const double* p) { return _mm256_loadu_pd(p); }
+
+// exp_neg on 4 lanes, the same operations as the scalar version; `pos` gets all-ones in
+// the lanes whose result is > 0 (x >= -708, not NaN), the others are 0. 2^floor(n / 16)
+// from the bits of t: they hold 0x4338000000000000 + n, a multiple of 16 plus n, so a
+// logical shift by 4 leaves floor(n / 16) in the bits that reach the exponent field.
+MD_AVX2 __m256d exp_neg4(__m256d x, __m256d& pos) {
+  const __m256d shift = _mm256_set1_pd(kExpShift);
+  const __m256d t = _mm256_fmadd_pd(x, _mm256_set1_pd(kExp16Log2e), shift);
+  const __m256d n = _mm256_sub_pd(t, shift);
+  __m256d r = _mm256_fnmadd_pd(n, _mm256_set1_pd(kExpLn2Hi16), x);
+  r = _mm256_fnmadd_pd(n, _mm256_set1_pd(kExpLn2Lo16), r);
+  __m256d pl = _mm256_set1_pd(kExpPoly[6]);
+  for (int i = 5; i >= 0; --i) pl = _mm256_fmadd_pd(pl, r, _mm256_set1_pd(kExpPoly[i]));
+  const __m256i tb = _mm256_castpd_si256(t);
+  const __m256d tab = _mm256_i64gather_pd(kExpTable, _mm256_and_si256(tb, _mm256_set1_epi64x(15)), 8);
+  const __m256i sb = _mm256_slli_epi64(_mm256_add_epi64(_mm256_srli_epi64(tb, 4), _mm256_set1_epi64x(1023)), 52);
+  pos = _mm256_cmp_pd(x, _mm256_set1_pd(-708.0), _CMP_GE_OQ);
+  return _mm256_and_pd(_mm256_mul_pd(_mm256_mul_pd(pl, tab), _mm256_castsi256_pd(sb)), pos);
+}
+
+MD_AVX2 __m256d atanh_over_s4(__m256d x) {
+  __m256d q = _mm256_set1_pd(kAtanhQ[8]);
+  for (int i = 7; i >= 0; --i) q = _mm256_fmadd_pd(q, x, _mm256_set1_pd(kAtanhQ[i]));
+  return _mm256_fmadd_pd(q, x, _mm256_set1_pd(1.0));
+}
+
+struct ExpSums4 {
+  __m256d s1, s2, a1, a2, bs;
+};
+
+template <typename T>
+MD_AVX2 void exp_lanes4(const T* z, const T* w, __m256d vmz, __m256d vmw, double* ez, double* ew, double* ed,
+                        ExpSums4& a) {
+  const __m256d x = load4(z), u = load4(w);
+  const __m256d xm = _mm256_sub_pd(x, vmz);
+  __m256d pe, pf;
+  const __m256d e = exp_neg4(xm, pe);
+  const __m256d f = exp_neg4(_mm256_sub_pd(u, vmw), pf);
+  const __m256d dv = _mm256_sub_pd(x, u);
+  _mm256_storeu_pd(ez, e);
+  _mm256_storeu_pd(ew, f);
+  _mm256_storeu_pd(ed, dv);
+  a.s1 = _mm256_add_pd(a.s1, e);
+  a.s2 = _mm256_add_pd(a.s2, f);
+  // each term only where its weight is > 0 (e = 0 can meet z - w = -inf)
+  a.a1 = _mm256_fmadd_pd(e, _mm256_and_pd(dv, pe), a.a1);
+  a.a2 = _mm256_fnmadd_pd(f, _mm256_and_pd(dv, pf), a.a2);
+  a.bs = _mm256_fmadd_pd(e, _mm256_and_pd(xm, pe), a.bs);
+}
+
+MD_AVX2 double hsum4(__m256d a, __m256d b) {
+  const __m256d s = _mm256_add_pd(a, b);
+  const __m128d h = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd(s, 1));
+  return _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
+}
+
+template <typename T>
+MD_AVX2_ATTR void exp_block_avx2(const T* z, const T* w, int64_t b0, int64_t b1, double cmz, double cmw,
+                                 double* ez, double* ew, double* ed, double acc[5], int64_t end) {
+  const __m256d vmz = _mm256_set1_pd(cmz), vmw = _mm256_set1_pd(cmw), zero = _mm256_setzero_pd();
+  ExpSums4 a{zero, zero, zero, zero, zero}, a2{zero, zero, zero, zero, zero};
+  int64_t v = b0;
+  for (; v + 8 <= b1; v += 8) {
+    if (v + kBlock < end) {
+      _mm_prefetch(reinterpret_cast<const char*>(z + v + kBlock), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w + v + kBlock), _MM_HINT_T0);
+    }
+    exp_lanes4<T>(z + v, w + v, vmz, vmw, ez + v, ew + v, ed + v, a);
+    exp_lanes4<T>(z + v + 4, w + v + 4, vmz, vmw, ez + v + 4, ew + v + 4, ed + v + 4, a2);
+  }
+  double tail[5] = {0.0, 0.0, 0.0, 0.0, 0.0};
+  if (v < b1) exp_block_generic<T>(z, w, v, b1, cmz, cmw, ez, ew, ed, tail);
+  acc[0] = hsum4(a.s1, a2.s1) + tail[0];
+  acc[1] = hsum4(a.s2, a2.s2) + tail[1];
+  acc[2] = hsum4(a.a1, a2.a1) + tail[2];
+  acc[3] = hsum4(a.a2, a2.a2) + tail[3];
+  acc[4] = hsum4(a.bs, a2.bs) + tail[4];
+}
+
+// JS terms of 4 entries (see js_block_generic); s by a true division (AVX2 has no
+// double-precision reciprocal estimate), 0 where p = q = 0.
+MD_AVX2 void js_lanes4(const double* ez, const double* ew, const double* ed, __m256d vfz, __m256d vfw, __m256d vd,
+                       __m256d& acc_l, __m256d& acc_n) {
+  const __m256d zero = _mm256_setzero_pd();
+  const __m256d p = _mm256_mul_pd(_mm256_loadu_pd(ez), vfz);
+  const __m256d q = _mm256_mul_pd(_mm256_loadu_pd(ew), vfw);
+  const __m256d ad = _mm256_andnot_pd(_mm256_set1_pd(-0.0), _mm256_sub_pd(_mm256_loadu_pd(ed), vd));
+  const __m256d m = _mm256_max_pd(p, q), n = _mm256_min_pd(p, q);
+  const __m256d s = _mm256_and_pd(_mm256_div_pd(_mm256_sub_pd(n, m), _mm256_fmadd_pd(_mm256_set1_pd(3.0), m, n)),
+                                  _mm256_cmp_pd(m, zero, _CMP_GT_OQ));
+  acc_l = _mm256_fmadd_pd(_mm256_mul_pd(_mm256_add_pd(p, q), s), atanh_over_s4(_mm256_mul_pd(s, s)), acc_l);
+  // n |d| only where n > 0: n = 0 can meet |d| = inf
+  acc_n = _mm256_add_pd(acc_n, _mm256_and_pd(_mm256_mul_pd(n, ad), _mm256_cmp_pd(n, zero, _CMP_GT_OQ)));
+}
+
+MD_AVX2_ATTR double js_block_avx2(int64_t b0, int64_t b1, const double* ez, const double* ew, const double* ed,
+                                  double fz, double fw, double delta) {
+  const __m256d vfz = _mm256_set1_pd(fz), vfw = _mm256_set1_pd(fw), vd = _mm256_set1_pd(delta);
+  __m256d acc_l = _mm256_setzero_pd(), acc_n = acc_l, acc_l2 = acc_l, acc_n2 = acc_l;
+  int64_t v = b0;
+  for (; v + 8 <= b1; v += 8) {
+    js_lanes4(ez + v, ew + v, ed + v, vfz, vfw, vd, acc_l, acc_n);
+    js_lanes4(ez + v + 4, ew + v + 4, ed + v + 4, vfz, vfw, vd, acc_l2, acc_n2);
+  }
+  const double tail = v < b1 ? js_block_generic(v, b1, ez, ew, ed, fz, fw, delta) : 0.0;
+  return -2.0 * hsum4(acc_l, acc_l2) - hsum4(acc_n, acc_n2) + tail;
+}
+#endif
+
+template <typename T, Isa kIsa>
 MD_INLINE void exp_block(const T* z, const T* w, int64_t b0, int64_t b1, double cmz, double cmw, double* ez,
                          double* ew, double* ed, double acc[5], int64_t end) {
 #if defined(__x86_64__) || defined(__i386__)
-  if (kAvx512) return exp_block_avx512<T>(z, w, b0, b1, cmz, cmw, ez, ew, ed, acc, end);
+  if constexpr (kIsa == Isa::kAvx512) return exp_block_avx512<T>(z, w, b0, b1, cmz, cmw, ez, ew, ed, acc, end);
+  if constexpr (kIsa == Isa::kAvx2) return exp_block_avx2<T>(z, w, b0, b1, cmz, cmw, ez, ew, ed, acc, end);
 #endif
   (void)end;
   exp_block_generic<T>(z, w, b0, b1, cmz, cmw, ez, ew, ed, acc);
 }
 
-template <bool kAvx512>
+template <Isa kIsa>
 MD_INLINE double js_block(int64_t b0, int64_t b1, const double* ez, const double* ew, const double* ed, double fz,
                           double fw, double delta) {
 #if defined(__x86_64__) || defined(__i386__)
-  if (kAvx512) return js_block_avx512(b0, b1, ez, ew, ed, fz, fw, delta);
+  if constexpr (kIsa == Isa::kAvx512) return js_block_avx512(b0, b1, ez, ew, ed, fz, fw, delta);
+  if constexpr (kIsa == Isa::kAvx2) return js_block_avx2(b0, b1, ez, ew, ed, fz, fw, delta);
 #endif
   return js_block_generic(b0, b1, ez, ew, ed, fz, fw, delta);
 }
@@ -513,7 +635,7 @@ MD_INLINE bool push_masks(TopK& tk, const T* x, int64_t b0, int64_t b1, const ui
   return false;
 }
 
-template <typename T, bool kAvx512>
+template <typename T, Isa kIsa>
 MD_INLINE void row_kernel(const T* z, const T* w, int64_t r, const RowArgs& a, Scratch& sc) {
   const int64_t V = a.vocab;
   const bool has_t = a.targets != nullptr;
@@ -535,7 +657,7 @@ MD_INLINE void row_kernel(const T* z, const T* w, int64_t r, const RowArgs& a, S
     const int64_t b1 = std::min(V, b0 + kBlock);
     double blk_z, blk_w;
 #if defined(__x86_64__) || defined(__i386__)
-    if (kAvx512 && tz.n == kTop && tw.n == kTop) {
+    if (kIsa == Isa::kAvx512 && tz.n == kTop && tw.n == kTop) {
       const bool any_z = scan_block_avx512<T>(z, b0, b1, zy, static_cast<T>(tz.val[kTop - 1]),
                                               sc.cand_z.data(), blk_z, rank_z);
       const bool any_w = scan_block_avx512<T>(w, b0, b1, wy, static_cast<T>(tw.val[kTop - 1]),
@@ -590,7 +712,7 @@ MD_INLINE void row_kernel(const T* z, const T* w, int64_t r, const RowArgs& a, S
     sc.bmz[bi] = mz;
     sc.bmw[bi] = mw;
     double acc[5];
-    exp_block<T, kAvx512>(z, w, b0, b1, mz, mw, ez, ew, sc.ed.get(), acc, V);
+    exp_block<T, kIsa>(z, w, b0, b1, mz, mw, ez, ew, sc.ed.get(), acc, V);
     sz += acc[0];
     sw += acc[1];
     az += acc[2];
@@ -620,7 +742,7 @@ MD_INLINE void row_kernel(const T* z, const T* w, int64_t r, const RowArgs& a, S
   for (int64_t b0 = 0, bi = 0; b0 < V; b0 += kBlock, ++bi) {
     const int64_t b1 = std::min(V, b0 + kBlock);
     const double fz = exp_neg(sc.bmz[bi] - lse_z), fw = exp_neg(sc.bmw[bi] - lse_w);
-    js += js_block<kAvx512>(b0, b1, ez, ew, sc.ed.get(), fz, fw, delta);
+    js += js_block<kIsa>(b0, b1, ez, ew, sc.ed.get(), fz, fw, delta);
   }
   const double kl = az / sz - delta;
   const double klr = aw / sw + delta;
@@ -641,21 +763,20 @@ MD_INLINE void row_kernel(const T* z, const T* w, int64_t r, const RowArgs& a, S
 template <typename T>
 void rows_portable(const T* z, const T* w, int64_t r0, int64_t r1, const RowArgs& a) {
   Scratch sc(a.vocab);
-  for (int64_t r = r0; r < r1; ++r) row_kernel<T, false>(z + r * a.vocab, w + r * a.vocab, r, a, sc);
+  for (int64_t r = r0; r < r1; ++r) row_kernel<T, Isa::kGeneric>(z + r * a.vocab, w + r * a.vocab, r, a, sc);
 }
 
 #if defined(__x86_64__) || defined(__i386__)
 template <typename T>
 MD_AVX512_ATTR void rows_avx512(const T* z, const T* w, int64_t r0, int64_t r1, const RowArgs& a) {
   Scratch sc(a.vocab);
-  for (int64_t r = r0; r < r1; ++r) row_kernel<T, true>(z + r * a.vocab, w + r * a.vocab, r, a, sc);
+  for (int64_t r = r0; r < r1; ++r) row_kernel<T, Isa::kAvx512>(z + r * a.vocab, w + r * a.vocab, r, a, sc);
 }
 
 template <typename T>
-__attribute__((target("avx2,fma"))) void rows_avx2(const T* z, const T* w, int64_t r0, int64_t r1,
-                                                   const RowArgs& a) {
+MD_AVX2_ATTR void rows_avx2(const T* z, const T* w, int64_t r0, int64_t r1, const RowArgs& a) {
   Scratch sc(a.vocab);
-  for (int64_t r = r0; r < r1; ++r) row_kernel<T, false>(z + r * a.vocab, w + r * a.vocab, r, a, sc);
+  for (int64_t r = r0; r < r1; ++r) row_kernel<T, Isa::kAvx2>(z + r * a.vocab, w + r * a.vocab, r, a, sc);
 }
 #endif
 
