@@ -16,6 +16,11 @@ Each method runs ``--rounds`` times, methods taking turns; medians and the ratio
 the medians are printed. Targets: fused >= 3x faster than torch, and within 3x of the
 binding floor (the slower of the two floors).
 
+``--simd avx2`` (or ``scalar``) caps the CPU kernel's instruction set (``MINIDIFF_SIMD``),
+to measure the path machines without AVX-512 run; run it as
+``ATEN_CPU_CAPABILITY=avx2 python benchmarks/bench_lm.py --simd avx2`` so that torch's
+pipeline and floors are capped the same way.
+
 Before allocating, the benchmark checks the memory the system has available and
 refuses (with the figure) rather than risk the out-of-memory killer.
 
@@ -32,6 +37,7 @@ import time
 
 import torch
 
+from minidiff._native import cpu_core
 from minidiff.lm import token_divergence
 from minidiff.similarity.memory import available_bytes
 
@@ -96,7 +102,11 @@ def main() -> None:
     ap.add_argument("--torch-chunk", type=int, default=1024, help="rows per torch-pipeline call")
     ap.add_argument("--exp-chunk", type=int, default=256, help="rows of the exp floor's output buffer")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--simd", choices=["auto", "avx512", "avx2", "scalar"], default="auto",
+                    help="cap the CPU kernel's instruction set (sets MINIDIFF_SIMD)")
     args = ap.parse_args()
+    if args.simd != "auto":
+        os.environ["MINIDIFF_SIMD"] = args.simd
     device = torch.device(args.device)
     need = 4 * max(args.vocab) * (2 * args.rows + 4 * min(args.torch_chunk, args.rows)
                                   + min(args.exp_chunk, args.rows))
@@ -107,7 +117,9 @@ def main() -> None:
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average "
           f"{load[0]:.1f}" if load else "", end="; ")
-    print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, rows {args.rows} "
+    simd = (f", kernel SIMD {cpu_core().simd_level()}, torch CPU capability "
+            f"{torch.backends.cpu.get_cpu_capability()}" if device.type == "cpu" else "")
+    print(f"torch {torch.__version__}, device {device}{simd}, threads {torch.get_num_threads()}, rows {args.rows} "
           f"(torch pipeline in chunks of {args.torch_chunk}), median of {args.rounds} rounds, "
           f"{need / 2**30:.1f} GiB of {avail / 2**30 if avail else float('nan'):.1f} GiB available")
     print(f"{'V':>7} {'fused ms':>9} {'torch ms':>9} {'read ms':>8} {'exp ms':>8} "
