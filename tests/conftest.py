@@ -96,3 +96,34 @@ def null_paths():
     """``null_paths(obj)`` -> the paths (``.key[i]``) of every ``None`` in a JSON-like
     object: results.json must hold a number or a reason wherever a value is defined."""
     return lambda obj: list(_null_paths(obj))
+
+
+# ---- language-model tests: one text, one tokenizer, one small decoder family --------------
+@pytest.fixture(scope="session")
+def text() -> str:
+    """The chatterbot evaluation conversations (real text that installs offline)."""
+    from minidiff.lm.windows import chatterbot_text
+    return chatterbot_text("english", "eval")
+
+
+@pytest.fixture(scope="session")
+def tok(text):
+    """A 300-token byte-level BPE tokenizer trained on ``text``."""
+    from minidiff.lm.tinylm import train_tokenizer
+    return train_tokenizer(text, 300)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm():
+    """``tiny_lm(tok, hidden=32, seed=0)``: a 2-layer Llama-architecture decoder for ``tok``
+    with a sharpened random output head (a random init predicts nearly uniformly, which
+    would make top-1 and KLD statistics trivial)."""
+    from minidiff.lm.tinylm import TinyLMConfig, build_model
+
+    def make(tok, hidden: int = 32, seed: int = 0):
+        m = build_model(TinyLMConfig(hidden=hidden, layers=2, heads=2, intermediate=64, seed=seed), len(tok),
+                        tok.bos_token_id, tok.eos_token_id)
+        with torch.no_grad():
+            m.lm_head.weight.mul_(40.0)
+        return m.eval()
+    return make

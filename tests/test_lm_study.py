@@ -13,7 +13,7 @@ from torch import nn
 
 from minidiff.lm import TokenDivergenceAccumulator, token_divergence
 from minidiff.lm.study import (LMStudy, base_file_error_bound, dequantize_logprobs, quantize_logprobs)
-from minidiff.lm.tinylm import build_model, TinyLMConfig, train_tokenizer
+from minidiff.lm.tinylm import train_tokenizer
 from minidiff.lm.windows import adds_bos, chatterbot_text, check_same_tokenizer, make_windows
 
 SCALARS = ("kld", "kld_err", "kld_reverse", "js", "same_top1", "ppl_base", "ppl_variant", "delta_p", "delta_p_rms",
@@ -26,24 +26,6 @@ class _BosTok:
 
     def __len__(self) -> int:
         return 40
-
-
-@pytest.fixture(scope="module")
-def text() -> str:
-    return chatterbot_text("english", "eval")
-
-
-@pytest.fixture(scope="module")
-def tok(text):
-    return train_tokenizer(text, 300)
-
-
-def _llama(tok, seed: int = 0, hidden: int = 32) -> nn.Module:
-    cfg = TinyLMConfig(hidden=hidden, layers=2, heads=2, intermediate=64, seed=seed)
-    m = build_model(cfg, len(tok), tok.bos_token_id, tok.eos_token_id)
-    with torch.no_grad():  # a random init predicts nearly uniformly; sharpen it so statistics are non-trivial
-        m.lm_head.weight.mul_(40.0)
-    return m.eval()
 
 
 def _perturbed(model: nn.Module, scale: float = 0.05, seed: int = 1) -> nn.Module:
@@ -81,8 +63,8 @@ def test_windows_follow_the_tokenizer(tok, text):
     assert w.targets[2].tolist() == ids[64 + 17:96]
 
 
-def test_scoring_equals_hand_computed_nll(tok, text):
-    base = _llama(tok)
+def test_scoring_equals_hand_computed_nll(tok, text, tiny_lm):
+    base = tiny_lm(tok)
     st = LMStudy(base, {"same": copy.deepcopy(base)}, text=text, tokenizer=tok, n_ctx=16, batch_size=3,
                  max_windows=5, cka=False, explain_windows=0)
     res = st.run().variants["same"].divergence
@@ -97,8 +79,8 @@ def test_scoring_equals_hand_computed_nll(tok, text):
 
 # -- study numbers ------------------------------------------------------------------------
 
-def test_identical_models_give_zero(tok, text):
-    base = _llama(tok)
+def test_identical_models_give_zero(tok, text, tiny_lm):
+    base = tiny_lm(tok)
     res = LMStudy(base, {"copy": copy.deepcopy(base)}, text=text, tokenizer=tok, n_ctx=16, batch_size=4,
                   max_windows=6).run().variants["copy"]
     d = res.divergence
@@ -129,10 +111,10 @@ def _close(a, b, rel=1e-7):
         assert (math.isnan(x) and math.isnan(y)) or x == pytest.approx(y, rel=rel, abs=1e-12), k
 
 
-def test_study_equals_direct_computation(tok, text):
+def test_study_equals_direct_computation(tok, text, tiny_lm):
     from minidiff import cka_matrix
 
-    base = _llama(tok)
+    base = tiny_lm(tok)
     var = _perturbed(base)
     st = LMStudy(base, {"v": var}, text=text, tokenizer=tok, n_ctx=16, batch_size=3, max_windows=7)
     res = st.run().variants["v"]
@@ -169,8 +151,8 @@ def _as_plain(x):
     return _jsonable(x)
 
 
-def test_streaming_and_shards_equal_one_pass(tok, text):
-    base = _llama(tok)
+def test_streaming_and_shards_equal_one_pass(tok, text, tiny_lm):
+    base = tiny_lm(tok)
     var = _perturbed(base)
     one = LMStudy(base, {"v": var}, text=text, tokenizer=tok, n_ctx=16, batch_size=9, max_windows=9, cka=False)
     full = one.stream()["v"]["divergence"]
@@ -207,9 +189,9 @@ def test_plain_module_returning_logits(tok, text):
         LMStudy(a, {"b": b}, text=text, tokenizer=tok, n_ctx=16, max_windows=2).run()
 
 
-def test_different_tokenizers_refused(tok, text):
+def test_different_tokenizers_refused(tok, text, tiny_lm):
     other = train_tokenizer(text, 280)
-    base = _llama(tok)
+    base = tiny_lm(tok)
     with pytest.raises(ValueError, match="different tokenizers"):
         LMStudy(base, {"v": base}, text=text, tokenizer=tok, tokenizers={"v": other}, n_ctx=16)
     with pytest.raises(ValueError, match="different tokenizers"):
@@ -234,8 +216,8 @@ def test_logprob_quantization_error_within_bound():
     assert float(bound.max()) < 1e-3
 
 
-def test_base_file_mode_matches_exact_within_bound(tok, text, tmp_path):
-    base = _llama(tok)
+def test_base_file_mode_matches_exact_within_bound(tok, text, tmp_path, tiny_lm):
+    base = tiny_lm(tok)
     var = _perturbed(base)
     kw = dict(text=text, tokenizer=tok, n_ctx=16, batch_size=4, max_windows=8)
     exact = LMStudy(base, {"v": var}, cka=False, **kw)
@@ -398,11 +380,11 @@ def test_load_text_sources(tmp_path):
 
 # -- results system: the language_model section and its verdict rule --------------------------
 
-def test_lm_results_round_trip(tmp_path, tok, text):
+def test_lm_results_round_trip(tmp_path, tok, text, tiny_lm):
     from minidiff import Results
     from minidiff.results import RULES, LanguageModelSection, Verdict
 
-    base = _llama(tok)
+    base = tiny_lm(tok)
     st = LMStudy(base, {"v": _perturbed(base), "same": copy.deepcopy(base)}, text=text, tokenizer=tok, n_ctx=16,
                  batch_size=3, max_windows=5)
     res = st.run(tmp_path / "lm")

@@ -7,7 +7,6 @@ LM report and CSVs show the section; study-file errors name the key."""
 
 from __future__ import annotations
 
-import copy
 import logging
 
 import pytest
@@ -17,31 +16,11 @@ from torch import nn
 from minidiff.compress import quantize
 from minidiff.localize import layer_swap
 from minidiff.lm.study import LMStudy
-from minidiff.lm.tinylm import TinyLMConfig, build_model, train_tokenizer
-from minidiff.lm.windows import chatterbot_text
 from minidiff.study.swap import swap_subset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 N_CTX, BATCH, WINDOWS, EXAMPLES, SEED = 16, 3, 7, 5, 3
-
-
-@pytest.fixture(scope="module")
-def text() -> str:
-    return chatterbot_text("english", "eval")
-
-
-@pytest.fixture(scope="module")
-def tok(text):
-    return train_tokenizer(text, 300)
-
-
-def _llama(tok, hidden: int = 32, seed: int = 0) -> nn.Module:
-    m = build_model(TinyLMConfig(hidden=hidden, layers=2, heads=2, intermediate=64, seed=seed), len(tok),
-                    tok.bos_token_id, tok.eos_token_id)
-    with torch.no_grad():  # sharpen the random init so top-1 and KLD are not trivial
-        m.lm_head.weight.mul_(40.0)
-    return m.eval()
 
 
 def _gpt2(tok) -> nn.Module:
@@ -52,8 +31,8 @@ def _gpt2(tok) -> nn.Module:
 
 
 @pytest.fixture(scope="module")
-def models(tok):
-    base = _llama(tok)
+def models(tok, tiny_lm):
+    base = tiny_lm(tok)
     return base, quantize(base, "int8"), quantize(base, "int4-weight-only", group_size=16)
 
 
@@ -145,9 +124,9 @@ def test_rerun_reads_cache(tok, text, models, tmp_path, monkeypatch):
         _study(tok, text, base, {"int8": q8}, layer_swap={**cfg, "examples": 2}, cache=tmp_path / "c").run()
 
 
-def test_variants_left_out_with_reasons(tok, text, models, tmp_path):
+def test_variants_left_out_with_reasons(tok, text, models, tmp_path, tiny_lm):
     base, q8, _ = models
-    wide = _llama(tok, hidden=48, seed=1)  # same module names, other widths
+    wide = tiny_lm(tok, hidden=48, seed=1)  # same module names, other widths
     res = _study(tok, text, base, {"gpt2": _gpt2(tok), "wide": wide, "int8": q8},
                  layer_swap={"examples": 2}).run(tmp_path / "o")
     sec = res.layer_swap
@@ -179,12 +158,12 @@ def test_gpt2_base(tok, text):
     assert [r["kl"] for r in ent["into_base"]] == pytest.approx([e.kl for e in ref.into_base], rel=1e-6)
 
 
-def test_study_file_keys(tok, text, tmp_path):
+def test_study_file_keys(tok, text, tmp_path, tiny_lm):
     from minidiff.lm.config import build_lm_study, load_lm_config, parse_lm_config
     from minidiff.study.config import LayerSwapConfig
     from minidiff.validation import StudyFileError
 
-    base = _llama(tok)
+    base = tiny_lm(tok)
     base.save_pretrained(tmp_path / "base")
     tok.save_pretrained(tmp_path / "base")
     (tmp_path / "text.txt").write_text(text, encoding="utf-8")
