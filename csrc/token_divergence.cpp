@@ -34,8 +34,9 @@
 // scan compares 16 float32 (8 float64) entries at a time into bit masks (rank counts by
 // popcount, top-10 candidates as mask words; NaN and +inf always count as candidates,
 // so no separate check per entry), and the exp and JS loops run two 8-lane chains per
-// iteration. The AVX2+FMA and portable paths run the generic loops; picked at run time
-// (csrc/cpu_features.h).
+// iteration. The AVX2+FMA path runs the exp and JS loops as 4-lane intrinsics (two
+// chains) and the generic scan; the portable path the generic loops throughout. Picked at
+// run time (csrc/cpu_features.h; MINIDIFF_SIMD caps it).
 //
 // Python (minidiff.ops.token_divergence) validates dtypes, shapes, contiguity and
 // the target range before calling; NaN/+inf logits and rows without a finite
@@ -203,13 +204,7 @@ MD_AVX512 __m512d atanh_over_s8(__m512d x) {
 MD_AVX512 __m512d load8(const float* p, __mmask8 k) { return _mm512_cvtps_pd(_mm256_maskz_loadu_ps(k, p)); }
 MD_AVX512 __m512d load8(const double* p, __mmask8 k) { return _mm512_maskz_loadu_pd(k, p); }
 
-// Block scan of one logit row once its top-10 is full (the first block takes the generic
-// loop in row_kernel): the block maximum, the rank count #{x > y} and the top-10
-// candidates !(x <= th) against the 10th value `th` at the start of the block (the 10th
-// value only rises, so an entry at or below it can never enter), one mask bit per entry
-// in `cand` (16 lanes per word for float32, 8 for float64). NaN and +inf are candidates
-// too: push_masks finds them, so the block needs no separate value check. Returns
-// whether any entry is a candidate.
+// Lane counts, masks and operations of the block scan for float32 and float64 rows.
 template <typename T>
 struct Lanes;
 template <>
@@ -236,6 +231,13 @@ MD_AVX512 __mmask8 nlev(__mmask8 k, __m512d a, __m512d b) { return _mm512_mask_c
 MD_AVX512 float hmax(__m512 a) { return _mm512_reduce_max_ps(a); }
 MD_AVX512 double hmax(__m512d a) { return _mm512_reduce_max_pd(a); }
 
+// Block scan of one logit row once its top-10 is full (the first block takes the generic
+// loop in row_kernel): the block maximum, the rank count #{x > y} and the top-10
+// candidates !(x <= th) against the 10th value `th` at the start of the block (the 10th
+// value only rises, so an entry at or below it can never enter), one mask bit per entry
+// in `cand` (16 lanes per word for float32, 8 for float64). NaN and +inf are candidates
+// too: push_masks finds them, so the block needs no separate value check. Returns
+// whether any entry is a candidate.
 template <typename T>
 MD_AVX512_ATTR bool scan_block_avx512(const T* x, int64_t b0, int64_t b1, T y, T th, uint16_t* cand,
                                       double& block_max, int64_t& rank) {
