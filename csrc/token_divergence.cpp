@@ -134,7 +134,6 @@ struct TopK {
   double val[kTop];
   int64_t idx[kTop];
   int n = 0;
-  MD_INLINE double threshold() const { return n < kTop ? -kInf : val[kTop - 1]; }
   MD_INLINE bool wants_block(double block_max) const { return n < kTop || block_max > val[kTop - 1]; }
   MD_INLINE void push(double x, int64_t i) {
     if (n == kTop && !(x > val[kTop - 1])) return;  // ties keep the earlier (smaller) index

@@ -184,32 +184,30 @@ def test_native_paths_reject_nan_and_inf_in_any_block():
 
     vocab = 4100
     paths = ["portable"] + [p for p in ("avx2", "avx512") if cpu_core().cpu_features()[p + "f" * (p == "avx512")]]
+
+    def first_bad(zz, ww, t, path):
+        of = torch.empty(3, 8, dtype=torch.float64)
+        oi = torch.empty(3, 4, dtype=torch.int64)
+        return cpu_core().token_divergence(zz.data_ptr(), ww.data_ptr(), zz.dtype == torch.float64, 3, vocab,
+                                           t.data_ptr(), of.data_ptr(), oi.data_ptr(), 1, path)
+
     for dtype in (torch.float32, torch.float64):
         z, w, t = pair(3, vocab, seed=5, dtype=dtype)
         for bad in (math.nan, math.inf):
-            for pos in (3, 1500, 4099):
+            for pos in (3, 1500, 4099):  # first, a middle and the last block
                 for which in (0, 1):
                     zz, ww = z.clone(), w.clone()
                     (zz if which == 0 else ww)[1, pos] = bad
-                    if which == 1:
-                        zz[2, 4000] = bad  # base in a later block than the variant's: the base is named
-                        ww[2, 2000] = bad
+                    zz[2, 4000], ww[2, 2000] = bad, bad  # a later invalid row: the first one is reported
                     for path in paths:
-                        of = torch.empty(3, 8, dtype=torch.float64)
-                        oi = torch.empty(3, 4, dtype=torch.int64)
-                        got = cpu_core().token_divergence(zz.data_ptr(), ww.data_ptr(), dtype == torch.float64, 3,
-                                                          vocab, t.data_ptr(), of.data_ptr(), oi.data_ptr(), 1, path)
+                        got = first_bad(zz, ww, t, path)
                         assert got == (1, 1, which), (dtype, bad, pos, which, path, got)
-                        if which == 1:
-                            zz1 = zz.clone()
-                            zz1[1] = z[1]
-                            ww1 = ww.clone()
-                            ww1[1] = w[1]
-                            got = cpu_core().token_divergence(zz1.data_ptr(), ww1.data_ptr(), dtype == torch.float64,
-                                                              3, vocab, t.data_ptr(), of.data_ptr(), oi.data_ptr(), 1,
-                                                              path)
-                            assert got == (2, 1, 0), (dtype, bad, path, got)
-
+            zz, ww = z.clone(), w.clone()
+            zz[2, 4000] = bad  # base in a later block than the variant's: the base is named
+            ww[2, 2000] = bad
+            for path in paths:
+                got = first_bad(zz, ww, t, path)
+                assert got == (2, 1, 0), (dtype, bad, path, got)
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("vocab", [1, 5, 4097])
